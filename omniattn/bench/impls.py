@@ -1,0 +1,223 @@
+"""Implementations the benchmark times: omniattn and PyTorch's own attention, on the same inputs.
+
+Every implementation gets its preferred layout, built outside the timed region: omniattn the
+flash-attn layout (B, N, H, D) or packed (T, H, D); SDPA contiguous (B, H, N, D); FlexAttention
+(B, H, N, D) with its block mask built once. Each returns its output in omniattn's layout, so the
+rows compared with the reference are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import omniattn as oa
+
+from .suites import Case
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor  # (B, N, H, D) or packed (T, H, D)
+    k: torch.Tensor
+    v: torch.Tensor
+    cu: Optional[torch.Tensor] = None  # varlen offsets (B+1,), same for q and k
+
+    @property
+    def leaves(self):
+        return [self.q, self.k, self.v]
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = case.torch_dtype
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dt).requires_grad_(case.mode == "fwdbwd")
+
+    if case.lens:
+        total = sum(case.lens)
+        cu = torch.tensor([0] + list(torch.tensor(case.lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+        return Inputs(rnd(total, case.heads, case.head_dim), rnd(total, case.hkv, case.head_dim),
+                      rnd(total, case.hkv, case.head_dim), cu)
+    b, n = case.batch, case.seqlen
+    return Inputs(rnd(b, n, case.heads, case.head_dim), rnd(b, n, case.hkv, case.head_dim), rnd(b, n, case.hkv, case.head_dim))
+
+
+def score_kwargs(case: Case) -> dict:
+    """Keywords that pin the score function's constants, so every implementation computes the same maths."""
+    if case.op == "silu":
+        return dict(score="silu", silu_norm=float(case.seqlen))
+    if case.op == "sigmoid":
+        return dict(score="sigmoid", sigmoid_bias=-math.log(case.seqlen))
+    return dict(score="softmax")
+
+
+@dataclass
+class Runner:
+    """A built implementation: ``fn()`` returns the output in omniattn's layout; ``leaves`` are the
+    tensors it differentiates; ``dq()`` gives q's gradient in omniattn's layout."""
+
+    fn: Callable
+    leaves: list
+    to_oa: Callable = lambda t: t
+
+    def dq(self) -> torch.Tensor:
+        return self.to_oa(self.leaves[0].grad)
+
+
+@dataclass
+class Impl:
+    name: str
+    ops: tuple
+    build: Callable  # build(case, inputs) -> Runner
+    usable: Callable = lambda case, device: (True, "")
+
+
+def _omniattn(case: Case, x: Inputs) -> Runner:
+    kw = dict(score_kwargs(case), causal=case.causal)
+    if x.cu is not None:
+        return Runner(lambda: oa.attention_varlen(x.q, x.k, x.v, x.cu, x.cu, case.seqlen, case.seqlen, **kw), x.leaves)
+    return Runner(lambda: oa.attention(x.q, x.k, x.v, **kw), x.leaves)
+
+
+def _bhnd(x: Inputs):
+    """Contiguous (B, H, N, D) leaves for SDPA-style APIs, detached copies that take gradients."""
+    return [t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in x.leaves]
+
+
+def _from_bhnd(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)
+
+
+def _sdpa(backend_name: Optional[str]):
+    def build(case: Case, x: Inputs) -> Runner:
+        q, k, v = _bhnd(x)
+        gqa = case.hkv != case.heads
+
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa).transpose(1, 2)
+
+        if backend_name is None:
+            return Runner(run, [q, k, v], _from_bhnd)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def run_pinned():
+            with sdpa_kernel(backend):
+                return run()
+
+        return Runner(run_pinned, [q, k, v], _from_bhnd)
+
+    return build
+
+
+def _flex(case: Case, x: Inputs):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = _compiled_flex(flex_attention)
+    device = x.q.device
+    if x.cu is not None:
+        # packed sequences as one batch row with a document mask (FlexAttention's varlen recipe)
+        seq_id = torch.repeat_interleave(torch.arange(len(case.lens), device=device),
+                                         torch.tensor(case.lens, device=device))
+        leaves = [t.detach().unsqueeze(0).transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in x.leaves]
+
+        def mask_mod(b, h, qi, ki):
+            same = seq_id[qi] == seq_id[ki]
+            return same & (ki <= qi) if case.causal else same
+
+        n = seq_id.numel()
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device=device)
+        unpack = lambda o: o.transpose(1, 2)[0]  # noqa: E731
+    else:
+        leaves = _bhnd(x)
+        n = case.seqlen
+        block_mask = None
+        if case.causal:
+            block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, n, n, device=device)
+        unpack = _from_bhnd
+    gqa = case.hkv != case.heads
+    q, k, v = leaves
+    return Runner(lambda: unpack(compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)), leaves, unpack)
+
+
+_FLEX = {}
+
+
+def _compiled_flex(fn):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(fn, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _eager(case: Case, x: Inputs):
+    """The maths materialised: scores (B, H, N, N), the baseline every fused kernel exists to beat."""
+    q, k, v = _bhnd(x)
+    g = case.heads // case.hkv
+    scale = 1.0 / math.sqrt(case.head_dim)
+    kw = score_kwargs(case)
+
+    def run():
+        kk = k.repeat_interleave(g, 1) if g > 1 else k
+        vv = v.repeat_interleave(g, 1) if g > 1 else v
+        s = torch.matmul(q, kk.transpose(-1, -2)) * scale
+        if case.causal:
+            n = s.shape[-1]
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), -math.inf if case.op == "softmax" else 0.0)
+        if case.op == "softmax":
+            p = torch.softmax(s.float(), -1).to(q.dtype)
+        elif case.op == "sigmoid":
+            p = torch.sigmoid(s + kw["sigmoid_bias"])
+        else:
+            p = F.silu(s) / kw["silu_norm"]
+        if case.causal and case.op != "softmax":
+            p = p.tril()
+        return torch.matmul(p, vv).transpose(1, 2)
+
+    return Runner(run, [q, k, v], _from_bhnd)
+
+
+def _eager_fits(case: Case, device: torch.device):
+    if case.lens:
+        return False, "no varlen"
+    score_bytes = case.batch * case.heads * case.seqlen**2 * 4
+    limit = 6 << 30 if device.type == "cuda" else 1 << 31
+    return score_bytes * (3 if case.mode == "fwdbwd" else 2) <= limit, "scores do not fit"
+
+
+def _cuda_only(case: Case, device: torch.device):
+    return device.type == "cuda", "CUDA only"
+
+
+def _dense_cuda(case: Case, device: torch.device):
+    if device.type != "cuda":
+        return False, "CUDA only"
+    return case.lens is None, "no varlen"
+
+
+IMPLS = [
+    Impl("omniattn", ("softmax", "sigmoid", "silu"), _omniattn),
+    Impl("sdpa", ("softmax",), _sdpa(None), lambda c, d: (d.type != "cuda" and c.lens is None, "CPU dispatch")),
+    Impl("sdpa-flash", ("softmax",), _sdpa("FLASH_ATTENTION"), _dense_cuda),
+    Impl("sdpa-cudnn", ("softmax",), _sdpa("CUDNN_ATTENTION"), _dense_cuda),
+    Impl("sdpa-efficient", ("softmax",), _sdpa("EFFICIENT_ATTENTION"), _dense_cuda),
+    Impl("flex", ("softmax",), _flex, _cuda_only),
+    Impl("torch-eager", ("softmax", "sigmoid", "silu"), _eager, _eager_fits),
+]
+
+
+def impls_for(case: Case, device: torch.device, only: Optional[list[str]] = None) -> list[Impl]:
+    out = []
+    for impl in IMPLS:
+        if case.op not in impl.ops or (only and impl.name not in only):
+            continue
+        ok, _ = impl.usable(case, device)
+        if ok:
+            out.append(impl)
+    return out

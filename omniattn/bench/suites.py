@@ -1,0 +1,106 @@
+"""What `omniattn bench` measures: cases (op, shape, mask, mode) and the size sets per device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem. ``lens`` makes it varlen (sequence lengths, packed)."""
+
+    op: str  # softmax | sigmoid | silu | hstu
+    batch: int
+    seqlen: int
+    heads: int
+    head_dim: int
+    causal: bool
+    mode: str  # fwd | fwdbwd
+    dtype: str = "bf16"
+    kv_heads: Optional[int] = None
+    lens: Optional[tuple[int, ...]] = None
+    extra: tuple = field(default_factory=tuple)  # (key, value) pairs, e.g. (("rab", True),)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+    @property
+    def hkv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def options(self) -> dict:
+        return dict(self.extra)
+
+    def flops(self) -> float:
+        """4·H·D per (query, key) pair: causal counts half, forward+backward 3.5x forward."""
+        pairs = sum(n * n for n in self.lens) if self.lens else self.batch * self.seqlen**2
+        f = 4.0 * self.heads * self.head_dim * pairs
+        if self.causal:
+            f /= 2
+        return f * (3.5 if self.mode == "fwdbwd" else 1.0)
+
+    def label(self) -> str:
+        shape = f"varlen{len(self.lens)}x<={self.seqlen}" if self.lens else f"{self.batch}x{self.seqlen}"
+        kv = f" kv{self.kv_heads}" if self.kv_heads else ""
+        extra = "".join(f" {k}={v}" for k, v in self.extra)
+        return f"{self.op} {shape} h{self.heads}{kv} d{self.head_dim}{' causal' if self.causal else ''}{extra} {self.mode}"
+
+
+def _grid(ops, shapes, heads, dim, dtype, causals=(False, True), modes=("fwd", "fwdbwd")):
+    return [
+        Case(op, b, n, heads, dim, c, m, dtype)
+        for op in ops
+        for b, n in shapes
+        for c in causals
+        for m in modes
+    ]
+
+
+def cpu_default() -> list[Case]:
+    """A few minutes on a laptop: B=1, H=8, D=64, float32. Forward at N=1024 and 4096, causal or
+    not; forward+backward at N=1024; softmax forward at N=16384 for peak memory."""
+    ops = ("softmax", "sigmoid", "silu")
+    cases = _grid(ops, [(1, 1024), (1, 4096)], 8, 64, "fp32", modes=("fwd",))
+    cases += _grid(ops, [(1, 1024)], 8, 64, "fp32", modes=("fwdbwd",))
+    cases.append(Case("softmax", 1, 16384, 8, 64, False, "fwd", "fp32"))
+    return sorted(cases, key=lambda c: (c.op, c.mode, c.seqlen, c.causal))
+
+
+def smoke() -> list[Case]:
+    """Seconds, for tests of the bench itself."""
+    cases = _grid(("softmax", "sigmoid", "silu"), [(1, 128)], 2, 32, "fp32", causals=(True,))
+    return cases + [Case("softmax", 2, 96, 4, 32, True, "fwdbwd", "fp32", kv_heads=2, lens=(96, 40))]
+
+
+def gpu_default() -> list[Case]:
+    return _grid(("softmax", "sigmoid", "silu"), [(4, 4096)], 16, 128, "bf16")
+
+
+def jagged_lengths(batch: int, max_len: int, seed: int, low: float = 0.5) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    lo = max(1, int(low * max_len))
+    return tuple(torch.randint(lo, max_len + 1, (batch,), generator=gen).tolist())
+
+
+def gpu_full() -> list[Case]:
+    """The Triton issue's matrix: bf16, H=16, D=128, 16k tokens in three shapes, causal or not,
+    forward and forward+backward, plus varlen rows with GQA (32 query / 8 key-value heads)."""
+    cases = _grid(("softmax", "sigmoid", "silu"), [(16, 1024), (4, 4096), (1, 16384)], 16, 128, "bf16")
+    for n, b in ((1024, 16), (4096, 4)):
+        lens = jagged_lengths(b, n, seed=n)
+        for op in ("softmax", "sigmoid", "silu"):
+            for mode in ("fwd", "fwdbwd"):
+                cases.append(Case(op, b, n, 32, 128, True, mode, "bf16", kv_heads=8, lens=lens))
+    return cases
+
+
+SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_full, "smoke": smoke}
+
+
+def default_suite(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"

@@ -1,0 +1,226 @@
+"""FastAttention's tiling-mask for the PyTorch backend: which tiles to visit and each tile's mask.
+
+Masks are never materialised for a whole sequence. For a block of query rows we work out, from
+the mask's rules, the range of keys any row may see (tiles outside it are skipped without being
+computed), split that range into key chunks, and label each chunk FULL (every pair allowed: no
+mask at all) or PARTIAL (a (rows, keys) boolean mask built for that chunk only).
+
+Short sequences are packed together into one query block so a jagged batch of tiny sequences
+costs a few large matrix products instead of thousands of small ones; such blocks are PARTIAL and
+their mask also requires the query and key to belong to the same sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .spec import Call, Spec
+
+FULL, PARTIAL = "full", "partial"
+INF = 1 << 62
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """Packed query rows [q0, q1) of sequences [b0, b1) and the packed keys [k0, k1) they may see."""
+
+    q0: int
+    q1: int
+    b0: int
+    b1: int
+    k0: int
+    k1: int
+    r0: int = 0  # position of row q0 in its sequence (single-sequence blocks)
+
+    @property
+    def single(self) -> bool:
+        return self.b1 - self.b0 == 1
+
+
+@dataclass
+class TokenMeta:
+    """Per-token facts (O(T) memory) from which any tile's mask and bias are generated."""
+
+    q_seq: torch.Tensor  # (Tq,) sequence of each query row
+    q_pos: torch.Tensor  # (Tq,) position in its sequence, shifted by Lk - Lq (bottom-right alignment)
+    k_seq: torch.Tensor
+    k_pos: torch.Tensor
+    q_id: Optional[torch.Tensor] = None  # HSTU ids
+    k_id: Optional[torch.Tensor] = None
+    q_max_id: Optional[torch.Tensor] = None
+    q_raw_pos: Optional[torch.Tensor] = None  # unshifted positions (rab, HSTU diagonal)
+
+
+def _positions(cu: torch.Tensor, lens: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    cu = cu.long()
+    total = int(sum(lens))
+    seq = torch.repeat_interleave(
+        torch.arange(len(lens), device=cu.device), torch.tensor(lens, device=cu.device, dtype=torch.long), output_size=total
+    )
+    pos = torch.arange(total, device=cu.device) - cu[seq]
+    return seq, pos
+
+
+def hstu_id_of(p: int, length: int, targets: int, contextual: int) -> int:
+    """HSTU id of position p (scalar twin of reference.hstu_ids)."""
+    i = max(p - contextual + 1, 0) if contextual > 0 else p
+    return min(i, hstu_max_id(length, targets, contextual))
+
+
+def hstu_max_id(length: int, targets: int, contextual: int) -> int:
+    return (length - contextual + 1 if contextual > 0 else length) - targets
+
+
+def _first_pos_with_id(x: int, contextual: int) -> int:
+    """Smallest position whose (unclamped) id is >= x."""
+    if x <= 0:
+        return 0
+    return x + contextual - 1 if contextual > 0 else x
+
+
+def token_meta(spec: Spec, call: Call) -> TokenMeta:
+    q_seq, q_raw = _positions(call.cu_q, call.lens_q)
+    k_seq, k_pos = _positions(call.cu_k, call.lens_k)
+    dev = q_seq.device
+    shift = torch.tensor(call.lens_k, device=dev, dtype=torch.long) - torch.tensor(call.lens_q, device=dev, dtype=torch.long)
+    meta = TokenMeta(q_seq, q_raw + shift[q_seq], k_seq, k_pos, q_raw_pos=q_raw)
+    if spec.hstu is not None:
+        c = spec.hstu.contextual_seq_len
+        lens = torch.tensor(call.lens_q, device=dev, dtype=torch.long)
+        tgt = torch.tensor(call.targets_host or (0,) * call.batch, device=dev, dtype=torch.long)
+        max_id = ((lens - c + 1) if c > 0 else lens) - tgt
+        ids = (q_raw - c + 1).clamp(min=0) if c > 0 else q_raw
+        meta.q_max_id = max_id[q_seq]
+        meta.q_id = meta.k_id = torch.minimum(ids, meta.q_max_id)
+    return meta
+
+
+def query_blocks(call: Call, block_q: int) -> list[QueryBlock]:
+    """Cover every query row once: long sequences in blocks of ``block_q`` rows, runs of short
+    sequences packed into one block while their rows fit."""
+    blocks = []
+    cu_q = [0]
+    cu_k = [0]
+    for lq, lk in zip(call.lens_q, call.lens_k):
+        cu_q.append(cu_q[-1] + lq)
+        cu_k.append(cu_k[-1] + lk)
+    b, nb = 0, call.batch
+    while b < nb:
+        lq = call.lens_q[b]
+        if lq == 0:
+            b += 1
+            continue
+        if lq > block_q // 2:
+            for r in range(0, lq, block_q):
+                blocks.append(QueryBlock(cu_q[b] + r, cu_q[b] + min(r + block_q, lq), b, b + 1, cu_k[b], cu_k[b + 1], r))
+            b += 1
+            continue
+        e = b + 1
+        while e < nb and call.lens_q[e] <= block_q // 2 and cu_q[e + 1] - cu_q[b] <= block_q:
+            e += 1
+        blocks.append(QueryBlock(cu_q[b], cu_q[e], b, e, cu_k[b], cu_k[e]))
+        b = e
+    return blocks
+
+
+def key_chunks(spec: Spec, call: Call, blk: QueryBlock, block_k: int) -> Iterator[tuple[int, int, str]]:
+    """Packed key chunks [c0, c1) the block must visit, each FULL or PARTIAL; skipped chunks never appear."""
+    if not blk.single:
+        for c0 in range(blk.k0, blk.k1, block_k):
+            yield c0, min(c0 + block_k, blk.k1), PARTIAL
+        return
+    b = blk.b0
+    lq, lk = call.lens_q[b], call.lens_k[b]
+    row0, row1 = blk.r0, blk.r0 + (blk.q1 - blk.q0) - 1
+    if spec.hstu is not None:
+        lo, hi, classify = _hstu_bounds(spec, call, b, row0, row1)
+    else:
+        lo, hi, classify = _window_bounds(spec, lq, lk, row0, row1)
+    lo, hi = max(lo, 0), min(hi, lk - 1)
+    for j0 in range(lo, hi + 1, block_k):
+        j1 = min(j0 + block_k, hi + 1) - 1
+        yield blk.k0 + j0, blk.k0 + j1 + 1, classify(j0, j1)
+
+
+def _window_bounds(spec: Spec, lq: int, lk: int, row0: int, row1: int):
+    """Rows row0..row1 see keys in [lo(row), hi(row)], both bounds increasing with the row."""
+    left, right = spec.window
+    shift = lk - lq
+
+    def lo(i):
+        return i + shift - left if left >= 0 else -INF
+
+    def hi(i):
+        return i + shift + right if right >= 0 else INF
+
+    def classify(j0, j1):
+        return FULL if j0 >= lo(row1) and j1 <= hi(row0) else PARTIAL
+
+    return lo(row0), hi(row1), classify
+
+
+def _hstu_bounds(spec: Spec, call: Call, b: int, row0: int, row1: int):
+    """Key range and chunk classes of HSTU's id mask; ids are non-decreasing in position."""
+    h = spec.hstu
+    length = call.lens_q[b]
+    t = call.targets_host[b] if call.targets_host is not None else 0
+    c, w = h.contextual_seq_len, h.max_attn_len
+    max_id = hstu_max_id(length, t, c)
+
+    def ident(p):
+        return hstu_id_of(p, length, t, c)
+
+    if c > 0 and ident(row0) == 0:  # contextual rows see every non-target token
+        return 0, length - 1, lambda j0, j1: PARTIAL
+    lo = _first_pos_with_id(ident(row0) - w, c) if w > 0 else 0
+    if h.causal:
+        hi = row1
+    elif w > 0 and ident(row1) + w < max_id:
+        hi = _first_pos_with_id(ident(row1) + w + 1, c) - 1
+    else:
+        hi = length - 1
+
+    def classify(j0, j1):
+        if h.causal:
+            d_min, d_max = ident(row0) - ident(j1), ident(row1) - ident(j0)
+        elif ident(row0) > ident(j1):
+            d_min, d_max = ident(row0) - ident(j1), ident(row1) - ident(j0)
+        elif ident(j0) > ident(row1):
+            d_min, d_max = ident(j0) - ident(row1), ident(j1) - ident(row0)
+        else:
+            return PARTIAL
+        if d_min > 0 and (w == 0 or d_max <= w):
+            return FULL
+        return PARTIAL
+
+    return lo, hi, classify
+
+
+def chunk_mask(spec: Spec, meta: TokenMeta, q0: int, q1: int, c0: int, c1: int, single: bool) -> torch.Tensor:
+    """(q1 - q0, c1 - c0) bool: which (query, key) pairs of this tile are allowed."""
+    kp = meta.k_pos[c0:c1].view(1, -1)
+    if spec.hstu is not None:
+        h = spec.hstu
+        qi, kj = meta.q_id[q0:q1].view(-1, 1), meta.k_id[c0:c1].view(1, -1)
+        d = qi - kj
+        if not h.causal:
+            d = d.abs()
+        ok = (meta.q_raw_pos[q0:q1].view(-1, 1) == kp) | (d > 0)
+        if h.max_attn_len > 0:
+            ok &= d <= h.max_attn_len
+        if h.contextual_seq_len > 0:
+            ok |= (qi == 0) & (kj < meta.q_max_id[q0:q1].view(-1, 1))
+    else:
+        left, right = spec.window
+        qp = meta.q_pos[q0:q1].view(-1, 1)
+        ok = torch.ones(q1 - q0, c1 - c0, dtype=torch.bool, device=kp.device)
+        if left >= 0:
+            ok &= kp >= qp - left
+        if right >= 0:
+            ok &= kp <= qp + right
+    if not single:
+        ok &= meta.q_seq[q0:q1].view(-1, 1) == meta.k_seq[c0:c1].view(1, -1)
+    return ok

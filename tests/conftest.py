@@ -1,0 +1,35 @@
+import os
+
+# The Triton interpreter must be chosen before any @triton.jit function is defined; on a machine
+# without a CUDA GPU every Triton kernel in the suite runs under it.
+if not os.environ.get("OMNIATTN_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from omniattn.backends import torch_tiled  # noqa: E402
+
+
+def nan_empty(*shape, **kw):
+    """torch.empty that fills with NaN, so any element a kernel forgets to write fails the test."""
+    t = torch.empty(*shape, **kw)
+    return t.fill_(math.nan) if t.is_floating_point() else t
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles much smaller than the test sequences, so skipped, FULL and PARTIAL tiles all occur."""
+    monkeypatch.setattr(torch_tiled, "BLOCK_Q", 16)
+    monkeypatch.setattr(torch_tiled, "TILE_ELEMS", 1)  # key chunks of MIN_BLOCK_K keys
+    monkeypatch.setattr(torch_tiled, "MIN_BLOCK_K", 8)
+    monkeypatch.setattr(torch_tiled, "_empty", nan_empty)
+    yield
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(torch_tiled, "_empty", nan_empty)
+    yield
