@@ -65,8 +65,7 @@ def attention(
         backend=backend, return_lse=return_lse,
     )
     out, lse = backends.run(spec, call, backend)
-    out = call.unpack(out)
-    return (out, call.unpack_lse(lse)) if return_lse else out
+    return (out, lse) if return_lse else out
 
 
 def attention_varlen(

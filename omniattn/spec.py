@@ -77,15 +77,15 @@ class Call:
     """The tensors of one call.
 
     ``q``/``k``/``v`` are kept as the caller gave them: 4-D ``(B, N, H, D)`` for dense calls, 3-D
-    ``(T, H, D)`` for varlen calls. ``cu_q``/``cu_k`` (int32, on the inputs' device) and
+    ``(T, H, D)`` for varlen calls, with ``cu_q``/``cu_k`` (int32, on the inputs' device).
     ``lens_q``/``lens_k`` (host) describe the sequences in both cases.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
+    cu_q: Optional[torch.Tensor]  # None for dense calls (see offsets())
+    cu_k: Optional[torch.Tensor]
     lens_q: tuple[int, ...]
     lens_k: tuple[int, ...]
     max_q: int
@@ -110,6 +110,14 @@ class Call:
     @property
     def heads_kv(self) -> int:
         return self.k.shape[-2]
+
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cu_seqlens of queries and keys (built for dense calls, which have none)."""
+        if not self.dense:
+            return self.cu_q, self.cu_k
+        b, nq, nk, dev = self.q.shape[0], self.q.shape[1], self.k.shape[1], self.q.device
+        steps = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        return steps * nq, steps * nk
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (tokens, heads, dim); a view when the dense layout allows it."""
@@ -330,11 +338,7 @@ def dense_call(q, k, v, *, alibi_slopes=None, **scalars) -> tuple[Spec, Call]:
     _check_heads_and_dims(q, k, v, token_axes=2)
     spec = _check_common(head_dim=q.shape[-1], **scalars)
     b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
-    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * nq
-    cu_k = torch.arange(b + 1, dtype=torch.int32, device=q.device) * nk
-    call = Call(
-        q, k, v, cu_q, cu_k, (nq,) * b, (nk,) * b, nq, nk, alibi=_check_alibi(alibi_slopes, b, q.shape[2], q.device)
-    )
+    call = Call(q, k, v, None, None, (nq,) * b, (nk,) * b, nq, nk, alibi=_check_alibi(alibi_slopes, b, q.shape[2], q.device))
     return spec, call
 
 

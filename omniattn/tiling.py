@@ -82,8 +82,9 @@ def _first_pos_with_id(x: int, contextual: int) -> int:
 
 
 def token_meta(spec: Spec, call: Call) -> TokenMeta:
-    q_seq, q_raw = _positions(call.cu_q, call.lens_q)
-    k_seq, k_pos = _positions(call.cu_k, call.lens_k)
+    cu_q, cu_k = call.offsets()
+    q_seq, q_raw = _positions(cu_q, call.lens_q)
+    k_seq, k_pos = _positions(cu_k, call.lens_k)
     dev = q_seq.device
     shift = torch.tensor(call.lens_k, device=dev, dtype=torch.long) - torch.tensor(call.lens_q, device=dev, dtype=torch.long)
     meta = TokenMeta(q_seq, q_raw + shift[q_seq], k_seq, k_pos, q_raw_pos=q_raw)

@@ -1,14 +1,13 @@
+import math
 import os
+
+import pytest
+import torch
 
 # The Triton interpreter must be chosen before any @triton.jit function is defined; on a machine
 # without a CUDA GPU every Triton kernel in the suite runs under it.
-if not os.environ.get("OMNIATTN_TEST_GPU"):
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from omniattn.backends import torch_tiled  # noqa: E402
 

@@ -141,9 +141,11 @@ def test_auto_is_the_tiled_backend_on_cpu():
     assert torch.equal(p.run(oa.attention), p.run(oa.attention, backend="torch"))
 
 
-def test_triton_backend_is_not_faked_on_cpu():
+def test_triton_backend_is_not_faked_on_cpu(monkeypatch):
+    """Without the interpreter, asking for Triton on CPU tensors is an error, not a silent fallback."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = k = v = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="backend='triton'"):
+    with pytest.raises(NotImplementedError, match="backend='triton': the Triton kernels need a CUDA GPU"):
         oa.attention(q, k, v, backend="triton")
 
 

@@ -73,7 +73,7 @@ class _Plan:
         if call.rab is not None:
             ts = call.rab.timestamps
             last = torch.zeros(ts.shape[0], dtype=torch.bool, device=dev)
-            ends = call.cu_q[1:].long() - 1
+            ends = call.offsets()[0][1:].long() - 1
             last[ends[ends >= 0]] = True
             t_next = torch.where(last, ts, torch.roll(ts, -1))
         norm = spec.silu_norm if spec.silu_norm is not None else float(max(call.max_k, 1))

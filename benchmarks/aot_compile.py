@@ -1,0 +1,131 @@
+"""Compile every Triton kernel variant for a GPU target without a GPU (catches compile errors early).
+
+Runs the real launchers on CPU tensors, but replaces each kernel launch by an ahead-of-time
+compile for the target (default sm_90) with the exact arguments and constexprs of that launch.
+Useful with the Triton version of the GPU machine installed in a separate environment:
+
+    python benchmarks/aot_compile.py            # prints one line per compiled variant
+"""
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import omniattn as oa  # noqa: E402
+from omniattn.backends import triton as tb  # noqa: E402
+from omniattn.backends.triton import bwd, fwd, launch  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SEEN: dict = {}
+
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64"}
+
+
+class Compiling:
+    """Stands in for kernel[grid]: compiles instead of launching."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, num_warps=4, num_stages=3, **constexprs):
+        names = self.kernel.arg_names
+        values = dict(zip(names, args))
+        values.update(constexprs)
+        signature, consts = {}, {}
+        for i, name in enumerate(names):
+            value = values[name]
+            if self.kernel.params[i].is_constexpr:
+                signature[name] = "constexpr"
+                consts[name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + DTYPES[value.dtype]
+            elif isinstance(value, bool):
+                signature[name] = "i1"
+            elif isinstance(value, int):
+                signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            else:
+                signature[name] = "fp32"
+        key = (self.kernel.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), num_warps, num_stages)
+        if key in SEEN:
+            return
+        start = time.time()
+        src = triton.compiler.ASTSource(fn=self.kernel, signature=signature, constexprs=consts)
+        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+        SEEN[key] = compiled
+        flags = ",".join(k for k, v in consts.items() if v is True)
+        blocks = "x".join(str(consts[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in consts)
+        print(f"{self.kernel.__name__:<28} {time.time() - start:5.1f}s {blocks:<12} w{num_warps} s{num_stages} "
+              f"{resources(compiled)}  {flags}", flush=True)
+
+
+def resources(compiled) -> str:
+    """Registers, spills and shared memory, from ptxas -v on the kernel's PTX (when ptxas is on PATH)."""
+    shared = compiled.metadata.shared
+    ptxas = shutil.which("ptxas")
+    if not ptxas:
+        return f"smem {shared // 1024}K"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    done = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} smem {shared // 1024}K"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--scores", nargs="+", default=["softmax", "sigmoid", "silu"])
+    parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
+    args = parser.parse_args()
+    for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
+                      (bwd, "attn_bwd_preprocess_kernel")):
+        setattr(launch, name, Compiling(getattr(mod, name)))
+    tb.supported = lambda device, explicit=False: (True, "")  # CPU tensors, compiled for the GPU target
+    from omniattn import backends
+
+    backends.triton_supported = lambda device, explicit=False: (True, "")
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
+    for dtype, score, causal, d in itertools.product(dtypes, args.scores, [False, True], args.dims):
+        q = torch.randn(1, 256, 4, d, generator=g).to(dtype).requires_grad_()
+        k = torch.randn(1, 256, 2, d, generator=g).to(dtype).requires_grad_()
+        out = oa.attention(q, k, k, score=score, causal=causal, backend="triton")
+        out.sum().backward()
+    if args.dense_only:
+        return
+    for extra in (dict(window=(64, 0)), dict(softcap=5.0, alibi_slopes=torch.rand(4))):
+        q = torch.randn(1, 256, 4, 64, generator=g).to(torch.bfloat16).requires_grad_()
+        out = oa.attention(q, q, q, backend="triton", **extra)
+        out.sum().backward()
+    offsets = torch.tensor([0, 100, 256])
+    q = torch.randn(256, 2, 128, generator=g).to(torch.bfloat16).requires_grad_()
+    rab = oa.hstu.RelativeBias(160, 32)
+    for kw in (dict(), dict(num_targets=torch.tensor([3, 5]), rab=rab, timestamps=torch.arange(256)),
+               dict(contextual_seq_len=2, max_attn_len=16, causal=False)):
+        out = oa.hstu_attention(q, q, q, offsets, 160, backend="triton", **kw)
+        out.sum().backward()
+    print(f"compiled {len(SEEN)} kernel variants for {TARGET} with triton {triton.__version__}")
+
+
+if __name__ == "__main__":
+    main()

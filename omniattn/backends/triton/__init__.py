@@ -1,0 +1,93 @@
+"""Triton backend: one forward and one backward kernel family for every score function and mask.
+
+Runs on CUDA GPUs of compute capability 8.0 or newer. Under ``TRITON_INTERPRET=1`` it also runs
+on CPU tensors through Triton's interpreter (slowly; that is how CI tests the kernels), but
+``backend="auto"`` never picks the interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from ...spec import Call, Spec
+from .configs import interpreting
+
+MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supported(device: torch.device, explicit: bool = False) -> tuple[bool, str]:
+    """Whether the kernels can run on ``device`` (``explicit``: the caller asked for backend="triton")."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cpu" and explicit and interpreting():
+        return True, ""
+    if device.type != "cuda":
+        return False, f"the Triton kernels need a CUDA GPU, the inputs are on {device}"
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if major < 8:
+        return False, f"the Triton kernels need compute capability 8.0+ (sm80), this GPU is sm{major}{minor}"
+    return True, ""
+
+
+def check_inputs(call: Call) -> None:
+    """What the kernels cannot take, as clear errors (the tiled backend has none of these limits)."""
+    q = call.q
+    if call.q.shape[-1] > MAX_HEAD_DIM or call.v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"q/v: the Triton kernels take head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]} and {call.v.shape[-1]}; "
+            "use backend='torch'"
+        )
+    if q.dtype == torch.float64:
+        raise TypeError("q: the Triton kernels take float16, bfloat16 or float32, got float64; use backend='torch'")
+    if q.dtype == torch.bfloat16 and q.is_cuda and not torch.cuda.is_bf16_supported():
+        raise TypeError("q: this GPU has no bfloat16 support; use float16")
+
+
+def _params(spec: Spec, call: Call):
+    from .launch import SCORE_IDS, Params
+
+    hstu = spec.hstu
+    rab = call.rab
+    left, right = spec.window if hstu is None else (-1, -1)
+    norm = spec.silu_norm if spec.silu_norm is not None else float(max(call.max_k, 1))
+    return Params(
+        score=SCORE_IDS[spec.score],
+        mask_kind=0 if hstu is None else 1,
+        window_left=left,
+        window_right=right,
+        hstu_causal=int(hstu.causal) if hstu else 0,
+        contextual=hstu.contextual_seq_len if hstu else 0,
+        max_attn_len=hstu.max_attn_len if hstu else 0,
+        rab_center=rab.max_seq_len - 1 if rab else 0,
+        num_buckets=rab.num_buckets if rab else 0,
+        bucket_log=int(rab.bucketization == "log") if rab else 0,
+        default_sig_bias=int(spec.sigmoid_bias is None),
+        scale=spec.scale,
+        softcap=spec.softcap,
+        sigmoid_bias=spec.sigmoid_bias or 0.0,
+        silu_scale=1.0 / norm,
+    )
+
+
+def attention(spec: Spec, call: Call):
+    """Output and lse in the caller's layout: dense (B, Nq, Hq, Dv) and (B, Hq, Nq), varlen (Tq, Hq, Dv) and (Hq, Tq)."""
+    from ... import _ops  # registers the custom ops on first use
+
+    check_inputs(call)
+    p = _params(spec, call)
+    rab = call.rab
+    cu_q, cu_k = (None, None) if call.dense else (call.cu_q, call.cu_k)
+    out, lse = torch.ops.omniattn.attention_fwd(
+        call.q, call.k, call.v, cu_q, cu_k, call.alibi, call.num_targets,
+        rab.pos_w if rab else None, rab.ts_w if rab else None, rab.timestamps if rab else None,
+        call.max_q, call.max_k, p.ints(), p.floats(),
+    )
+    return out, (lse if spec.score == "softmax" else None)

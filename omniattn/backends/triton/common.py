@@ -1,0 +1,225 @@
+"""In-kernel pieces shared by the forward and backward kernels: masks, score modifiers, tile bounds.
+
+Index tensors ``ii`` (query positions) and ``jj`` (key positions) are passed already shaped for
+broadcasting, ``[BM, 1]``/``[1, BN]`` in the forward and dq kernels and ``[1, BM]``/``[BN, 1]`` in
+the transposed dk/dv kernel, so one helper serves both orientations.
+
+Masks come in two families (``MASK_KIND``): 0 = the causal / sliding-window rule, bottom-right
+aligned (``shift = Lk - Lq``); 1 = HSTU's id rule (targets, contextual prefix, max_attn_len).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+SOFTMAX = tl.constexpr(0)
+SIGMOID = tl.constexpr(1)
+SILU = tl.constexpr(2)
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits (+-1) for large |x|, and no libdevice (the interpreter has none)
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def hstu_id(p, contextual, max_id, HAS_CONTEXT: tl.constexpr):
+    """HSTU id of position p: contextual tokens share id 0, targets share max_id."""
+    if HAS_CONTEXT:
+        x = tl.maximum(p - contextual + 1, 0)
+    else:
+        x = p
+    return tl.minimum(x, max_id)
+
+
+@triton.jit
+def first_pos_with_id(x, contextual, HAS_CONTEXT: tl.constexpr):
+    """Smallest position whose (unclamped) HSTU id is >= x."""
+    if HAS_CONTEXT:
+        p = x + contextual - 1
+    else:
+        p = x
+    return tl.where(x <= 0, 0, p)
+
+
+@triton.jit
+def allowed(
+    ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
+):
+    """Boolean tile: key jj visible from query ii (also False outside both sequences)."""
+    ok = (jj < lk) & (ii < lq)
+    if MASK_KIND == 0:
+        if HAS_LEFT:
+            ok = ok & (jj >= ii + shift - left)
+        if HAS_RIGHT:
+            ok = ok & (jj <= ii + shift + right)
+    else:
+        id_i = hstu_id(ii, contextual, max_id, HAS_CONTEXT)
+        id_j = hstu_id(jj, contextual, max_id, HAS_CONTEXT)
+        d = id_i - id_j
+        if not HSTU_CAUSAL:
+            d = tl.abs(d)
+        rule = (ii == jj) | (d > 0)
+        if HAS_MAX_ATTN:
+            rule = rule & (d <= max_attn_len)
+        if HAS_CONTEXT:
+            rule = rule | ((id_i == 0) & (id_j < max_id))
+        ok = ok & rule
+    return ok
+
+
+@triton.jit
+def rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG: tl.constexpr):
+    """Position-weight index and time bucket of each pair (HSTU's relative bias)."""
+    rel = rab_center + jj - ii
+    dt = tl.maximum(tl.abs(t_next - t_key).to(tl.float32), 1.0)
+    if BUCKET_LOG:
+        raw = tl.log(dt) / 0.301
+    else:
+        raw = tl.sqrt(dt)
+    bucket = tl.minimum(tl.maximum(tl.floor(raw), 0.0), num_buckets * 1.0).to(tl.int32)
+    return rel, bucket
+
+
+@triton.jit
+def modify_scores(
+    s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, valid,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
+):
+    """s = scale*q.k -> softcap, then ALiBi, then the relative bias (DESIGN.md's order).
+    Returns the new scores and tanh(s/softcap) (the softcap gradient needs it; 0 without softcap)."""
+    t = s * 0.0
+    if HAS_SOFTCAP:
+        t = tanh(s / softcap)
+        s = softcap * t
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(ii + shift - jj).to(tl.float32)
+    if HAS_RAB:
+        rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG)
+        s = s + tl.load(pos_w + rel, mask=valid, other=0.0) + tl.load(ts_w + bucket, mask=valid, other=0.0)
+    return s, t
+
+
+@triton.jit
+def sequence_bounds(CU, b, dense_len, IS_VARLEN: tl.constexpr):
+    """(start, length) of sequence b in the packed token dimension (start 0 for dense inputs)."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        length = dense_len
+    return start, length
+
+
+@triton.jit
+def key_range(
+    m0, m_last, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
+):
+    """Keys query rows m0..m_last may see, [lo, hi), and the part [full_lo, full_hi) every one of
+    those rows sees entirely (no mask needed there). Tiles outside [lo, hi) are never visited."""
+    if MASK_KIND == 0:
+        lo = m0 * 0
+        hi = lk
+        full_lo = lo
+        full_hi = hi
+        if HAS_LEFT:
+            lo = tl.maximum(m0 + shift - left, 0)
+            full_lo = tl.maximum(m_last + shift - left, 0)
+        if HAS_RIGHT:
+            hi = tl.minimum(m_last + shift + right + 1, lk)
+            full_hi = tl.minimum(m0 + shift + right + 1, lk)
+    else:
+        id0 = hstu_id(m0, contextual, max_id, HAS_CONTEXT)
+        id_last = hstu_id(m_last, contextual, max_id, HAS_CONTEXT)
+        lo = m0 * 0
+        full_lo = lo
+        if HAS_MAX_ATTN:
+            lo = first_pos_with_id(id0 - max_attn_len, contextual, HAS_CONTEXT)
+            full_lo = first_pos_with_id(id_last - max_attn_len, contextual, HAS_CONTEXT)
+        if HSTU_CAUSAL:
+            hi = m_last + 1
+            full_hi = tl.minimum(first_pos_with_id(id0, contextual, HAS_CONTEXT), hi)
+        else:
+            hi = lk
+            if HAS_MAX_ATTN:
+                hi = tl.where(id_last + max_attn_len < max_id,
+                              first_pos_with_id(id_last + max_attn_len + 1, contextual, HAS_CONTEXT), lk)
+            full_hi = lo  # non-causal HSTU: every tile masked
+        if HAS_CONTEXT:  # contextual rows (id 0) see every non-target key
+            ctx = id0 == 0
+            lo = tl.where(ctx, 0, lo)
+            hi = tl.where(ctx, lk, hi)
+            full_hi = tl.where(ctx, 0, full_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), lk)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def query_range(
+    n0, n_last, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
+    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
+):
+    """The transpose of key_range: query rows that may see keys n0..n_last, [lo, hi), and the
+    rows [full_lo, full_hi) that see all of them. With a contextual prefix, rows [0, ctx_hi) also
+    see the keys (they are visited separately, masked)."""
+    ctx_hi = n0 * 0
+    if MASK_KIND == 0:
+        lo = n0 * 0
+        hi = lq
+        full_lo = lo
+        full_hi = hi
+        if HAS_RIGHT:  # j <= i + shift + right  <=>  i >= j - shift - right
+            lo = tl.maximum(n0 - shift - right, 0)
+            full_lo = tl.maximum(n_last - shift - right, 0)
+        if HAS_LEFT:  # j >= i + shift - left  <=>  i <= j - shift + left
+            hi = tl.minimum(n_last - shift + left + 1, lq)
+            full_hi = tl.minimum(n0 - shift + left + 1, lq)
+        full_hi = tl.where(n_last < lk, full_hi, full_lo)  # a key tile past the sequence end is masked
+    else:
+        id0 = hstu_id(n0, contextual, max_id, HAS_CONTEXT)
+        id_last = hstu_id(n_last, contextual, max_id, HAS_CONTEXT)
+        hi = lq
+        if HAS_MAX_ATTN:
+            hi = tl.where(id_last + max_attn_len < max_id,
+                          first_pos_with_id(id_last + max_attn_len + 1, contextual, HAS_CONTEXT), lq)
+        if HSTU_CAUSAL:
+            lo = n0
+            # rows whose id exceeds every key id (d > 0), within max_attn_len of the first key
+            full_lo = tl.maximum(first_pos_with_id(id_last + 1, contextual, HAS_CONTEXT), lo)
+            full_hi = hi
+            if HAS_MAX_ATTN:
+                full_hi = tl.where(id0 + max_attn_len < max_id,
+                                   first_pos_with_id(id0 + max_attn_len + 1, contextual, HAS_CONTEXT), lq)
+            full_hi = tl.where((id_last < max_id) & (n_last < lk), tl.minimum(full_hi, hi), full_lo)
+        else:
+            lo = n0 * 0
+            if HAS_MAX_ATTN:
+                lo = first_pos_with_id(id0 - max_attn_len, contextual, HAS_CONTEXT)
+            full_lo = lo
+            full_hi = lo
+        if HAS_CONTEXT:
+            ctx_hi = tl.minimum(contextual, lo)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), lq)
+    return lo, hi, full_lo, full_hi, ctx_hi
+
+
+@triton.jit
+def split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split [lo, hi) into tiles of BLOCK aligned to multiples of BLOCK: a masked head [start, mid_lo),
+    an unmasked middle [mid_lo, mid_hi) and a masked tail [mid_hi, hi)."""
+    start = (lo // BLOCK) * BLOCK
+    mid_lo = tl.cdiv(full_lo, BLOCK) * BLOCK
+    mid_hi = (full_hi // BLOCK) * BLOCK
+    empty = (mid_hi <= mid_lo) | (mid_lo < start)
+    mid_lo = tl.where(empty, start, mid_lo)
+    mid_hi = tl.where(empty, start, mid_hi)
+    return start, mid_lo, mid_hi

@@ -1,0 +1,82 @@
+"""Tile sizes, warps and pipeline depth per kernel, head dim and device.
+
+The GPU choices come from sweeps on the lent H100 (see benchmarks/NOTES.md); the interpreter
+(CPU, TRITON_INTERPRET=1) gets small tiles so tests exercise many of them quickly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def launch_kwargs(self) -> dict:
+        if interpreting():
+            return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n)
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _override(kind: str) -> TileConfig | None:
+    """OMNIATTN_<KIND>_CONFIG="BM,BN,WARPS,STAGES" pins a config (used by the tuning sweeps)."""
+    value = os.environ.get(f"OMNIATTN_{kind.upper()}_CONFIG")
+    if not value:
+        return None
+    bm, bn, w, s = (int(x) for x in value.split(","))
+    return TileConfig(bm, bn, w, s)
+
+
+INTERPRETER = TileConfig(16, 16, 1, 1)
+
+
+def fwd_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
+    cfg = _override("fwd")
+    if cfg:
+        return cfg
+    if interpreting():
+        return INTERPRETER
+    if head_dim <= 64:
+        return TileConfig(128, 64, 4, 3)
+    if head_dim <= 128:
+        return TileConfig(128, 64, 8, 3) if dtype_bytes <= 2 else TileConfig(64, 32, 4, 2)
+    return TileConfig(64, 32, 4, 2)
+
+
+def bwd_dkdv_config(head_dim: int, dtype_bytes: int) -> TileConfig:
+    """block_m: query tile (inner loop), block_n: the key tile each program owns."""
+    cfg = _override("dkdv")
+    if cfg:
+        return cfg
+    if interpreting():
+        return INTERPRETER
+    if head_dim <= 64:
+        return TileConfig(64, 128, 8, 3)
+    if head_dim <= 128:
+        return TileConfig(64, 128, 8, 2) if dtype_bytes <= 2 else TileConfig(32, 64, 4, 2)
+    return TileConfig(32, 64, 4, 2)
+
+
+def bwd_dq_config(head_dim: int, dtype_bytes: int) -> TileConfig:
+    cfg = _override("dq")
+    if cfg:
+        return cfg
+    if interpreting():
+        return INTERPRETER
+    if head_dim <= 64:
+        return TileConfig(128, 64, 8, 3)
+    if head_dim <= 128:
+        return TileConfig(128, 64, 8, 2) if dtype_bytes <= 2 else TileConfig(64, 32, 4, 2)
+    return TileConfig(64, 32, 4, 2)
+
+
+PREPROCESS_BLOCK_M = 64

@@ -1,0 +1,119 @@
+"""GPU-only: bf16, large shapes, every head dim, many short sequences, torch.compile, opcheck on CUDA."""
+
+import math
+
+import pytest
+import torch
+
+import omniattn as oa
+
+from ..helpers import check_outputs_and_grads, dense_problem, max_err, rand, varlen_problem
+from ..test_torch_tiled import hstu_problem
+
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_shapes(dtype, score, causal):
+    gen = torch.Generator().manual_seed(1)
+    p = dense_problem(2, 1531, 1531, 8, 2, 128, 128, dtype, gen, DEV, score=score, causal=causal)
+    check_outputs_and_grads(p, "triton", gen)
+
+
+@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (128, 64), (64, 192)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+def test_every_head_dim(d, dv, score):
+    gen = torch.Generator().manual_seed(d * 1000 + dv)
+    p = dense_problem(1, 333, 517, 4, 2, d, dv, torch.bfloat16, gen, DEV, score=score, causal=True)
+    check_outputs_and_grads(p, "triton", gen)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+def test_many_short_sequences(score):
+    gen = torch.Generator().manual_seed(2)
+    lens_q = torch.randint(0, 24, (700,), generator=gen).tolist()
+    lens_k = torch.randint(0, 24, (700,), generator=gen).tolist()
+    p = varlen_problem(lens_q, lens_k, 8, 2, 64, 64, torch.bfloat16, gen, DEV, score=score, causal=True)
+    check_outputs_and_grads(p, "triton", gen)
+
+
+def test_long_varlen_with_window_alibi_softcap():
+    gen = torch.Generator().manual_seed(3)
+    p = varlen_problem([1000, 3, 2047, 500], [1200, 700, 2047, 1], 8, 8, 128, 128, torch.bfloat16, gen, DEV,
+                       causal=True, window=(300, 0), softcap=20.0, alibi_slopes=torch.rand(4, 8, device=DEV))
+    check_outputs_and_grads(p, "triton", gen)
+
+
+@pytest.mark.parametrize("rab", [None, "shared", "heads"])
+def test_hstu_bf16(rab):
+    case = dict(lens=[700, 1, 0, 1024, 33], causal=True, contextual=0, targets=[20, 0, 0, 20, 5], max_attn_len=0,
+                rab=rab, bucketization="log", heads=4, d=128, dv=128, extra_len=0, dtype=torch.bfloat16, seed=4)
+    p, offsets, max_len, kw, extra, gen = hstu_problem(case)
+    p.q, p.k, p.v = (t.detach().cuda().requires_grad_() for t in (p.q, p.k, p.v))
+    offsets = offsets.cuda()
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    if kw["rab"] is not None:
+        kw["rab"] = kw["rab"].cuda()
+        extra = [kw["rab"].pos_w, kw["rab"].ts_w]
+
+    def fn():
+        return oa.hstu_attention(p.q, p.k, p.v, offsets, max_len, backend="triton", **kw)
+
+    def ref(dtype):
+        return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, max_len, dtype=dtype, **kw)
+
+    check_outputs_and_grads(p, "triton", gen, extra_leaves=extra, fn=fn, ref=ref)
+
+
+def test_auto_picks_triton_on_this_gpu():
+    q = torch.randn(1, 64, 2, 64, device=DEV, dtype=torch.bfloat16)
+    from omniattn.backends import resolve_for_tensor
+
+    assert resolve_for_tensor(q) == "triton"
+    assert torch.equal(oa.attention(q, q, q), oa.attention(q, q, q, backend="triton"))
+
+
+def test_sdpa_drop_in_on_gpu():
+    q = torch.randn(2, 8, 777, 64, device=DEV, dtype=torch.bfloat16)
+    got = oa.scaled_dot_product_attention(q, q, q, is_causal=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), q.float(), q.float(), is_causal=True)
+    assert max_err(got, want) < 2e-2
+
+
+def test_compile_inductor_fullgraph():
+    """A small model with omniattn attention: torch.compile(fullgraph=True) forward and backward."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(256, 3 * 256)
+            self.out = torch.nn.Linear(256, 256)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 64).unbind(2)
+            return self.out(oa.attention(q, k, v, causal=True).reshape(b, n, 256))
+
+    torch.manual_seed(0)
+    model = Block().to(DEV, torch.bfloat16)
+    x = torch.randn(2, 300, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    eager = model(x)
+    (gx_e,) = torch.autograd.grad(eager.float().square().sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    (gx_c,) = torch.autograd.grad(out.float().square().sum(), x)
+    assert max_err(out, eager) < 2e-2 and max_err(gx_c, gx_e) / gx_e.abs().max().item() < 2e-2
+
+
+def test_opcheck_on_cuda():
+    from omniattn import _ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(5)
+    q = rand((1, 70, 4, 64), torch.bfloat16, gen, DEV).requires_grad_()
+    k = rand((1, 90, 2, 64), torch.bfloat16, gen, DEV).requires_grad_()
+    ints = [0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1]
+    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default,
+                          (q, k, k, None, None, None, None, None, None, None, 70, 90, ints, [0.125, 0.0, 0.0, 1.0]))
