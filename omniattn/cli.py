@@ -89,13 +89,13 @@ def cmd_bench(args) -> int:
         cases = [c for c in cases if c.seqlen <= args.max_seqlen]
     name = device_name(device)
     print(f"omniattn bench: suite '{suite}' on {name}, {len(cases)} problems", file=sys.stderr)
-    rows = run_bench(cases, device, only=args.impl, progress=not args.no_progress)
+    save = (lambda rows: write_json(args.json, name, rows)) if args.json else None
+    rows = run_bench(cases, device, only=args.impl, progress=not args.no_progress, on_rows=save)
     print(table(rows))
     failed = [r for r in rows if "error" in r]
     for r in failed:
         print(f"failed: {r['op']} {r['impl']} {r['batch']}x{r['seqlen']} {r['mode']}: {r['error']}", file=sys.stderr)
     if args.json:
-        write_json(args.json, name, rows)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(rows, args.plot, title=name)

@@ -46,9 +46,11 @@ def _row(case: Case, impl: str, ms: Optional[float], err: Optional[float], peak:
     return row
 
 
-def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
+def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]] = None, progress: bool = True,
+              on_rows=None) -> list[dict]:
     """Time every usable implementation on every case; a failing implementation gives a row with
-    its error message instead of stopping the run."""
+    its error message instead of stopping the run. ``on_rows(rows)`` is called after each case
+    (the CLI rewrites its JSON there, so an interrupted run keeps what it measured)."""
     plan = [(case, impls_for(case, device, only)) for case in cases]
     bar = Progress(sum(len(i) for _, i in plan)) if progress else None
     rows = []
@@ -79,6 +81,8 @@ def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]]
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        if on_rows:
+            on_rows(rows)
     if bar:
         bar.close()
     return rows

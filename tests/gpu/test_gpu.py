@@ -97,15 +97,16 @@ def test_compile_inductor_fullgraph():
             return self.out(oa.attention(q, k, v, causal=True).reshape(b, n, 256))
 
     torch.manual_seed(0)
-    model = Block().to(DEV, torch.bfloat16)
-    x = torch.randn(2, 300, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    model = Block().to(DEV)  # float32: compiled and eager agree to rounding, so a real difference shows
+    x = torch.randn(2, 300, 256, device=DEV, requires_grad=True)
     eager = model(x)
-    (gx_e,) = torch.autograd.grad(eager.float().square().sum(), x)
+    (gx_e,) = torch.autograd.grad(eager.square().sum(), x)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
-    (gx_c,) = torch.autograd.grad(out.float().square().sum(), x)
-    assert max_err(out, eager) < 2e-2 and max_err(gx_c, gx_e) / gx_e.abs().max().item() < 2e-2
+    (gx_c,) = torch.autograd.grad(out.square().sum(), x)
+    assert max_err(out, eager) < 1e-4 * eager.abs().max().item()
+    assert max_err(gx_c, gx_e) < 1e-4 * gx_e.abs().max().item()
 
 
 def test_opcheck_on_cuda():

@@ -18,20 +18,35 @@ from .configs import interpreting
 MAX_HEAD_DIM = 256
 
 
+# Hardware and install facts are constants of the process: cached, and constants to torch.compile
+# (so a compiled model does not break its graph on them).
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _bf16_supported() -> bool:
+    return torch.cuda.is_bf16_supported()
+
+
 def supported(device: torch.device, explicit: bool = False) -> tuple[bool, str]:
     """Whether the kernels can run on ``device`` (``explicit``: the caller asked for backend="triton")."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False, "triton is not installed"
     if device.type == "cpu" and explicit and interpreting():
         return True, ""
     if device.type != "cuda":
         return False, f"the Triton kernels need a CUDA GPU, the inputs are on {device}"
-    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    major, minor = _capability(device.index if device.index is not None else 0)
     if major < 8:
         return False, f"the Triton kernels need compute capability 8.0+ (sm80), this GPU is sm{major}{minor}"
     return True, ""
@@ -47,7 +62,7 @@ def check_inputs(call: Call) -> None:
         )
     if q.dtype == torch.float64:
         raise TypeError("q: the Triton kernels take float16, bfloat16 or float32, got float64; use backend='torch'")
-    if q.dtype == torch.bfloat16 and q.is_cuda and not torch.cuda.is_bf16_supported():
+    if q.dtype == torch.bfloat16 and q.is_cuda and not _bf16_supported():
         raise TypeError("q: this GPU has no bfloat16 support; use float16")
 
 

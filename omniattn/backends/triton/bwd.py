@@ -19,6 +19,7 @@ from .common import (
     query_range,
     rab_indices,
     sequence_bounds,
+    sigmoid,
     split_range,
 )
 
@@ -59,7 +60,7 @@ def _probs_and_dscores(
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    HAS_MODS: tl.constexpr,
+    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """P and dS of one tile (either orientation) from q.k and dP = dO.V; also the allowed mask.
     dS here is d loss / d score before the softcap chain rule, which the returned ``dcap`` finishes."""
@@ -68,7 +69,8 @@ def _probs_and_dscores(
     if HAS_MODS:
         valid = (ii < lq) & (jj < lk)
         s, t = modify_scores(s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center,
-                             num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG)
+                             num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
+                             FAST_MATH)
     ok = (ii >= 0) & (jj >= 0)
     if MASKED:
         ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
@@ -79,13 +81,13 @@ def _probs_and_dscores(
             p = tl.where(ok, p, 0.0)
         ds = p * (dp - delta_or_0)
     elif SCORE == SIGMOID:
-        p = 1.0 / (1.0 + tl.exp2(-(s + sig_bias) * LOG2E))
+        p = sigmoid(s + sig_bias, FAST_MATH)
         ds = dp * p * (1.0 - p)
         if MASKED:
             p = tl.where(ok, p, 0.0)
             ds = tl.where(ok, ds, 0.0)
     else:
-        sig = 1.0 / (1.0 + tl.exp2(-s * LOG2E))
+        sig = sigmoid(s, FAST_MATH)
         p = s * sig * silu_scale
         ds = dp * (sig * (1.0 + s * (1.0 - sig)) * silu_scale)
         if MASKED:
@@ -103,8 +105,7 @@ def _dkdv_tiles(
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    HAS_MODS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [start, end); tiles are transposed: [BN, BM]."""
     jj = offs_n[:, None]
@@ -132,7 +133,7 @@ def _dkdv_tiles(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
             scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             ds = ds * dcap
@@ -154,6 +155,7 @@ def attn_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
+    FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -220,14 +222,26 @@ def attn_bwd_dkdv_kernel(
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)
         if HAS_CONTEXT:  # contextual rows before the query range see these keys too
-            dk, dv = _dkdv_tiles(dk, dv, *tiles, 0, ctx_end, *args, MASKED=True, BLOCK_M=BLOCK_M, 
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_M=BLOCK_M, 
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_M=BLOCK_M, 
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_M=BLOCK_M, 
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, *tiles, 0, ctx_end, *args, MASKED=True, BLOCK_M=BLOCK_M,
+                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_M=BLOCK_M,
+                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_M=BLOCK_M,
+                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_M=BLOCK_M,
+                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
     dk = dk * scale
     out_mask = col_ok[:, None]
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkt + offs_d[None, :],
@@ -244,8 +258,7 @@ def _dq_tiles(
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    HAS_MODS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [start, end); rab gradients scattered here."""
     ii = offs_m[:, None]
@@ -267,7 +280,7 @@ def _dq_tiles(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
             scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
         if HAS_RAB:
             rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG)
             hit = ok & (ii < lq) & (jj < lk)
@@ -294,6 +307,7 @@ def attn_bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
+    FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -361,12 +375,21 @@ def attn_bwd_dq_kernel(
             rab_center, num_buckets)
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, do, lse, delta, k_base, v_base, stride_kt, stride_vt)
-    dq = _dq_tiles(dq, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N, 
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-    dq = _dq_tiles(dq, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N, 
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-    dq = _dq_tiles(dq, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N, 
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
+    dq = _dq_tiles(dq, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,
+                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
+                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
+                   DOT_PRECISION=DOT_PRECISION)
+    dq = _dq_tiles(dq, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N,
+                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
+                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
+                   DOT_PRECISION=DOT_PRECISION)
+    dq = _dq_tiles(dq, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N,
+                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
+                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
+                   DOT_PRECISION=DOT_PRECISION)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (q_start + offs_m)[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))

@@ -39,31 +39,33 @@ def _override(kind: str) -> TileConfig | None:
 INTERPRETER = TileConfig(16, 16, 1, 1)
 
 
-def fwd_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
+def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> TileConfig:
+    """H100, bf16, D=128 sweep (NOTES.md): softmax 128x64 w8 (128x128 causal); the pointwise scores,
+    with no row statistics to keep, prefer 64x64 w4."""
     cfg = _override("fwd")
     if cfg:
         return cfg
     if interpreting():
         return INTERPRETER
+    if dtype_bytes > 2 or head_dim > 128:
+        return TileConfig(64, 32, 4, 2)
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)
-    if head_dim <= 128:
-        return TileConfig(128, 64, 8, 3) if dtype_bytes <= 2 else TileConfig(64, 32, 4, 2)
-    return TileConfig(64, 32, 4, 2)
+    if score != 0:
+        return TileConfig(64, 64, 4, 3)
+    return TileConfig(128, 128, 8, 3) if causal else TileConfig(128, 64, 8, 3)
 
 
-def bwd_dkdv_config(head_dim: int, dtype_bytes: int) -> TileConfig:
-    """block_m: query tile (inner loop), block_n: the key tile each program owns."""
+def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
+    """block_m: the query tile of the inner loop; block_n: the key tile each program owns."""
     cfg = _override("dkdv")
     if cfg:
         return cfg
     if interpreting():
         return INTERPRETER
-    if head_dim <= 64:
-        return TileConfig(64, 128, 8, 3)
-    if head_dim <= 128:
-        return TileConfig(64, 128, 8, 2) if dtype_bytes <= 2 else TileConfig(32, 64, 4, 2)
-    return TileConfig(32, 64, 4, 2)
+    if dtype_bytes > 2 or head_dim > 128:
+        return TileConfig(32, 64, 4, 2)
+    return TileConfig(32, 64, 4, 2) if causal else TileConfig(64, 64, 4, 2)
 
 
 def bwd_dq_config(head_dim: int, dtype_bytes: int) -> TileConfig:
@@ -72,11 +74,9 @@ def bwd_dq_config(head_dim: int, dtype_bytes: int) -> TileConfig:
         return cfg
     if interpreting():
         return INTERPRETER
-    if head_dim <= 64:
-        return TileConfig(128, 64, 8, 3)
-    if head_dim <= 128:
-        return TileConfig(128, 64, 8, 2) if dtype_bytes <= 2 else TileConfig(64, 32, 4, 2)
-    return TileConfig(64, 32, 4, 2)
+    if dtype_bytes > 2 or head_dim > 128:
+        return TileConfig(64, 32, 4, 2)
+    return TileConfig(64, 64, 4, 2)
 
 
 PREPROCESS_BLOCK_M = 64

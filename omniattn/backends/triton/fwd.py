@@ -13,12 +13,12 @@ from .common import (
     LN2,
     LOG2E,
     SIGMOID,
-    SILU,
     SOFTMAX,
     allowed,
     key_range,
     modify_scores,
     sequence_bounds,
+    sigmoid,
     split_range,
 )
 
@@ -32,7 +32,8 @@ def _fwd_tiles(
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
-    BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Accumulate key tiles [start, end) into (acc, m_i, l_i)."""
     ii = offs_m[:, None]
@@ -53,7 +54,8 @@ def _fwd_tiles(
                 t_key = 0
             valid = (ii < lq) & (jj < lk)
             s, _ = modify_scores(qk * scale, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w,
-                                 rab_center, num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG)
+                                 rab_center, num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
+                                 FAST_MATH)
         if MASKED:
             ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
                          MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
@@ -74,18 +76,13 @@ def _fwd_tiles(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             m_i = m_new
-        elif SCORE == SIGMOID:
-            if HAS_MODS:
-                z = (s + sig_bias) * LOG2E
-            else:
-                z = qk * (scale * LOG2E) + sig_bias * LOG2E
-            p = 1.0 / (1.0 + tl.exp2(-z))
-            if MASKED:
-                p = tl.where(ok, p, 0.0)
-        else:
+        else:  # sigmoid and SiLU: no running max or sum, just P = f(s)
             if not HAS_MODS:
                 s = qk * scale
-            p = (s * silu_scale) / (1.0 + tl.exp2(-s * LOG2E))
+            if SCORE == SIGMOID:
+                p = sigmoid(s + sig_bias, FAST_MATH)
+            else:
+                p = s * silu_scale * sigmoid(s, FAST_MATH)
             if MASKED:
                 p = tl.where(ok, p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
@@ -107,7 +104,7 @@ def attn_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -168,12 +165,21 @@ def attn_fwd_kernel(
             rab_center, num_buckets)
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, k_base, v_base, stride_kt, stride_vt)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N, 
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N, 
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N, 
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, DOT_PRECISION=DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,
+                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N,
+                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N,
+                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
+                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
 
     if SCORE == SOFTMAX:
         has_keys = l_i > 0.0

@@ -120,8 +120,10 @@ class _Launch:
             BUCKET_LOG=bool(p.bucket_log),
             HAS_MODS=p.softcap > 0 or alibi is not None or self.has_rab,  # scores need more than scale*q.k
             DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
-            # float32 inputs get IEEE float32 products (no TF32), like PyTorch's default matmul
+            # float32 inputs get IEEE float32 products (no TF32), like PyTorch's default matmul, and
+            # exact transcendentals; 16-bit inputs get the one-instruction tanh (common.sigmoid)
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            FAST_MATH=q.dtype != torch.float32 and q.is_cuda and not interpreting(),
             BLOCK_D=_block(self.d),
             BLOCK_DV=_block(self.dv),
         )
@@ -141,7 +143,8 @@ def forward(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max
     L = _Launch(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max_k, p)
     out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=q.device)
     lse = torch.empty(L.lse_shape, dtype=torch.float32, device=q.device) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    cfg = fwd_config(L.d, q.element_size(), p.window_right == 0)
+    causal = p.window_right == 0 or bool(p.hstu_causal)
+    cfg = fwd_config(max(L.d, L.dv), q.element_size(), p.score, causal)
     grid = (triton.cdiv(max_q, cfg.block_m), L.batch * L.hq)
     if grid[0] * grid[1] == 0:
         return out, lse
@@ -176,7 +179,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
     else:
         lse = delta = _dummy(dev, torch.float32)
     common = (*L.seqlens,)
-    cfg = bwd_dkdv_config(L.d, q.element_size())
+    cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.window_right == 0 or bool(p.hstu_causal))
     grid = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv)
     if grid[0] * grid[1]:
         attn_bwd_dkdv_kernel[grid](
@@ -186,7 +189,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
             *common, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
             **L.meta, **cfg.launch_kwargs(),
         )
-    cfg = bwd_dq_config(L.d, q.element_size())
+    cfg = bwd_dq_config(max(L.d, L.dv), q.element_size())
     grid = (triton.cdiv(max_q, cfg.block_m), L.batch * L.hq)
     if grid[0] * grid[1]:
         attn_bwd_dq_kernel[grid](
@@ -199,7 +202,3 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
     if not L.has_rab:
         return dq, dk, dv, None, None
     return dq, dk, dv, dpos.to(pos_w.dtype).view(pos_w.shape), dts.to(ts_w.dtype).view(ts_w.shape)
-
-
-def is_interpreting() -> bool:
-    return interpreting()
