@@ -152,6 +152,13 @@ _FLEX = {}
 
 def _compiled_flex(fn):
     if "fn" not in _FLEX:
+        # every shape and mask is a recompile; past dynamo's default limit (8) it would silently
+        # fall back to eager flex_attention, which materialises the scores
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
         _FLEX["fn"] = torch.compile(fn, dynamic=False)
     return _FLEX["fn"]
 

@@ -312,6 +312,8 @@ def attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if HAS_RIGHT or HSTU_CAUSAL:  # causal-like: later query blocks see more keys; launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
