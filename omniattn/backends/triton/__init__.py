@@ -7,7 +7,6 @@ on CPU tensors through Triton's interpreter (slowly; that is how CI tests the ke
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -18,24 +17,31 @@ from .configs import interpreting
 MAX_HEAD_DIM = 256
 
 
-# Hardware and install facts are constants of the process: cached, and constants to torch.compile
-# (so a compiled model does not break its graph on them).
+# Hardware and install facts are constants of the process: computed once, and constants to
+# torch.compile (assume_constant_result: evaluated at trace time, its body never traced, so a
+# compiled model does not break its graph on them). No lru_cache: dynamo would trace through it.
+_FACTS: dict = {}
+
+
+def _fact(key, compute):
+    if key not in _FACTS:
+        _FACTS[key] = compute()
+    return _FACTS[key]
+
+
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _fact("triton", lambda: importlib.util.find_spec("triton") is not None)
 
 
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return _fact(("capability", index), lambda: torch.cuda.get_device_capability(index))
 
 
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _bf16_supported() -> bool:
-    return torch.cuda.is_bf16_supported()
+    return _fact("bf16", torch.cuda.is_bf16_supported)
 
 
 def supported(device: torch.device, explicit: bool = False) -> tuple[bool, str]:
