@@ -40,9 +40,8 @@ INTERPRETER = TileConfig(16, 16, 1, 1)
 
 
 def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> TileConfig:
-    """H100, bf16, D=128 sweeps (NOTES.md): softmax 128x64 w8; the pointwise scores, with no row
-    statistics to keep, and every causal problem (more, shorter programs balance the triangle)
-    prefer 64x64 w4."""
+    """H100, bf16, D=128 sweeps (benchmarks/NOTES.md): softmax 128x64 w8 (128x128 causal); the
+    pointwise scores, with no row statistics to keep, prefer 64x64 w4."""
     cfg = _override("fwd")
     if cfg:
         return cfg
@@ -52,9 +51,9 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> Til
         return TileConfig(64, 32, 4, 2)
     if head_dim <= 64:
         return TileConfig(128, 64, 4, 3)
-    if score != 0 or causal:
+    if score != 0:
         return TileConfig(64, 64, 4, 3)
-    return TileConfig(128, 64, 8, 3)
+    return TileConfig(128, 128, 8, 3) if causal else TileConfig(128, 64, 8, 3)
 
 
 def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
