@@ -79,11 +79,13 @@ def hstu_allowed_mask(
 
 
 def relative_bias(
-    pos_w: torch.Tensor, ts_w: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int, num_buckets: int, bucketization: str
+    pos_w: torch.Tensor, ts_w: torch.Tensor, timestamps: torch.Tensor, max_seq_len: int, num_buckets: int,
+    bucketization: str, num_targets: int = 0,
 ) -> torch.Tensor:
-    """(Hr, L, L) materialised rab of one sequence: pos_w[M-1+j-i] + ts_w[bucket(t_next(i) - t_j)]."""
+    """(Hr, L, L) materialised rab of one sequence: pos_w[M-1+p(j)-p(i)] + ts_w[bucket(t_next(i) - t_j)],
+    p(i) = min(i, L - num_targets): the targets share one position, as they share one id."""
     length = timestamps.shape[0]
-    p = torch.arange(length, device=timestamps.device)
+    p = torch.arange(length, device=timestamps.device).clamp(max=length - num_targets)
     rel = (max_seq_len - 1) + p.view(1, -1) - p.view(-1, 1)
     t_next = torch.cat([timestamps[1:], timestamps[-1:]])
     dt = t_next.view(-1, 1) - timestamps.view(1, -1)
@@ -110,7 +112,8 @@ def _sequence(q, k, v, spec: Spec, call: Call, b: int, q0: int, k0: int, dtype) 
     if call.rab is not None:
         r = call.rab
         ts = r.timestamps[q0 : q0 + lq]
-        s = s + relative_bias(r.pos_w.to(dtype), r.ts_w.to(dtype), ts, r.max_seq_len, r.num_buckets, r.bucketization)
+        t = call.targets_host[b] if call.targets_host is not None else 0
+        s = s + relative_bias(r.pos_w.to(dtype), r.ts_w.to(dtype), ts, r.max_seq_len, r.num_buckets, r.bucketization, t)
     if spec.hstu is not None:
         h = spec.hstu
         t = call.targets_host[b] if call.targets_host is not None else 0

@@ -51,7 +51,8 @@ class TokenMeta:
     q_id: Optional[torch.Tensor] = None  # HSTU ids
     k_id: Optional[torch.Tensor] = None
     q_max_id: Optional[torch.Tensor] = None
-    q_raw_pos: Optional[torch.Tensor] = None  # unshifted positions (rab, HSTU diagonal)
+    q_raw_pos: Optional[torch.Tensor] = None  # unshifted positions (HSTU diagonal)
+    rab_pos: Optional[torch.Tensor] = None  # positions in the relative bias: targets share the first target's
 
 
 def _positions(cu: torch.Tensor, lens: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +97,7 @@ def token_meta(spec: Spec, call: Call) -> TokenMeta:
         ids = (q_raw - c + 1).clamp(min=0) if c > 0 else q_raw
         meta.q_max_id = max_id[q_seq]
         meta.q_id = meta.k_id = torch.minimum(ids, meta.q_max_id)
+        meta.rab_pos = torch.minimum(q_raw, (lens - tgt)[q_seq])
     return meta
 
 

@@ -166,6 +166,17 @@ def test_hstu_targets_see_history_not_each_other():
     assert m[2].tolist() == [True, True, True, False, False, False]
 
 
+def test_targets_share_one_position_in_the_bias():
+    """M-FALCON: a candidate's bias towards the history does not depend on its slot among the targets."""
+    gen = torch.Generator().manual_seed(6)
+    pos_w, ts_w = rand((1, 15), torch.float64, gen), rand((1, 5), torch.float64, gen)
+    ts = torch.tensor([1, 3, 7, 20, 20, 20])  # three candidates at the request time 20
+    bias = reference.relative_bias(pos_w, ts_w, ts, 8, 4, "log", num_targets=3)[0]
+    assert torch.equal(bias[3, :3], bias[4, :3]) and torch.equal(bias[3, :3], bias[5, :3])
+    assert not torch.equal(reference.relative_bias(pos_w, ts_w, ts, 8, 4, "log")[0][3, :3],
+                           reference.relative_bias(pos_w, ts_w, ts, 8, 4, "log")[0][4, :3])
+
+
 def test_relative_bias_matches_loops():
     gen = torch.Generator().manual_seed(5)
     max_len, nb, length = 8, 6, 5
@@ -206,7 +217,9 @@ def test_hstu_reference_matches_loops():
                     t_next = int(ts[o + min(i + 1, length - 1)])
                     bucket = min(math.floor(math.log(max(abs(t_next - int(ts[o + j])), 1)) / 0.301), 5)
                     s = 0.5 * float(q[o + i, hh] @ k[o + j, hh])
-                    s += float(rab.pos_w[hh, n - 1 + j - i].detach()) + float(rab.ts_w[hh, bucket].detach())
+                    first_target = length - int(targets[b])  # targets share one position in the bias
+                    pi, pj = min(i, first_target), min(j, first_target)
+                    s += float(rab.pos_w[hh, n - 1 + pj - pi].detach()) + float(rab.ts_w[hh, bucket].detach())
                     acc += s / (1 + math.exp(-s)) / n * v[o + j, hh]
                 torch.testing.assert_close(got[o + i, hh], acc.to(got.dtype), rtol=1e-12, atol=1e-12)
 

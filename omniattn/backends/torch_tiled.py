@@ -124,7 +124,8 @@ def _scores(p: _Plan, qt, k, blk: QueryBlock, c0: int, c1: int, kind: str, pos_w
 def _rab_tile(p: _Plan, blk: QueryBlock, c0: int, c1: int, pos_w, ts_w):
     """(Hr, m, n) bias of one tile, with the position and bucket indices it gathered."""
     r = p.call.rab
-    rel = (r.max_seq_len - 1) + p.meta.k_pos[c0:c1].view(1, -1) - p.meta.q_raw_pos[blk.q0 : blk.q1].view(-1, 1)
+    pos = p.meta.rab_pos  # HSTU is self-attention: queries and keys are the same tokens
+    rel = (r.max_seq_len - 1) + pos[c0:c1].view(1, -1) - pos[blk.q0 : blk.q1].view(-1, 1)
     dt = p.t_next[blk.q0 : blk.q1].view(-1, 1) - r.timestamps[c0:c1].view(1, -1)
     bucket = bucketize(dt, r.num_buckets, r.bucketization)
     bias = pos_w.to(p.cdtype)[:, rel] + ts_w.to(p.cdtype)[:, bucket]

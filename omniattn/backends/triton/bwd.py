@@ -56,7 +56,7 @@ def attn_bwd_preprocess_kernel(
 @triton.jit
 def _probs_and_dscores(
     qk, dp, ii, jj, lse_or_0, delta_or_0, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
@@ -69,7 +69,7 @@ def _probs_and_dscores(
     if HAS_MODS:
         valid = (ii < lq) & (jj < lk)
         s, t = modify_scores(s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center,
-                             num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
+                             num_buckets, tgt_start, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
                              FAST_MATH)
     ok = (ii >= 0) & (jj >= 0)
     if MASKED:
@@ -101,7 +101,7 @@ def _probs_and_dscores(
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
@@ -131,7 +131,7 @@ def _dkdv_tiles(
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
         p, ds, dcap, _ = _probs_and_dscores(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets,
+            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
             HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -182,11 +182,14 @@ def attn_bwd_dkdv_kernel(
 
     shift = lk - lq
     max_id = lq
+    tgt_start = lq  # first target position (the relative bias puts every target there)
     if MASK_KIND == 1:
         if HAS_CONTEXT:
             max_id = lq - contextual + 1
         if HAS_TARGETS:
-            max_id = max_id - tl.load(NUM_TARGETS + b)
+            n_targets = tl.load(NUM_TARGETS + b)
+            max_id = max_id - n_targets
+            tgt_start = lq - n_targets
     sig_bias = sigmoid_bias
     if DEFAULT_SIG_BIAS:
         sig_bias = -tl.log(tl.maximum(lk, 1).to(tl.float32))
@@ -218,7 +221,7 @@ def attn_bwd_dkdv_kernel(
         ts_w = TS_W + h * stride_ts_h
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
                 max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w,
-                rab_center, num_buckets)
+                rab_center, num_buckets, tgt_start)
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)
         if HAS_CONTEXT:  # contextual rows before the query range see these keys too
@@ -255,6 +258,7 @@ def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
     scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, dpos, dts, rab_center, num_buckets,
+    tgt_start,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
@@ -278,11 +282,11 @@ def _dq_tiles(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         _, ds, dcap, ok = _probs_and_dscores(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets,
+            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
             HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
         if HAS_RAB:
-            rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG)
+            rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG)
             hit = ok & (ii < lq) & (jj < lk)
             g = ds.to(tl.float64)
             tl.atomic_add(dpos + rel, g, mask=hit, sem="relaxed")
@@ -345,11 +349,14 @@ def attn_bwd_dq_kernel(
 
     shift = lk - lq
     max_id = lq
+    tgt_start = lq  # first target position (the relative bias puts every target there)
     if MASK_KIND == 1:
         if HAS_CONTEXT:
             max_id = lq - contextual + 1
         if HAS_TARGETS:
-            max_id = max_id - tl.load(NUM_TARGETS + b)
+            n_targets = tl.load(NUM_TARGETS + b)
+            max_id = max_id - n_targets
+            tgt_start = lq - n_targets
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_ab + h)
@@ -374,7 +381,7 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
             max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, dpos, dts,
-            rab_center, num_buckets)
+            rab_center, num_buckets, tgt_start)
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, do, lse, delta, k_base, v_base, stride_kt, stride_vt)
     dq = _dq_tiles(dq, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,

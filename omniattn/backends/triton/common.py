@@ -90,9 +90,10 @@ def allowed(
 
 
 @triton.jit
-def rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG: tl.constexpr):
-    """Position-weight index and time bucket of each pair (HSTU's relative bias)."""
-    rel = rab_center + jj - ii
+def rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG: tl.constexpr):
+    """Position-weight index and time bucket of each pair (HSTU's relative bias). Targets share
+    one position (tgt_start, the first target's), as they share one id."""
+    rel = rab_center + tl.minimum(jj, tgt_start) - tl.minimum(ii, tgt_start)
     dt = tl.maximum(tl.abs(t_next - t_key).to(tl.float32), 1.0)
     if BUCKET_LOG:
         raw = tl.log(dt) / 0.301
@@ -104,7 +105,7 @@ def rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG: tl.c
 
 @triton.jit
 def modify_scores(
-    s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, valid,
+    s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
     FAST_MATH: tl.constexpr,
 ):
@@ -117,7 +118,7 @@ def modify_scores(
     if HAS_ALIBI:
         s = s - slope * tl.abs(ii + shift - jj).to(tl.float32)
     if HAS_RAB:
-        rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, BUCKET_LOG)
+        rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG)
         s = s + tl.load(pos_w + rel, mask=valid, other=0.0) + tl.load(ts_w + bucket, mask=valid, other=0.0)
     return s, t
 

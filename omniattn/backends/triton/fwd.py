@@ -28,7 +28,7 @@ def _fwd_tiles(
     acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets, tgt_start,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
@@ -54,7 +54,7 @@ def _fwd_tiles(
                 t_key = 0
             valid = (ii < lq) & (jj < lk)
             s, _ = modify_scores(qk * scale, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w,
-                                 rab_center, num_buckets, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
+                                 rab_center, num_buckets, tgt_start, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
                                  FAST_MATH)
         if MASKED:
             ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
@@ -134,11 +134,14 @@ def attn_fwd_kernel(
 
     shift = lk - lq
     max_id = lq
+    tgt_start = lq  # first target position (the relative bias puts every target there)
     if MASK_KIND == 1:
         if HAS_CONTEXT:
             max_id = lq - contextual + 1
         if HAS_TARGETS:
-            max_id = max_id - tl.load(NUM_TARGETS + b)
+            n_targets = tl.load(NUM_TARGETS + b)
+            max_id = max_id - n_targets
+            tgt_start = lq - n_targets
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_ab + h)
@@ -164,7 +167,7 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
             max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
-            rab_center, num_buckets)
+            rab_center, num_buckets, tgt_start)
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, k_base, v_base, stride_kt, stride_vt)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,
