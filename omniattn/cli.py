@@ -115,6 +115,74 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _metrics_table(rows: dict) -> str:
+    ks = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
+    lines = [f"{'':<12}" + "".join(f"{k:>10}" for k in ks)]
+    for name, m in rows.items():
+        lines.append(f"{name:<12}" + "".join(f"{m[k]:>10.4f}" for k in ks))
+    return "\n".join(lines)
+
+
+def cmd_recsys_train(args) -> int:
+    import dataclasses
+    import os
+
+    from .recsys import Trainer, load, popularity_metrics
+    from .recsys.train import TrainConfig
+
+    cfg = TrainConfig(model=args.model, dim=args.dim, blocks=args.blocks, heads=args.heads, max_len=args.max_len,
+                      dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      negatives=args.negatives, temperature=args.temperature,
+                      stochastic_length=args.stochastic_length, seed=args.seed, device=str(_device(args.device)))
+    data = load(args.dataset)
+    trainer = Trainer(cfg, data, args.dataset)
+    if args.resume:
+        if not args.checkpoint or not os.path.exists(args.checkpoint):
+            raise SystemExit(f"--resume: no checkpoint at {args.checkpoint!r}")
+        trainer.load(args.checkpoint)
+        print(f"resumed from {args.checkpoint} after epoch {trainer.state.epoch}", file=sys.stderr)
+    print(f"{cfg.model} on {data.name}: {data.num_users} users, {data.num_items} items, "
+          f"{sum(p.numel() for p in trainer.model.parameters())} parameters", file=sys.stderr)
+
+    def progress(epoch, i, n, loss):
+        if not args.no_progress:
+            done = int(30 * i / max(n, 1))
+            sys.stderr.write(f"\r  epoch {epoch + 1} [{'#' * done}{'.' * (30 - done)}] {i}/{n} loss {loss:.3f}")
+            sys.stderr.flush()
+
+    def on_epoch(row):
+        if not args.no_progress:
+            sys.stderr.write("\n")
+        print(f"epoch {row['epoch']}/{cfg.epochs} loss {row['loss']:.4f} valid hr@10 {row['hr@10']:.4f} "
+              f"ndcg@10 {row['ndcg@10']:.4f} ({row['seconds']:.1f}s)", flush=True)
+        if args.checkpoint:
+            trainer.save(args.checkpoint)
+
+    trainer.fit(on_epoch=on_epoch, progress=progress)
+    test = trainer.test()
+    results = {cfg.model: test, "popularity": popularity_metrics(trainer.split, "test")}
+    print(f"\ntest (best validation epoch {trainer.state.best_epoch}):")
+    print(_metrics_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=dataclasses.asdict(cfg), dataset=args.dataset, best_epoch=trainer.state.best_epoch,
+                           history=trainer.state.history, test=results), f, indent=1)
+    return 0
+
+
+def cmd_recsys_eval(args) -> int:
+    from .recsys import Split, evaluate, load, load_model, popularity_metrics
+
+    device = _device(args.device)
+    model, cfg, spec = load_model(args.checkpoint, device)
+    split = Split.leave_one_out(load(args.dataset or spec))
+    results = {cfg.model: evaluate(model, split, args.split, device=device),
+               "popularity": popularity_metrics(split, args.split)}
+    print(f"{args.split} on {args.dataset or spec}:")
+    print(_metrics_table(results))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="omniattn", description="Fused, memory-efficient attention kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +215,36 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--op", nargs="+")
     p.set_defaults(fn=cmd_plot)
+
+    rec = sub.add_parser("recsys", help="train and evaluate HSTU / SASRec sequential recommenders")
+    rsub = rec.add_subparsers(dest="recsys_command", required=True)
+    p = rsub.add_parser("train", help="leave-one-out training with sampled softmax; full-ranking HR/NDCG")
+    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-100k[:PATH] | ml-1m:PATH | ml-20m:PATH")
+    p.add_argument("--model", default="hstu", choices=["hstu", "sasrec"])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dim", type=int, default=50)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--negatives", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--stochastic-length", type=float, metavar="ALPHA", help="HSTU's Stochastic Length (e.g. 1.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--checkpoint", help="save after every epoch to this path")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--json", help="write the per-epoch history and test metrics")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_recsys_train)
+    p = rsub.add_parser("eval", help="evaluate a checkpoint (best validation weights)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", help="default: the dataset it was trained on")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_recsys_eval)
 
     args = parser.parse_args(argv)
     return args.fn(args)

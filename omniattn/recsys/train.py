@@ -112,8 +112,9 @@ class TrainState:
 class Trainer:
     """Sampled-softmax training with per-epoch validation, best-by-NDCG@10 weights, checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, data: Interactions):
+    def __init__(self, cfg: TrainConfig, data: Interactions, dataset_spec: Optional[str] = None):
         self.cfg, self.data = cfg, data
+        self.dataset_spec = dataset_spec or data.name
         self.split = Split.leave_one_out(data)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, data.num_items).to(cfg.device)
@@ -185,7 +186,8 @@ class Trainer:
     # checkpoints --------------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        torch.save(dict(config=asdict(self.cfg), dataset=self.data.name, num_items=self.data.num_items,
+        torch.save(dict(config=asdict(self.cfg), dataset=self.data.name, dataset_spec=self.dataset_spec,
+                        num_items=self.data.num_items,
                         model=self.model.state_dict(), optimizer=self.opt.state_dict(), state=asdict(self.state),
                         best_weights=self.best_weights, rng=self.gen.get_state()), path)
 
@@ -202,9 +204,9 @@ class Trainer:
 
 
 def load_model(path: str, device="cpu"):
-    """(model with its best validation weights, config, dataset name) from a checkpoint."""
+    """(model with its best validation weights, config, dataset spec) from a checkpoint."""
     ckpt = torch.load(path, map_location=device, weights_only=False)
     cfg = TrainConfig(**{**ckpt["config"], "device": str(device)})
     model = build_model(cfg, ckpt["num_items"]).to(device)
     model.load_state_dict(ckpt["best_weights"] or ckpt["model"])
-    return model, cfg, ckpt["dataset"]
+    return model, cfg, ckpt["dataset_spec"]
