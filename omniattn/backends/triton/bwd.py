@@ -18,7 +18,10 @@ from .common import (
     modify_scores,
     query_range,
     rab_indices,
+    next_timestamps,
+    query_program,
     sequence_bounds,
+    sequence_constants,
     sigmoid,
     split_range,
 )
@@ -124,7 +127,7 @@ def _dkdv_tiles(
             lse = 0.0
             delta = 0.0
         if HAS_RAB:
-            t_next = tl.load(ts_base + tl.minimum(offs_m + 1, lq - 1), mask=row_ok, other=0)[None, :]
+            t_next = next_timestamps(ts_base, offs_m, lq)[None, :]
         else:
             t_next = 0
         qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM]
@@ -181,18 +184,8 @@ def attn_bwd_dkdv_kernel(
                 mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
 
     shift = lk - lq
-    max_id = lq
-    tgt_start = lq  # first target position (the relative bias puts every target there)
-    if MASK_KIND == 1:
-        if HAS_CONTEXT:
-            max_id = lq - contextual + 1
-        if HAS_TARGETS:
-            n_targets = tl.load(NUM_TARGETS + b)
-            max_id = max_id - n_targets
-            tgt_start = lq - n_targets
-    sig_bias = sigmoid_bias
-    if DEFAULT_SIG_BIAS:
-        sig_bias = -tl.log(tl.maximum(lk, 1).to(tl.float32))
+    max_id, tgt_start, sig_bias = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias, MASK_KIND,
+                                                     HAS_CONTEXT, HAS_TARGETS, DEFAULT_SIG_BIAS)
     ts_base = TS + q_start
     if HAS_RAB:
         t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)[:, None]
@@ -315,21 +308,12 @@ def attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT or HSTU_CAUSAL:  # causal-like: later query blocks see more keys; launch them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    hk = h // group
-    q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, group,
+                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
     b64 = b.to(tl.int64)
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -348,24 +332,14 @@ def attn_bwd_dq_kernel(
     v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
 
     shift = lk - lq
-    max_id = lq
-    tgt_start = lq  # first target position (the relative bias puts every target there)
-    if MASK_KIND == 1:
-        if HAS_CONTEXT:
-            max_id = lq - contextual + 1
-        if HAS_TARGETS:
-            n_targets = tl.load(NUM_TARGETS + b)
-            max_id = max_id - n_targets
-            tgt_start = lq - n_targets
+    max_id, tgt_start, sig_bias = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias, MASK_KIND,
+                                                     HAS_CONTEXT, HAS_TARGETS, DEFAULT_SIG_BIAS)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_ab + h)
-    sig_bias = sigmoid_bias
-    if DEFAULT_SIG_BIAS:
-        sig_bias = -tl.log(tl.maximum(lk, 1).to(tl.float32))
     ts_base = TS + q_start
     if HAS_RAB:
-        t_next = tl.load(ts_base + tl.minimum(offs_m + 1, lq - 1), mask=row_ok, other=0)[:, None]
+        t_next = next_timestamps(ts_base, offs_m, lq)[:, None]
     else:
         t_next = 0
     pos_w = POS_W + h * stride_pos_h

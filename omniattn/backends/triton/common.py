@@ -136,6 +136,49 @@ def sequence_bounds(CU, b, dense_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def query_program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, group, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Who a program of the forward / dQ grid is: its query tile, batch entry, heads, sequences.
+    REVERSE (causal-like masks): later query tiles see more keys, so they are launched first."""
+    pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    return pid_m, b, h, h // group, q_start.to(tl.int64), lq, k_start.to(tl.int64), lk
+
+
+@triton.jit
+def sequence_constants(
+    NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias,
+    MASK_KIND: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
+):
+    """Per-sequence scalars: HSTU's max_id, the first target's position (where the relative bias
+    puts every target) and the sigmoid bias (-ln Lk by default)."""
+    max_id = lq
+    tgt_start = lq
+    if MASK_KIND == 1:
+        if HAS_CONTEXT:
+            max_id = lq - contextual + 1
+        if HAS_TARGETS:
+            n_targets = tl.load(NUM_TARGETS + b)
+            max_id = max_id - n_targets
+            tgt_start = lq - n_targets
+    sig_bias = sigmoid_bias
+    if DEFAULT_SIG_BIAS:
+        sig_bias = -tl.log(tl.maximum(lk, 1).to(tl.float32))
+    return max_id, tgt_start, sig_bias
+
+
+@triton.jit
+def next_timestamps(ts_base, offs, lq):
+    """t_next of each position: the next token's timestamp, the last token's own."""
+    return tl.load(ts_base + tl.minimum(offs + 1, lq - 1), mask=offs < lq, other=0)
+
+
+@triton.jit
 def key_range(
     m0, m_last, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
