@@ -200,8 +200,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="time omniattn against PyTorch's attention on this device (the main job)")
     p.add_argument("--device")
-    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "smoke"], help="size set (default: by device)")
-    p.add_argument("--gpu-suite", dest="suite", action="store_const", const="gpu-full", help="the full GPU matrix")
+    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "hstu", "smoke"], help="size set (default: by device)")
+    p.add_argument("--gpu-suite", dest="suite", action="store_const", const="gpu-full", help="the full GPU matrix (softmax/sigmoid/silu and HSTU)")
     p.add_argument("--op", nargs="+", choices=["softmax", "sigmoid", "silu", "hstu"], help="only these ops")
     p.add_argument("--impl", nargs="+", help="only these implementations (e.g. omniattn sdpa-flash flex)")
     p.add_argument("--max-seqlen", type=int, help="skip problems longer than this")

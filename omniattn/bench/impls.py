@@ -9,7 +9,7 @@ rows compared with the reference are the same.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +26,7 @@ class Inputs:
     k: torch.Tensor
     v: torch.Tensor
     cu: Optional[torch.Tensor] = None  # varlen offsets (B+1,), same for q and k
+    hstu: dict = field(default_factory=dict)  # op "hstu": num_targets, rab, timestamps
 
     @property
     def leaves(self):
@@ -42,10 +43,36 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     if case.lens:
         total = sum(case.lens)
         cu = torch.tensor([0] + list(torch.tensor(case.lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
-        return Inputs(rnd(total, case.heads, case.head_dim), rnd(total, case.hkv, case.head_dim),
-                      rnd(total, case.hkv, case.head_dim), cu)
+        x = Inputs(rnd(total, case.heads, case.head_dim), rnd(total, case.hkv, case.head_dim),
+                   rnd(total, case.hkv, case.head_dim), cu)
+        if case.op == "hstu":
+            x.hstu = _hstu_extras(case, device, total)
+        return x
     b, n = case.batch, case.seqlen
     return Inputs(rnd(b, n, case.heads, case.head_dim), rnd(b, n, case.hkv, case.head_dim), rnd(b, n, case.hkv, case.head_dim))
+
+
+def _hstu_extras(case: Case, device, total: int) -> dict:
+    """Targets, relative bias and timestamps of an HSTU case (fixed seed, same for every impl)."""
+    from ..hstu import RelativeBias
+
+    opts = case.options
+    gen = torch.Generator().manual_seed(1)
+    extras = dict(num_targets=None, rab=None, timestamps=None)
+    if opts.get("targets"):
+        extras["num_targets"] = torch.tensor([min(opts["targets"], n) for n in case.lens], device=device)
+    if opts.get("rab"):
+        rab = RelativeBias(case.seqlen, num_buckets=128).to(device)
+        with torch.no_grad():
+            rab.pos_w.copy_(torch.randn(rab.pos_w.shape, generator=gen) * 0.5)
+            rab.ts_w.copy_(torch.randn(rab.ts_w.shape, generator=gen) * 0.5)
+        extras["rab"] = rab
+        extras["timestamps"] = torch.randint(0, 10**9, (total,), generator=gen).sort().values.to(device)
+    return extras
+
+
+def hstu_kwargs(case: Case, x: Inputs) -> dict:
+    return dict(num_targets=x.hstu["num_targets"], rab=x.hstu["rab"], timestamps=x.hstu["timestamps"])
 
 
 def score_kwargs(case: Case) -> dict:
@@ -65,6 +92,7 @@ class Runner:
     fn: Callable
     leaves: list
     to_oa: Callable = lambda t: t
+    comparable: bool = True  # computes the same maths as the reference (a max error is meaningful)
 
     def dq(self) -> torch.Tensor:
         return self.to_oa(self.leaves[0].grad)
@@ -79,6 +107,9 @@ class Impl:
 
 
 def _omniattn(case: Case, x: Inputs) -> Runner:
+    if case.op == "hstu":
+        kw = hstu_kwargs(case, x)
+        return Runner(lambda: oa.hstu_attention(x.q, x.k, x.v, x.cu, case.seqlen, **kw), x.leaves)
     kw = dict(score_kwargs(case), causal=case.causal)
     if x.cu is not None:
         return Runner(lambda: oa.attention_varlen(x.q, x.k, x.v, x.cu, x.cu, case.seqlen, case.seqlen, **kw), x.leaves)
@@ -165,6 +196,8 @@ def _compiled_flex(fn):
 
 def _eager(case: Case, x: Inputs):
     """The maths materialised: scores (B, H, N, N), the baseline every fused kernel exists to beat."""
+    if case.op == "hstu":
+        return _hstu_eager(case, x)
     q, k, v = _bhnd(x)
     g = case.heads // case.hkv
     scale = 1.0 / math.sqrt(case.head_dim)
@@ -190,8 +223,72 @@ def _eager(case: Case, x: Inputs):
     return Runner(run, [q, k, v], _from_bhnd)
 
 
+def _padded(x: Inputs, case: Case, t: torch.Tensor) -> torch.Tensor:
+    """Jagged (T, H, D) -> padded (B, H, N, D), a copy that takes gradients."""
+    out = t.new_zeros(len(case.lens), case.seqlen, t.shape[1], t.shape[2])
+    for b, (s, n) in enumerate(zip(x.cu[:-1].tolist(), case.lens)):
+        out[b, :n] = t[s:s + n].detach()
+    return out.transpose(1, 2).requires_grad_(t.requires_grad)
+
+
+def _unpad(case: Case, o: torch.Tensor) -> torch.Tensor:
+    """Padded (B, H, N, D) -> jagged (T, H, D)."""
+    o = o.transpose(1, 2)
+    return torch.cat([o[b, :n] for b, n in enumerate(case.lens)])
+
+
+def _hstu_dense_parts(case: Case, x: Inputs, with_bias: bool = True):
+    """Padded q, k, v and HSTU's (B, 1, N, N) mask and (B, 1, N, N) shared bias, materialised."""
+    from .. import reference
+
+    q, k, v = (_padded(x, case, t) for t in x.leaves)
+    kw = hstu_kwargs(case, x)
+    n = case.seqlen
+    mask = torch.zeros(len(case.lens), 1, n, n, dtype=torch.bool, device=q.device)
+    bias = None
+    rab = kw["rab"] if with_bias else None
+    if rab is not None:
+        bias = torch.zeros(len(case.lens), 1, n, n, device=q.device, dtype=torch.float32)
+    starts = x.cu[:-1].tolist()
+    for b, length in enumerate(case.lens):
+        t = int(kw["num_targets"][b]) if kw["num_targets"] is not None else 0
+        mask[b, 0, :length, :length] = reference.hstu_allowed_mask(length, True, t, device=q.device)
+        if rab is not None:
+            ts = kw["timestamps"][starts[b]:starts[b] + length]
+            with torch.no_grad():
+                bias[b, :, :length, :length] = reference.relative_bias(rab.pos_w.view(1, -1), rab.ts_w.view(1, -1), ts,
+                                                                       rab.max_seq_len, rab.num_buckets,
+                                                                       rab.bucketization, t)
+    return q, k, v, mask, bias
+
+
+def _hstu_sdpa(case: Case, x: Inputs) -> Runner:
+    """SDPA on padded inputs with HSTU's mask as a boolean attn_mask: softmax, not SiLU, so a speed
+    reference for the same masked work only (its error against HSTU's maths is not reported)."""
+    q, k, v, mask, _ = _hstu_dense_parts(case, x, with_bias=False)
+    run = lambda: _unpad(case, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # noqa: E731
+    runner = Runner(run, [q, k, v], lambda g: _unpad(case, g))
+    runner.comparable = False
+    return runner
+
+
+def _hstu_eager(case: Case, x: Inputs) -> Runner:
+    """HSTU's formula materialised on padded inputs: silu(alpha q.k + rab) / N, masked, times V."""
+    q, k, v, mask, bias = _hstu_dense_parts(case, x)
+    alpha = 1.0 / math.sqrt(case.head_dim)
+
+    def run():
+        s = torch.matmul(q, k.transpose(-1, -2)) * alpha
+        if bias is not None:
+            s = s + bias.to(s.dtype)
+        p = F.silu(s) / case.seqlen * mask
+        return _unpad(case, torch.matmul(p, v))
+
+    return Runner(run, [q, k, v], lambda g: _unpad(case, g))
+
+
 def _eager_fits(case: Case, device: torch.device):
-    if case.lens:
+    if case.lens and case.op != "hstu":
         return False, "no varlen"
     score_bytes = case.batch * case.heads * case.seqlen**2 * 4
     limit = 6 << 30 if device.type == "cuda" else 1 << 31
@@ -208,14 +305,19 @@ def _dense_cuda(case: Case, device: torch.device):
     return case.lens is None, "no varlen"
 
 
+def _mask_fits(case: Case, device: torch.device):
+    return case.batch * case.seqlen**2 <= (4 << 30), "mask does not fit"
+
+
 IMPLS = [
-    Impl("omniattn", ("softmax", "sigmoid", "silu"), _omniattn),
+    Impl("omniattn", ("softmax", "sigmoid", "silu", "hstu"), _omniattn),
+    Impl("sdpa-masked", ("hstu",), _hstu_sdpa, _mask_fits),
     Impl("sdpa", ("softmax",), _sdpa(None), lambda c, d: (d.type != "cuda" and c.lens is None, "CPU dispatch")),
     Impl("sdpa-flash", ("softmax",), _sdpa("FLASH_ATTENTION"), _dense_cuda),
     Impl("sdpa-cudnn", ("softmax",), _sdpa("CUDNN_ATTENTION"), _dense_cuda),
     Impl("sdpa-efficient", ("softmax",), _sdpa("EFFICIENT_ATTENTION"), _dense_cuda),
     Impl("flex", ("softmax",), _flex, _cuda_only),
-    Impl("torch-eager", ("softmax", "sigmoid", "silu"), _eager, _eager_fits),
+    Impl("torch-eager", ("softmax", "sigmoid", "silu", "hstu"), _eager, _eager_fits),
 ]
 
 

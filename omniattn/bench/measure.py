@@ -13,7 +13,7 @@ import torch
 import omniattn as oa
 
 from ..accuracy import max_err
-from .impls import Inputs, Runner, score_kwargs
+from .impls import Inputs, Runner, hstu_kwargs, score_kwargs
 from .suites import Case
 
 ROWS_CHECKED = 256  # query rows compared with the float64 reference (the last ones: they see the most keys)
@@ -121,6 +121,9 @@ class ReferenceRows:
     """float64 reference output (and dq) for the last query rows of the first sequence."""
 
     def __init__(self, case: Case, x: Inputs, dout: torch.Tensor):
+        if case.op == "hstu":
+            self._hstu(case, x, dout)
+            return
         if x.cu is not None:
             lq = case.lens[0]
             self.rows = slice(max(0, lq - ROWS_CHECKED), lq)
@@ -137,12 +140,34 @@ class ReferenceRows:
             (dq,) = torch.autograd.grad(out, q, d[:, self.rows].double())
             self.dq = dq[0]
 
+    def _hstu(self, case: Case, x: Inputs, dout: torch.Tensor) -> None:
+        """The whole first sequence (targets make row subsets differ from the full problem)."""
+        n = case.lens[0]
+        self.rows = slice(max(0, n - ROWS_CHECKED), n)
+        kw = hstu_kwargs(case, x)
+        if kw["num_targets"] is not None:
+            kw["num_targets"] = kw["num_targets"][:1]
+        if kw["timestamps"] is not None:
+            kw["timestamps"] = kw["timestamps"][:n]
+        q = x.q[:n].detach().requires_grad_()
+        offsets = torch.tensor([0, n], device=q.device)
+        out = oa.reference.hstu_attention(q, x.k[:n].detach(), x.v[:n].detach(), offsets, case.seqlen, **kw)
+        self.out = out[self.rows].detach()
+        self.dq = None
+        if case.mode == "fwdbwd":
+            (dq,) = torch.autograd.grad(out, q, dout[:n].double())
+            self.dq = dq[self.rows]
+
     def _first(self, t: torch.Tensor, case: Case) -> torch.Tensor:
         return t[self.rows] if case.lens else t[0, self.rows]
 
-    def error(self, runner: Runner, case: Case, dout: torch.Tensor) -> float:
+    def error(self, runner: Runner, case: Case, dout: torch.Tensor) -> Optional[float]:
+        """Largest error of the output (and dq) rows; None for a runner of other maths (a speed reference)."""
         for t in runner.leaves:
             t.grad = None
+        if not runner.comparable:
+            runner.fn()  # still compiles / warms up like the others
+            return None
         if case.mode == "fwd":
             with torch.no_grad():
                 return max_err(self._first(runner.fn(), case), self.out)

@@ -79,8 +79,9 @@ def table(rows: Iterable[dict]) -> str:
         for r in rs:
             ratio = base["ms"] / r["ms"] if base and r["ms"] else None
             lines.append(
-                f"{problem:<50} {r['impl']:<15} {_fmt(r['ms'], '9.3f')} {_fmt(r['tflops'], '8.1f')} "
-                f"{_fmt(ratio, '7.2f') + 'x' if ratio else '-':>8} {_fmt(r['max_err'], '9.1e')} {_fmt(r.get('peak_mb'), '9.1f')}"
+                f"{problem:<50} {r['impl']:<15} {_fmt(r['ms'], '9.3f'):>9} {_fmt(r['tflops'], '8.1f'):>8} "
+                f"{_fmt(ratio, '7.2f') + 'x' if ratio else '-':>8} {_fmt(r['max_err'], '9.1e'):>9} "
+                f"{_fmt(r.get('peak_mb'), '9.1f'):>9}"
             )
             problem = ""
     return "\n".join(lines)

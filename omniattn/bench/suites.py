@@ -75,7 +75,10 @@ def cpu_default() -> list[Case]:
 def smoke() -> list[Case]:
     """Seconds, for tests of the bench itself."""
     cases = _grid(("softmax", "sigmoid", "silu"), [(1, 128)], 2, 32, "fp32", causals=(True,))
-    return cases + [Case("softmax", 2, 96, 4, 32, True, "fwdbwd", "fp32", kv_heads=2, lens=(96, 40))]
+    return cases + [
+        Case("softmax", 2, 96, 4, 32, True, "fwdbwd", "fp32", kv_heads=2, lens=(96, 40)),
+        Case("hstu", 3, 48, 2, 16, True, "fwdbwd", "fp32", lens=(48, 30, 45), extra=(("rab", True), ("targets", 5))),
+    ]
 
 
 def gpu_default() -> list[Case]:
@@ -100,7 +103,23 @@ def gpu_full() -> list[Case]:
     return cases
 
 
-SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_full, "smoke": smoke}
+def hstu() -> list[Case]:
+    """The HSTU issue's matrix: jagged lengths uniform in [0.9N, N], causal, H=4, D=128, bf16,
+    (B, N) in {(64, 1024), (32, 4096)}; no bias, the relative bias, the bias and 20 targets."""
+    cases = []
+    for b, n in ((64, 1024), (32, 4096)):
+        lens = jagged_lengths(b, n, seed=n + 1, low=0.9)
+        for extra in ((("rab", False), ("targets", 0)), (("rab", True), ("targets", 0)), (("rab", True), ("targets", 20))):
+            for mode in ("fwd", "fwdbwd"):
+                cases.append(Case("hstu", b, n, 4, 128, True, mode, "bf16", lens=lens, extra=extra))
+    return cases
+
+
+def gpu_all() -> list[Case]:
+    return gpu_full() + hstu()
+
+
+SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "hstu": hstu, "smoke": smoke}
 
 
 def default_suite(device: torch.device) -> str:
