@@ -27,8 +27,3 @@ def bound(ref64: torch.Tensor, ref_same: torch.Tensor, dtype: torch.dtype, scale
     """Largest error the rule allows for a result whose float64 value is ref64."""
     return 2 * max_err(ref_same, ref64) + FLOOR_ULPS[dtype] * max(scale, magnitude(ref64))
 
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    denom = a.norm() * b.norm()
-    return 1.0 if denom == 0 else float(a @ b / denom)

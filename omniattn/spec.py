@@ -51,10 +51,6 @@ class Spec:
     precision: str = "exact"
     hstu: Optional[HstuMask] = None
 
-    @property
-    def has_window(self) -> bool:
-        return self.window != (-1, -1)
-
 
 @dataclass(frozen=True)
 class Rab:
@@ -106,10 +102,6 @@ class Call:
     @property
     def heads_q(self) -> int:
         return self.q.shape[-2]
-
-    @property
-    def heads_kv(self) -> int:
-        return self.k.shape[-2]
 
     def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cu_seqlens of queries and keys (built for dense calls, which have none)."""
