@@ -39,14 +39,16 @@ def _override(kind: str) -> TileConfig | None:
 INTERPRETER = TileConfig(16, 16, 1, 1)
 
 
+def _pinned(kind: str) -> TileConfig | None:
+    """A config that overrides the tuned ones: the environment's, or the interpreter's small tiles."""
+    return _override(kind) or (INTERPRETER if interpreting() else None)
+
+
 def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> TileConfig:
     """H100, bf16, D=128 sweeps (benchmarks/NOTES.md): softmax 128x64 w8 (128x128 causal); the
     pointwise scores, with no row statistics to keep, prefer 64x64 w4."""
-    cfg = _override("fwd")
-    if cfg:
-        return cfg
-    if interpreting():
-        return INTERPRETER
+    if pinned := _pinned("fwd"):
+        return pinned
     if dtype_bytes > 2 or head_dim > 128:
         return TileConfig(64, 32, 4, 2)
     if head_dim <= 64:
@@ -58,25 +60,17 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> Til
 
 def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
     """block_m: the query tile of the inner loop; block_n: the key tile each program owns."""
-    cfg = _override("dkdv")
-    if cfg:
-        return cfg
-    if interpreting():
-        return INTERPRETER
-    if dtype_bytes > 2 or head_dim > 128:
+    if pinned := _pinned("dkdv"):
+        return pinned
+    if dtype_bytes > 2 or head_dim > 128 or causal:
         return TileConfig(32, 64, 4, 2)
-    return TileConfig(32, 64, 4, 2) if causal else TileConfig(64, 64, 4, 2)
+    return TileConfig(64, 64, 4, 2)
 
 
 def bwd_dq_config(head_dim: int, dtype_bytes: int) -> TileConfig:
-    cfg = _override("dq")
-    if cfg:
-        return cfg
-    if interpreting():
-        return INTERPRETER
-    if dtype_bytes > 2 or head_dim > 128:
-        return TileConfig(64, 32, 4, 2)
-    return TileConfig(64, 64, 4, 2)
+    if pinned := _pinned("dq"):
+        return pinned
+    return TileConfig(64, 32, 4, 2) if dtype_bytes > 2 or head_dim > 128 else TileConfig(64, 64, 4, 2)
 
 
 PREPROCESS_BLOCK_M = 64

@@ -178,7 +178,6 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
             )
     else:
         lse = delta = _dummy(dev, torch.float32)
-    common = (*L.seqlens,)
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.window_right == 0 or bool(p.hstu_causal))
     grid = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv)
     if grid[0] * grid[1]:
@@ -186,7 +185,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
             q, k, v, dout, lse, delta, dk, dv, *L.extras(),
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h,
-            *common, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
+            *L.seqlens, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
             **L.meta, **cfg.launch_kwargs(),
         )
     cfg = bwd_dq_config(max(L.d, L.dv), q.element_size())
@@ -196,7 +195,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
             q, k, v, dout, lse, delta, dq, *L.extras(), dpos, dts,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h,
-            *common, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
+            *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
             **L.meta, **cfg.launch_kwargs(),
         )
     if not L.has_rab:
