@@ -50,6 +50,7 @@ class Spec:
     return_lse: bool = False
     precision: str = "exact"
     hstu: Optional[HstuMask] = None
+    dropout_p: float = 0.0  # probability of zeroing each P element (training); kept ones scaled by 1/(1-p)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Call:
     num_targets: Optional[torch.Tensor] = None  # (B,) int32 on device
     targets_host: Optional[tuple[int, ...]] = None
     rab: Optional[Rab] = None
+    # An explicit mask, read tile by tile (dense calls only): bool (True = allowed) or float
+    # (added to the score), broadcastable to (B, Hq, Nq, Nk). Never expanded or copied.
+    attn_mask: Optional[torch.Tensor] = None
+    dropout_seed: int = 0  # seed of the counter-based dropout hash (DESIGN.md), with spec.dropout_p > 0
 
     @property
     def dense(self) -> bool:
@@ -360,8 +365,8 @@ def varlen_call(
         q,
         k,
         v,
-        cu_seqlens_q.to(torch.int32),
-        cu_seqlens_k.to(torch.int32),
+        _device_offsets(cu_seqlens_q),
+        _device_offsets(cu_seqlens_k),
         lens_q,
         lens_k,
         max_q,
@@ -369,6 +374,12 @@ def varlen_call(
         alibi=_check_alibi(alibi_slopes, len(lens_q), q.shape[1], q.device),
     )
     return spec, call
+
+
+def _device_offsets(cu: torch.Tensor) -> torch.Tensor:
+    """Offsets as the kernels read them: int32 and contiguous. The Triton kernels index the
+    tensor's storage directly, so a strided view (e.g. ``t[::2]``) would be read as its base."""
+    return cu.to(torch.int32).contiguous()
 
 
 def hstu_call(
@@ -415,7 +426,7 @@ def hstu_call(
         hstu=HstuMask(causal, contextual_seq_len, max_attn_len),
     )
     targets, targets_host = _check_num_targets(num_targets, lens, contextual_seq_len, q.device)
-    cu = seq_offsets.to(torch.int32)
+    cu = _device_offsets(seq_offsets)
     call = Call(q, k, v, cu, cu, lens, lens, max_seq_len, max_seq_len, num_targets=targets, targets_host=targets_host)
     call.rab = _check_rab(rab, timestamps, q.shape[0], q.shape[1], lens, q.device)
     return spec, call

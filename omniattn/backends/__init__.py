@@ -59,3 +59,51 @@ def run(spec: Spec, call: Call, backend: str) -> tuple[torch.Tensor, torch.Tenso
 
         out, lse = torch_tiled.attention(spec, call)
     return call.unpack(out), (call.unpack_lse(lse) if lse is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Block primitives for code that splits one attention over several calls (context parallel
+# across ranks, KV chunks streamed from the host, KV caches): the forward without an autograd
+# graph, and the backward of ONE key block given the output and lse of the WHOLE attention.
+# For softmax that is exact because dS_ij = P_ij (dP_ij - delta_i) only needs the global lse
+# (P_ij = exp(s_ij - lse_i)) and delta_i = dO_i . O_i of the merged output; sigmoid and SiLU
+# are pointwise, so every block's gradient is independent of the others.
+
+
+def forward(spec: Spec, call: Call, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output and (softmax) lse in the caller's layout, computed without recording autograd.
+
+    lse is float32: dense (B, Hq, Nq), varlen (Hq, Tq).
+    """
+    with torch.no_grad():
+        name = resolve(backend, spec, call)
+        if name == "triton":
+            from .triton import launch, launch_params
+
+            p, extras = launch_params(spec, call)
+            out, lse = launch.forward(call.q, call.k, call.v, *extras, call.max_q, call.max_k, p)
+            return out, (lse if spec.score == "softmax" else None)
+        return run(spec, call, name)
+
+
+def backward(spec: Spec, call: Call, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this call's keys, in the caller's layout, for the loss whose gradient on
+    the WHOLE attention's output is ``dout``; ``out``/``lse`` are that whole attention's output
+    and (softmax) lse in the caller's layout (see the note above). Float32 lse."""
+    name = resolve(backend, spec, call)
+    if call.rab is not None:
+        raise NotImplementedError("backends.backward: the relative bias has weight gradients; use the autograd path")
+    if name == "triton":
+        from .triton import launch, launch_params
+
+        p, extras = launch_params(spec, call)
+        lse_arg = lse if spec.score == "softmax" else call.q.new_empty(0, dtype=torch.float32)
+        dq, dk, dv, _, _ = launch.backward(dout, call.q, call.k, call.v, out, lse_arg.contiguous(), None, *extras,
+                                           call.max_q, call.max_k, p)
+        return dq, dk, dv
+    if name == "torch":
+        from . import torch_tiled
+
+        return torch_tiled.block_backward(spec, call, out, lse, dout)
+    raise NotImplementedError(f"backends.backward: backend={name!r} has no block backward; use 'torch' or 'triton'")

@@ -276,3 +276,23 @@ def attention(spec: Spec, call: Call) -> tuple[torch.Tensor, Optional[torch.Tens
     ts_w = call.rab.ts_w if call.rab is not None else None
     out, lse = _TiledAttention.apply(q, k, v, pos_w, ts_w, plan)
     return out, (lse if spec.score == "softmax" else None)
+
+
+def block_backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torch.Tensor], dout: torch.Tensor):
+    """(dq, dk, dv) in the caller's layout for this call's keys, given the output and (softmax)
+    lse of the whole attention in the caller's layout (see backends.backward)."""
+    q, k, v = call.packed()
+    plan = _Plan.build(spec, call)
+    if call.dense:
+        b, n = call.q.shape[0], call.q.shape[1]
+        out_p = out.reshape(b * n, out.shape[2], out.shape[3])
+        dout_p = dout.reshape(b * n, dout.shape[2], dout.shape[3])
+        lse_p = lse.transpose(0, 1).reshape(lse.shape[1], b * n) if lse is not None else None
+    else:
+        out_p, dout_p, lse_p = out, dout, lse
+    if lse_p is None:
+        lse_p = q.new_empty(0, dtype=plan.cdtype)
+    dq, dk, dv, _, _ = _backward(plan, q, k, v, out_p, lse_p.to(plan.cdtype), dout_p, None, None, None)
+    if call.dense:
+        dq, dk, dv = dq.view(call.q.shape), dk.view(call.k.shape), dv.view(call.v.shape)
+    return dq, dk, dv

@@ -98,17 +98,21 @@ def _params(spec: Spec, call: Call):
     )
 
 
+def launch_params(spec: Spec, call: Call):
+    """The launcher's scalars and its optional tensors (cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps)."""
+    check_inputs(call)
+    rab = call.rab
+    cu_q, cu_k = (None, None) if call.dense else (call.cu_q, call.cu_k)
+    extras = (cu_q, cu_k, call.alibi, call.num_targets, rab.pos_w if rab else None, rab.ts_w if rab else None,
+              rab.timestamps if rab else None)
+    return _params(spec, call), extras
+
+
 def attention(spec: Spec, call: Call):
     """Output and lse in the caller's layout: dense (B, Nq, Hq, Dv) and (B, Hq, Nq), varlen (Tq, Hq, Dv) and (Hq, Tq)."""
     from ... import _ops  # registers the custom ops on first use
 
-    check_inputs(call)
-    p = _params(spec, call)
-    rab = call.rab
-    cu_q, cu_k = (None, None) if call.dense else (call.cu_q, call.cu_k)
-    out, lse = torch.ops.omniattn.attention_fwd(
-        call.q, call.k, call.v, cu_q, cu_k, call.alibi, call.num_targets,
-        rab.pos_w if rab else None, rab.ts_w if rab else None, rab.timestamps if rab else None,
-        call.max_q, call.max_k, p.ints(), p.floats(),
-    )
+    p, extras = launch_params(spec, call)
+    out, lse = torch.ops.omniattn.attention_fwd(call.q, call.k, call.v, *extras, call.max_q, call.max_k,
+                                                p.ints(), p.floats())
     return out, (lse if spec.score == "softmax" else None)
