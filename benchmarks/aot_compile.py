@@ -32,7 +32,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 SEEN: dict = {}
 
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64"}
+          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8", torch.uint8: "u8",
+          torch.float8_e4m3fn: "fp8e4nv"}
 
 
 class Compiling:
@@ -98,7 +99,7 @@ def main():
     parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
     args = parser.parse_args()
     for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
-                      (bwd, "attn_bwd_preprocess_kernel")):
+                      (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
         setattr(launch, name, Compiling(getattr(mod, name)))
     tb.supported = lambda device, explicit=False: (True, "")  # CPU tensors, compiled for the GPU target
     from omniattn import backends

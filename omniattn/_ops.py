@@ -14,22 +14,37 @@ from torch import Tensor
 
 from .backends.triton import launch
 
-_OPTIONALS = ("cu_q", "cu_k", "alibi", "num_targets", "pos_w", "ts_w", "timestamps")
+# The optional tensors travel as one flat list in launch.Extras' order, except the relative
+# bias' weights: they take gradients, and custom ops differentiate named tensor arguments only.
+_WEIGHTS = ("pos_w", "ts_w")
+_OTHERS = tuple(f for f in launch.Extras._fields if f not in _WEIGHTS)
+
+
+def split_extras(x: launch.Extras) -> tuple[Optional[Tensor], Optional[Tensor], list[Optional[Tensor]]]:
+    return x.pos_w, x.ts_w, [getattr(x, f) for f in _OTHERS]
+
+
+def forward_args(q, k, v, x: launch.Extras, max_q: int, max_k: int, p: launch.Params) -> tuple:
+    """The arguments of omniattn::attention_fwd for one call."""
+    pos_w, ts_w, others = split_extras(x)
+    return q, k, v, pos_w, ts_w, others, max_q, max_k, p.ints(), p.floats()
+
+
+def _join(pos_w, ts_w, others) -> launch.Extras:
+    return launch.Extras(pos_w=pos_w, ts_w=ts_w, **dict(zip(_OTHERS, others)))
 
 
 @torch.library.custom_op("omniattn::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor,
-    cu_q: Optional[Tensor], cu_k: Optional[Tensor], alibi: Optional[Tensor], num_targets: Optional[Tensor],
-    pos_w: Optional[Tensor], ts_w: Optional[Tensor], timestamps: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, pos_w: Optional[Tensor], ts_w: Optional[Tensor], others: list[Optional[Tensor]],
     max_q: int, max_k: int, ints: list[int], floats: list[float],
 ) -> tuple[Tensor, Tensor]:
     p = launch.Params.from_lists(ints, floats)
-    return launch.forward(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q, max_k, p)
+    return launch.forward(q, k, v, _join(pos_w, ts_w, others), max_q, max_k, p)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q, max_k, ints, floats):
+def _(q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     if ints[0] != 0:  # only softmax has an lse
         return out, q.new_empty(0, dtype=torch.float32)
@@ -41,42 +56,55 @@ def _(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q, m
 @torch.library.custom_op("omniattn::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    cu_q: Optional[Tensor], cu_k: Optional[Tensor], alibi: Optional[Tensor], num_targets: Optional[Tensor],
-    pos_w: Optional[Tensor], ts_w: Optional[Tensor], timestamps: Optional[Tensor],
-    max_q: int, max_k: int, ints: list[int], floats: list[float],
+    pos_w: Optional[Tensor], ts_w: Optional[Tensor], others: list[Optional[Tensor]], max_q: int, max_k: int,
+    ints: list[int], floats: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     p = launch.Params.from_lists(ints, floats)
-    dq, dk, dv, dpos, dts = launch.backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, alibi, num_targets, pos_w,
-                                            ts_w, timestamps, max_q, max_k, p)
+    dq, dk, dv, dpos, dts = launch.backward(dout, q, k, v, out, lse, dlse, _join(pos_w, ts_w, others), max_q, max_k,
+                                            p)
     return dq, dk, dv, q.new_empty(0) if dpos is None else dpos, q.new_empty(0) if dts is None else dts
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q, max_k, ints,
-      floats):
+def _(dout, q, k, v, out, lse, dlse, pos_w, ts_w, others, max_q, max_k, ints, floats):
     dpos = torch.empty_like(pos_w) if pos_w is not None else q.new_empty(0)
     dts = torch.empty_like(ts_w) if ts_w is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpos, dts
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q, max_k, ints, floats = inputs
+    q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps)
+    ctx.n_others = len(others)
+    ctx.save_for_backward(q, k, v, out, lse, pos_w, ts_w, *others)
     ctx.sizes = (max_q, max_k, ints, floats)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps = ctx.saved_tensors
+    q, k, v, out, lse, pos_w, ts_w, *others = ctx.saved_tensors
     max_q, max_k, ints, floats = ctx.sizes
     if dlse is not None and (ints[0] != 0 or dlse.numel() == 0):
         dlse = None
     dq, dk, dv, dpos, dts = attention_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
-                                          dlse, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps, max_q,
-                                          max_k, ints, floats)
+                                          dlse, pos_w, ts_w, others, max_q, max_k, ints, floats)
     has_rab = pos_w is not None
-    return (dq, dk, dv, None, None, None, None, dpos if has_rab else None, dts if has_rab else None, None, None,
-            None, None, None)
+    return dq, dk, dv, dpos if has_rab else None, dts if has_rab else None, None, None, None, None, None
 
 
 torch.library.register_autograd("omniattn::attention_fwd", _backward, setup_context=_setup_context)
+
+DOUBLE_BACKWARD = (
+    "double backward through omniattn's Triton kernels is not supported; for higher-order gradients "
+    "use backend='torch' (the tiled PyTorch path) or backend='reference'"
+)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD)
+
+
+# The backward op has no derivative. Registering one that raises turns PyTorch's internal "no
+# autograd formula" error, which names neither omniattn nor a way out, into a plain one; it is only
+# reached when a gradient of the gradient is asked for (create_graph=True, then backward again).
+torch.library.register_autograd("omniattn::attention_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

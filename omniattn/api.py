@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 import torch
 
-from . import backends, spec as _spec
+from . import backends, padding as _padding, spec as _spec, usage
 
 Tensor = torch.Tensor
 
@@ -28,6 +27,9 @@ def attention(
     precision: str = "exact",
     backend: str = "auto",
     return_lse: bool = False,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    quant_config=None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Fused attention over dense batches, flash-attn layout.
 
@@ -42,12 +44,24 @@ def attention(
                              1 1 1 1 1
 
         window: (left, right) sliding window, i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 = unbounded.
+            With ``causal=True`` any ``right`` is accepted and clipped to 0, as flash-attn does.
         scale: multiplies q.k; default 1/sqrt(D).
         softcap: c > 0 replaces the score s by c * tanh(s / c).
         alibi_slopes: (Hq,) or (B, Hq): adds -slope * |i + Nk - Nq - j| to the score.
-        precision: ``"exact"`` (accumulation in float32).
+        precision: ``"exact"`` (the inputs' dtype, float32 accumulation) or, for inference,
+            ``"int8"`` (INT8 Q.K, 16-bit P.V), ``"int8-fp8"`` (INT8 Q.K, FP8 P.V), ``"fp8"`` (FP8 Q, K,
+            V), ``"int4-fp8"`` (INT4 Q.K packed two per byte, computed on INT8 units: Hopper has no
+            INT4 tensor cores), ``"auto"`` (the fastest of these this GPU runs at omniattn's accuracy
+            bar; exact on CPUs). Quantized calls take no gradients. On CPUs ``backend="torch"``
+            runs an emulation with the kernels' scales and roundings.
+        quant_config: an :class:`omniattn.QuantConfig` (granularity, smoothing, P.V accumulator).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` (tiled, any device) or ``"reference"``.
         return_lse: softmax only; also return the log-sum-exp (B, Hq, Nq), float32.
+        attn_mask: bool (True = allowed) or float (added to the score after softcap/ALiBi),
+            broadcastable to (B, Hq, Nq, Nk); read tile by tile, never expanded. Combines with
+            ``causal``/``window`` (a pair must be allowed by both).
+        dropout_p: training dropout on the attention weights (kept ones scaled by 1/(1-p)); the
+            pattern is a counter-based hash of a seed drawn from torch's default generator.
 
     Returns:
         (B, Nq, Hq, Dv) in q's dtype (and lse with ``return_lse``). A query with no visible key
@@ -62,7 +76,7 @@ def attention(
     spec, call = _spec.dense_call(
         q, k, v, score=score, causal=causal, window=window, scale=scale, sigmoid_bias=sigmoid_bias,
         silu_norm=silu_norm, softcap=softcap, alibi_slopes=alibi_slopes, precision=precision,
-        backend=backend, return_lse=return_lse,
+        backend=backend, return_lse=return_lse, attn_mask=attn_mask, dropout_p=dropout_p, quant_config=quant_config,
     )
     out, lse = backends.run(spec, call, backend)
     return (out, lse) if return_lse else out
@@ -88,6 +102,8 @@ def attention_varlen(
     precision: str = "exact",
     backend: str = "auto",
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    quant_config=None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over packed sequences of different lengths.
 
@@ -96,8 +112,8 @@ def attention_varlen(
         cu_seqlens_q, cu_seqlens_k: (B+1,) int32/int64 offsets: sequence b is rows
             cu[b]:cu[b+1]. Starting at 0, non-decreasing, ending at Tq / Tk; empty sequences allowed.
         max_seqlen_q, max_seqlen_k: at least the longest sequence (the silu default norm is max_seqlen_k).
-        The keywords are those of :func:`attention`; masks apply per sequence, and a query never
-        sees keys of another sequence.
+        The keywords are those of :func:`attention` (but ``attn_mask``); masks apply per sequence,
+        and a query never sees keys of another sequence.
 
     Returns:
         (Tq, Hq, Dv), and with ``return_lse`` the lse (Hq, Tq) in float32.
@@ -111,6 +127,7 @@ def attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, score=score, causal=causal,
         window=window, scale=scale, sigmoid_bias=sigmoid_bias, silu_norm=silu_norm, softcap=softcap,
         alibi_slopes=alibi_slopes, precision=precision, backend=backend, return_lse=return_lse,
+        dropout_p=dropout_p, quant_config=quant_config,
     )
     out, lse = backends.run(spec, call, backend)
     return (out, lse) if return_lse else out
@@ -133,6 +150,7 @@ def hstu_attention(
     silu_norm: Optional[float] = None,
     precision: str = "exact",
     backend: str = "auto",
+    quant_config=None,
 ) -> Tensor:
     """HSTU pointwise attention over jagged user sequences (generative-recommenders layout).
 
@@ -151,6 +169,7 @@ def hstu_attention(
             relative position + time-bucket bias, computed per tile (never an (N, N) tensor), with
             gradients for its weights.
         silu_norm: n; default max_seq_len.
+        precision, quant_config, backend: as :func:`attention` (quantized HSTU: inference only).
 
     Returns:
         (T, H, Dv) in q's dtype.
@@ -163,9 +182,19 @@ def hstu_attention(
     spec, call = _spec.hstu_call(
         q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab, timestamps=timestamps,
-        silu_norm=silu_norm, precision=precision, backend=backend,
+        silu_norm=silu_norm, precision=precision, backend=backend, quant_config=quant_config,
     )
     return backends.run(spec, call, backend)[0]
+
+
+# PyTorch's own kernel, captured when omniattn is imported: once a user patches
+# ``torch.nn.functional.scaled_dot_product_attention = omniattn.scaled_dot_product_attention``, a
+# fallback that looked the name up at call time would call itself.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
+
+# cu_seqlens of the dense queries of a padded batch, (B+1,) int32: one tensor object per shape and
+# device, so spec.py's host check of it is cached after the first call.
+_dense_offsets: dict = {}
 
 
 def scaled_dot_product_attention(
@@ -177,34 +206,112 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    *,
+    backend: str = "auto",
+    precision: str = "exact",
+    quant_config=None,
 ) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, N, D) tensors.
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: (B, H, N, D) or (H, N, D).
 
-    Runs omniattn's softmax attention. What omniattn does not compute (an explicit ``attn_mask``,
-    ``dropout_p > 0``, ``is_causal`` with Nq != Nk, which PyTorch aligns top-left, or inputs that
-    are not 4-D) is passed to PyTorch's own function, with a warning.
+    omniattn computes every call it can express exactly:
+
+    - no mask: softmax attention (``is_causal``, ``scale``, ``enable_gqa`` as PyTorch);
+    - ``is_causal`` with Nq != Nk: PyTorch aligns the mask top-left (key j visible iff j <= i);
+      omniattn computes exactly that (keys past Nq are never visible: with Nq < Nk they are
+      dropped from the call, with Nq > Nk it is the window (-1, Nq - Nk));
+    - a key-padding mask (bool, or float with 0 / -inf / dtype-min entries; shape (B|1, 1, 1|Nq,
+      Nk): every query row of a batch entry allows the same keys) runs as packed sequences
+      through ``attention_varlen`` over the kept keys only (no tensor of the padded scores size);
+    - any other bool or float mask is read tile by tile by the backend (``Call.attn_mask``);
+    - ``dropout_p > 0``: dropout on the attention weights, seeded from torch's default generator.
+
+    ``precision``/``quant_config`` (keywords beyond PyTorch's): quantized inference, as in
+    :func:`attention`; a calibration plan (omniattn.quant.calibrate) applied around a model sets
+    them per call site.
+
+    What it cannot express (nested tensors, inputs that are not 3-D/4-D, batch broadcasting
+    between query and key, a mask that requires grad, dtypes it does not compute) runs on
+    PyTorch's own function, with one warning per reason, counted in :func:`omniattn.stats`.
+
+    Example::
+
+        torch.nn.functional.scaled_dot_product_attention = omniattn.scaled_dot_product_attention
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask)
     """
-    fallback = None
-    if attn_mask is not None:
-        fallback = "attn_mask"
-    elif dropout_p != 0.0:
-        fallback = "dropout_p > 0"
-    elif not all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key, value)):
-        fallback = "inputs that are not 4-D (B, H, N, D)"
-    elif is_causal and query.shape[-2] != key.shape[-2]:
-        fallback = "is_causal with different query and key lengths (PyTorch aligns it top-left)"
-    if fallback is not None:
-        warnings.warn(f"omniattn.scaled_dot_product_attention: {fallback} runs on torch's implementation", stacklevel=2)
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    if not enable_gqa and query.shape[1] != key.shape[1]:
+    reason = _sdpa_unsupported(query, key, value, attn_mask)
+    if reason is not None:
+        usage.fallback("sdpa", reason)
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: pass either an explicit attn_mask or is_causal=True, not both (as PyTorch)")
+    if not enable_gqa and query.shape[-3] != key.shape[-3]:
         raise ValueError(
-            f"key: {key.shape[1]} heads but query has {query.shape[1]}; pass enable_gqa=True for grouped-query attention"
+            f"key: {key.shape[-3]} heads but query has {query.shape[-3]}; pass enable_gqa=True for grouped-query attention"
         )
-    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal, scale=scale)
-    return out.transpose(1, 2)
+    unbatched = query.dim() == 3
+    q, k, v = (t.unsqueeze(0) if unbatched else t for t in (query, key, value))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, D) views
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    causal, window = bool(is_causal), (-1, -1)
+    if causal and nq != nk:  # PyTorch's top-left alignment, exactly
+        if nq < nk:
+            k, v = k[:, :nq], v[:, :nq]
+        else:
+            causal, window = False, (-1, nq - nk)
+    if attn_mask is not None:
+        _spec.check_attn_mask(attn_mask, b, q.shape[2], nq, nk, q.device)
+    try:
+        pad = _padding.key_padding(attn_mask, b, nq, nk) if attn_mask is not None else None
+        if pad is not None:
+            usage.count("sdpa.varlen")
+            out = _sdpa_varlen(q, k, v, pad, scale, dropout_p, backend, precision, quant_config)
+        else:
+            usage.count("sdpa.masked" if attn_mask is not None else "sdpa.dense")
+            out = attention(q, k, v, causal=causal, window=window, scale=scale, attn_mask=attn_mask,
+                            dropout_p=dropout_p, backend=backend, precision=precision, quant_config=quant_config)
+    except NotImplementedError as e:  # the backend cannot run this call: PyTorch computes it
+        usage.fallback("sdpa", str(e))
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    usage.count("sdpa")
+    out = out.transpose(1, 2)
+    return out.squeeze(0) if unbatched else out
+
+
+def _sdpa_unsupported(query, key, value, attn_mask) -> Optional[str]:
+    """Why omniattn cannot compute this SDPA call exactly, or None."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None  # spec's checks name the argument that is not a tensor
+    if any(t.is_nested for t in tensors):
+        return "nested tensors"
+    if not all(t.dim() == query.dim() for t in tensors) or query.dim() not in (3, 4):
+        return "inputs that are not all 3-D (H, N, D) or all 4-D (B, H, N, D)"
+    if query.dim() == 4 and not key.shape[0] == value.shape[0] == query.shape[0]:
+        return "a key/value batch different from the query's (broadcast batch)"
+    if any(t.dtype not in _spec.FLOAT_DTYPES or t.dtype != query.dtype for t in tensors):
+        return "dtypes other than one of float16/bfloat16/float32/float64 for query, key and value"
+    if attn_mask is not None and isinstance(attn_mask, Tensor):
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return "an attn_mask that requires grad (omniattn computes no mask gradient)"
+        if attn_mask.is_nested:
+            return "a nested attn_mask"
+    return None
+
+
+def _sdpa_varlen(q, k, v, pad, scale, dropout_p, backend, precision, quant_config) -> Tensor:
+    """A key-padding mask as packed sequences: every query row, only the kept keys. (B, Nq, H, Dv)."""
+    b, nq = q.shape[0], q.shape[1]
+    key = (b, nq, q.device)
+    if key not in _dense_offsets:
+        if len(_dense_offsets) > 64:
+            _dense_offsets.clear()
+        _dense_offsets[key] = torch.arange(b + 1, dtype=torch.int32, device=q.device) * nq
+    out = attention_varlen(q.reshape(b * nq, *q.shape[2:]), _padding.gather(k, pad), _padding.gather(v, pad),
+                           _dense_offsets[key], pad.cu, nq, pad.max_len, scale=scale, dropout_p=dropout_p,
+                           backend=backend, precision=precision, quant_config=quant_config)
+    return out.view(b, nq, *out.shape[1:])
 
 
 def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

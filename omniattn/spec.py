@@ -9,6 +9,7 @@ ValueError/TypeError whichever backend was asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 SCORES = ("softmax", "sigmoid", "silu")
-PRECISIONS = ("exact", "int8", "int8-fp8", "fp8", "int4-fp8")
+PRECISIONS = ("exact", "int8", "int8-fp8", "fp8", "int4-fp8", "auto")
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BUCKETIZATIONS = ("log", "sqrt")
@@ -51,6 +52,7 @@ class Spec:
     precision: str = "exact"
     hstu: Optional[HstuMask] = None
     dropout_p: float = 0.0  # probability of zeroing each P element (training); kept ones scaled by 1/(1-p)
+    quant: Optional[object] = None  # omniattn.QuantConfig of a quantized precision (None: the defaults)
 
 
 @dataclass(frozen=True)
@@ -249,11 +251,8 @@ def _check_window(window, causal: bool) -> tuple[int, int]:
         raise ValueError(f"window: expected a pair of ints (left, right), each >= 0 or -1 for unbounded, got {window!r}")
     left, right = int(window[0]), int(window[1])
     if causal:
-        if right > 0:
-            raise ValueError(
-                f"window: causal=True already limits keys to j <= i + Nk - Nq (right = 0); got right={right}. "
-                "Pass window=(left, 0) or (left, -1) with causal=True, or causal=False with a window."
-            )
+        # Causal already limits keys to j <= i + Nk - Nq: any right is clipped to 0, as flash-attn
+        # does (transformers passes window=(w-1, w-1) with causal for sliding-window models).
         right = 0
     return left, right
 
@@ -286,9 +285,11 @@ def _check_common(
     precision,
     backend,
     return_lse,
+    quant_config=None,
 ) -> Spec:
     score = _require_choice("score", score, SCORES)
     _require_choice("precision", precision, PRECISIONS)
+    quant_config = check_quant_config(quant_config, precision)
     _require_choice("backend", backend, BACKENDS)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
@@ -317,15 +318,67 @@ def _check_common(
         silu_norm=silu_norm,
         return_lse=return_lse,
         precision=precision,
+        quant=quant_config,
     )
+
+
+def check_quant_config(quant_config, precision: str):
+    """An omniattn.QuantConfig (or None), only meaningful with a quantized precision."""
+    if quant_config is None:
+        return None
+    from .quant.config import QuantConfig
+
+    if not isinstance(quant_config, QuantConfig):
+        raise TypeError(f"quant_config: expected an omniattn.QuantConfig or None, got {type(quant_config).__name__}")
+    if precision == "exact":
+        raise ValueError("quant_config: only used with a quantized precision (precision='int8', 'int8-fp8', 'fp8', "
+                         "'int4-fp8' or 'auto'); got precision='exact'")
+    return quant_config
 
 
 # --------------------------------------------------------------------------------------------
 # one entry point per public layout
 
 
-def dense_call(q, k, v, *, alibi_slopes=None, **scalars) -> tuple[Spec, Call]:
-    """Validate ``attention(q, k, v, ...)``: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv)."""
+def check_attn_mask(attn_mask, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) -> Optional[torch.Tensor]:
+    """An explicit mask: bool (True = allowed) or float (added to the score), broadcastable to
+    (B, Hq, Nq, Nk), on the inputs' device. Returned as given (never expanded or copied)."""
+    if attn_mask is None:
+        return None
+    want = f"({batch}, {heads_q}, {seqlen_q}, {seqlen_k})"
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a bool or float tensor broadcastable to {want}, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask: expected dtype bool (True = allowed) or a float dtype (added to the score), got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask: expected a tensor on {device} (the device of q), got {attn_mask.device}")
+    full = (batch, heads_q, seqlen_q, seqlen_k)
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(m not in (1, n) for m, n in zip(shape[::-1], full[::-1])):
+        raise ValueError(f"attn_mask: shape {shape} does not broadcast to {want} (batch, heads, seqlen_q, seqlen_k)")
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attn_mask: no gradient is computed for the mask; pass attn_mask.detach()")
+    return attn_mask
+
+
+def check_dropout(dropout_p) -> float:
+    """dropout_p in [0, 1): the probability of zeroing each attention weight (training)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def draw_dropout_seed() -> int:
+    """A uint32 seed for the counter-based dropout hash, drawn from torch's default generator
+    (so ``torch.manual_seed`` reproduces a run)."""
+    return int(torch.randint(0, 2**32, (1,), dtype=torch.int64).item())
+
+
+def dense_call(q, k, v, *, alibi_slopes=None, attn_mask=None, dropout_p=0.0, dropout_seed=None, **scalars) -> tuple[Spec, Call]:
+    """Validate ``attention(q, k, v, ...)``: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv).
+
+    ``attn_mask`` (see :func:`check_attn_mask`) and ``dropout_p`` fill ``Call.attn_mask`` and
+    ``Spec.dropout_p``; with dropout a seed is drawn unless ``dropout_seed`` is given."""
     _require_tensor("q", q, 4, "(batch, seqlen_q, heads_q, head_dim)")
     _require_tensor("k", k, 4, "(batch, seqlen_k, heads_kv, head_dim)")
     _require_tensor("v", v, 4, "(batch, seqlen_k, heads_kv, head_dim_v)")
@@ -336,11 +389,26 @@ def dense_call(q, k, v, *, alibi_slopes=None, **scalars) -> tuple[Spec, Call]:
     spec = _check_common(head_dim=q.shape[-1], **scalars)
     b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
     call = Call(q, k, v, None, None, (nq,) * b, (nk,) * b, nq, nk, alibi=_check_alibi(alibi_slopes, b, q.shape[2], q.device))
+    call.attn_mask = check_attn_mask(attn_mask, b, q.shape[2], nq, nk, q.device)
+    spec, call.dropout_seed = with_dropout(spec, dropout_p, dropout_seed)
     return spec, call
 
 
+def with_dropout(spec: Spec, dropout_p, dropout_seed=None) -> tuple[Spec, int]:
+    """``spec`` with ``dropout_p`` set, and the call's seed (drawn when dropout is on and none is given)."""
+    dropout_p = check_dropout(dropout_p)
+    if dropout_p == 0.0:
+        return spec, 0
+    if dropout_seed is None:
+        dropout_seed = draw_dropout_seed()
+    elif isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int) or not 0 <= dropout_seed < 2**32:
+        raise ValueError(f"dropout_seed: expected an int in [0, 2**32), got {dropout_seed!r}")
+    return dataclasses.replace(spec, dropout_p=dropout_p), int(dropout_seed)
+
+
 def varlen_call(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, alibi_slopes=None, **scalars
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, alibi_slopes=None, dropout_p=0.0,
+    dropout_seed=None, **scalars
 ) -> tuple[Spec, Call]:
     """Validate ``attention_varlen``: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv), cu_seqlens (B+1,)."""
     _require_tensor("q", q, 3, "(total_q, heads_q, head_dim)")
@@ -373,6 +441,7 @@ def varlen_call(
         max_k,
         alibi=_check_alibi(alibi_slopes, len(lens_q), q.shape[1], q.device),
     )
+    spec, call.dropout_seed = with_dropout(spec, dropout_p, dropout_seed)
     return spec, call
 
 
@@ -399,6 +468,7 @@ def hstu_call(
     silu_norm,
     precision,
     backend,
+    quant_config=None,
 ) -> tuple[Spec, Call]:
     """Validate ``hstu_attention``: q, k (T, H, Dqk), v (T, H, Dv), seq_offsets (B+1,)."""
     _require_tensor("q", q, 3, "(total, heads, dim_qk)")
@@ -424,6 +494,7 @@ def hstu_call(
         silu_norm=float(max(max_seq_len, 1)) if silu_norm is None else _require_float("silu_norm", silu_norm, positive=True),
         precision=precision,
         hstu=HstuMask(causal, contextual_seq_len, max_attn_len),
+        quant=check_quant_config(quant_config, precision),
     )
     targets, targets_host = _check_num_targets(num_targets, lens, contextual_seq_len, q.device)
     cu = _device_offsets(seq_offsets)

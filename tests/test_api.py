@@ -51,15 +51,6 @@ def test_sdpa_drop_in_matches_torch(is_causal, gqa):
     assert got.shape == want.shape and max_err(got, want) < 1e-5
 
 
-def test_sdpa_falls_back_with_a_warning():
-    q = k = v = torch.randn(1, 2, 5, 8)
-    mask = torch.rand(5, 5) > 0.3
-    mask[:, 0] = True
-    with pytest.warns(UserWarning, match="attn_mask runs on torch"):
-        got = oa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(3)

@@ -85,6 +85,15 @@ def test_ml1m_and_ml20m_raw_files(tmp_path):
         load("netflix")
 
 
+def test_synthetic_catalogue_leaves_hr200_informative():
+    """With 200 items every ranking put the target in its top 200 (HR@200 = 1.0 for any model):
+    the default catalogue is ten times the largest cutoff."""
+    data = synthetic()
+    assert data.num_items >= 2000 and max(int(s.max()) for s in data.items) <= data.num_items
+    pop = popularity_metrics(Split.leave_one_out(data), "test")
+    assert pop["hr@200"] < 0.5, pop
+
+
 def test_leave_one_out_by_time():
     data = synthetic(num_users=5, num_items=20, length=(5, 8), seed=1)
     split = Split.leave_one_out(data)

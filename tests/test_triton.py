@@ -156,20 +156,34 @@ def test_hstu_matches_reference(variant):
     check_outputs_and_grads(p, "triton", gen, extra_leaves=extra, fn=fn, ref=ref)
 
 
+def _op_args(q, k, v, **kwargs):
+    """omniattn::attention_fwd's arguments for a call, built the way the backend builds them."""
+    from omniattn import _ops, spec  # importing _ops registers the custom ops
+    from omniattn.backends.triton import launch_params
+
+    if q.dim() == 4:
+        s, call = spec.dense_call(q, k, v, **kwargs)
+    else:
+        s, call = spec.varlen_call(q, k, v, *kwargs.pop("varlen"), **kwargs)
+    p, extras = launch_params(s, call)
+    return _ops.forward_args(call.q, call.k, call.v, extras, call.max_q, call.max_k, p)
+
+
+OP_KW = dict(score="softmax", causal=False, window=(-1, -1), scale=None, sigmoid_bias=None, silu_norm=None,
+             softcap=0.0, precision="exact", backend="triton", return_lse=False)
+
+
 def test_custom_ops_pass_opcheck():
     from omniattn import _ops  # noqa: F401  (registers the ops)
 
     gen = torch.Generator().manual_seed(9)
     q = rand((1, 20, 2, 16), torch.float32, gen, DEVICE).requires_grad_()
     k = rand((1, 24, 1, 16), torch.float32, gen, DEVICE).requires_grad_()
-    ints = [0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1]
-    floats = [0.25, 0.0, 0.0, 1.0]
-    args = (q, k, k, None, None, None, None, None, None, None, 20, 24, ints, floats)
-    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default, _op_args(q, k, k, **OP_KW))
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 10, 24], dtype=torch.int32, device=DEVICE)
-    args = (q[0], k[0], k[0], cu, cu_k, None, None, None, None, None, 13, 14, [1] + ints[1:], floats)
-    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default, args)
+    kw = dict(OP_KW, score="sigmoid", causal=True, varlen=(cu, cu_k, 13, 14))
+    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default, _op_args(q[0], k[0], k[0], **kw))
 
 
 def test_compile_fullgraph_forward_and_backward():

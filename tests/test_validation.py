@@ -50,7 +50,6 @@ def test_bad_tensors(mutate, exc, match):
         (dict(window=(-2, 0)), ValueError, "window: expected a pair"),
         (dict(window=(3,)), ValueError, "window: expected a pair"),
         (dict(window=(1.5, 2)), ValueError, "window: expected a pair"),
-        (dict(causal=True, window=(4, 2)), ValueError, "window: causal=True already"),
         (dict(softcap=-1.0), ValueError, "softcap: expected 0"),
         (dict(softcap=float("inf")), ValueError, "softcap: expected a finite"),
         (dict(scale=float("nan")), ValueError, "scale: expected a finite"),

@@ -33,16 +33,40 @@ def resolve_for_tensor(t: torch.Tensor) -> str:
 
 
 def resolve(backend: str, spec: Spec, call: Call) -> str:
-    return resolve_for_tensor(call.q) if backend == "auto" else backend
+    """The backend a call runs on. "auto": Triton where it runs; on CPUs PyTorch's fused kernel
+    ("sdpa") for the calls it computes exactly (see torch_sdpa.eligible), else the tiled path."""
+    if backend != "auto":
+        return backend
+    name = resolve_for_tensor(call.q)
+    if name == "torch" and call.q.device.type == "cpu":
+        from . import torch_sdpa
+
+        if torch_sdpa.eligible(spec, call):
+            return "sdpa"
+    return name
 
 
 def run(spec: Spec, call: Call, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from ..quant import calibrate
+
+    if calibrate.active():  # a calibration plan is being recorded or applied: it decides per call site
+        return calibrate.dispatch(spec, call, backend, _run)
+    return _run(spec, call, backend)
+
+
+def _run(spec: Spec, call: Call, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if spec.precision != "exact":
-        raise NotImplementedError(
-            f"precision={spec.precision!r}: quantized attention is not implemented in this version of omniattn; "
-            "use precision='exact'"
-        )
+        from ..quant.attention import run_quantized
+
+        return run_quantized(spec, call, backend)
     name = resolve(backend, spec, call)
+    if name == "sdpa":
+        from . import torch_sdpa
+
+        fused = torch_sdpa.attention(spec, call)
+        if fused is not None:
+            return fused
+        name = "torch"  # non-finite inputs: the tiled path applies DESIGN.md's exact rule
     if name == "triton":
         ok, why = triton_supported(call.q.device, explicit=True)
         if not ok:
@@ -81,7 +105,7 @@ def forward(spec: Spec, call: Call, backend: str = "auto") -> tuple[torch.Tensor
             from .triton import launch, launch_params
 
             p, extras = launch_params(spec, call)
-            out, lse = launch.forward(call.q, call.k, call.v, *extras, call.max_q, call.max_k, p)
+            out, lse = launch.forward(call.q, call.k, call.v, extras, call.max_q, call.max_k, p)
             return out, (lse if spec.score == "softmax" else None)
         return run(spec, call, name)
 
@@ -99,10 +123,10 @@ def backward(spec: Spec, call: Call, out: torch.Tensor, lse: torch.Tensor | None
 
         p, extras = launch_params(spec, call)
         lse_arg = lse if spec.score == "softmax" else call.q.new_empty(0, dtype=torch.float32)
-        dq, dk, dv, _, _ = launch.backward(dout, call.q, call.k, call.v, out, lse_arg.contiguous(), None, *extras,
+        dq, dk, dv, _, _ = launch.backward(dout, call.q, call.k, call.v, out, lse_arg.contiguous(), None, extras,
                                            call.max_q, call.max_k, p)
         return dq, dk, dv
-    if name == "torch":
+    if name in ("torch", "sdpa"):
         from . import torch_tiled
 
         return torch_tiled.block_backward(spec, call, out, lse, dout)

@@ -6,6 +6,18 @@ softmax (running max and sum) or, for sigmoid and SiLU, a plain running sum. The
 recomputes each tile's scores from Q and K instead of storing them. Nothing of size
 (queries x keys) is ever allocated: the largest temporaries are (heads, block_q, block_k) tiles.
 
+- Threads (CPU): query blocks are independent, so they are the parallel work; they go to worker
+  threads that run every op on one intra-op thread (:mod:`.torch_threads` says why: no OpenMP
+  barrier per op, so a busy machine slows this path by its share of the cores, not 10-25x).
+- Explicit masks (``Call.attn_mask``, dense calls): each tile reads its slice of the mask (a view
+  of the caller's tensor, never expanded or copied); dropout (``Spec.dropout_p``): each tile
+  regenerates its keep mask from the counter-based hash of :func:`omniattn.reference.dropout_keep`.
+- Non-finite inputs (DESIGN.md): the computation runs on inputs whose NaN/Inf are replaced by 0,
+  so a disallowed pair (another sequence of a packed block, a masked pair of a tile) never
+  multiplies a non-finite value; then NaN is written exactly where the reference's rule says
+  (see ``reference._NonFinite``), tile by tile from per-token flags. Finite inputs pay one sum
+  per tensor for the check.
+
 It is the backend for CPUs, older GPUs and other accelerators, and the CPU implementation CI runs.
 Arithmetic is float32 (float64 for float64 inputs) whatever the input dtype.
 """
@@ -19,23 +31,63 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from ..hstu.relative_bias import bucketize
 from ..spec import Call, Spec
 from ..tiling import FULL, QueryBlock, chunk_mask, key_chunks, query_blocks, token_meta
+from . import torch_threads
 
-# Tiles of BLOCK_Q query rows; key chunks sized so that heads x BLOCK_Q x BLOCK_K stays near
-# TILE_ELEMS floats (4 MiB): large enough to amortise Python overhead, small enough for caches.
+# Tiles of BLOCK_Q query rows (times the G query heads of one KV head) by BLOCK_K keys, with
+# BLOCK_K such that a tile holds about TILE_ELEMS floats (512 KiB): a few tiles (scores, dP)
+# stay in one core's L2 cache, and each op is large enough that Python's overhead between ops
+# is a small share. Short sequences put several heads in one tile instead.
 BLOCK_Q = 128
-TILE_ELEMS = 1 << 20
+TILE_ELEMS = 1 << 17
 MIN_BLOCK_K = 64
 _empty = torch.empty  # allocation of outputs every row of which the kernel writes
 
 
-def _block_k(heads: int) -> int:
+def _block_k(rows: int) -> int:
+    """Key chunk length for tiles of ``rows`` (query rows x query heads) rows."""
     bk = MIN_BLOCK_K
-    while bk < 2048 and heads * BLOCK_Q * bk * 2 <= TILE_ELEMS:
+    while bk < 2048 and rows * bk * 2 <= TILE_ELEMS:
         bk *= 2
     return bk
+
+
+class _Scratch:
+    """One thread's tile buffers, reused from tile to tile: a fresh tile-sized tensor per op costs
+    more than the op (the allocator returns big blocks to the OS, and their pages fault in again)."""
+
+    def __init__(self):
+        self.flat: dict = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            buf = self.flat[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    return torch.full((), math.nan, dtype=t.dtype, device=t.device)
+
+
+def _all_finite(*tensors: Optional[torch.Tensor]) -> bool:
+    """One reduction per tensor: a NaN or Inf anywhere makes the sum non-finite. (A sum that
+    overflows says "non-finite" too; the exact path it then takes is only slower.)"""
+    total = None
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        total = s if total is None else total + s
+    return total is None or bool(torch.isfinite(total))
+
+
+def _zero_nonfinite(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 @dataclass
@@ -47,19 +99,33 @@ class _Plan:
     cdtype: torch.dtype
     blocks: list
     chunks: list
+    order: list  # block indices, most work first (the threads take them in this order)
+    work: list  # pairs each block visits
+    heads_per_tile: int  # KV heads computed together
     meta: object
     row_bias: Optional[torch.Tensor]  # sigmoid bias per query row
     row_slope: Optional[torch.Tensor]  # (Tq, Hq) ALiBi slopes per query row
     t_next: Optional[torch.Tensor]  # rab: timestamp of the next token, per query row
     silu_scale: float
+    mask4: Optional[torch.Tensor] = None  # attn_mask as a 4-D view (B|1, Hq|1, Nq|1, Nk|1)
+    mask_has_bad: bool = False  # a float mask holding NaN or +inf (non-finite inputs)
 
     @classmethod
     def build(cls, spec: Spec, call: Call) -> "_Plan":
+        if call.attn_mask is not None and not call.dense:
+            raise ValueError("attn_mask: only dense (batch, seqlen, heads, dim) calls take an explicit mask; "
+                             "for packed sequences express the mask through cu_seqlens, causal and window")
         cdtype = torch.float64 if call.q.dtype == torch.float64 else torch.float32
         meta = token_meta(spec, call)
         blocks = query_blocks(call, BLOCK_Q)
-        bk = _block_k(call.heads_q)
+        g = call.heads_q // call.k.shape[-2]
+        rows = g * min(BLOCK_Q, max(call.max_q, 1))
+        bk = _block_k(rows)
         chunks = [list(key_chunks(spec, call, blk, bk)) for blk in blocks]
+        work = [(blk.q1 - blk.q0) * sum(c1 - c0 for c0, c1, _ in ch) for blk, ch in zip(blocks, chunks)]
+        order = sorted(range(len(blocks)), key=lambda i: -work[i])
+        # KV heads per tile: one, unless the tiles are small (short sequences)
+        heads_per_tile = max(1, min(call.k.shape[-2], TILE_ELEMS // (rows * min(bk, max(call.max_k, 1)))))
         dev = call.q.device
         row_bias = None
         if spec.score == "sigmoid":
@@ -77,184 +143,517 @@ class _Plan:
             last[ends[ends >= 0]] = True
             t_next = torch.where(last, ts, torch.roll(ts, -1))
         norm = spec.silu_norm if spec.silu_norm is not None else float(max(call.max_k, 1))
-        return cls(spec, call, cdtype, blocks, chunks, meta, row_bias, row_slope, t_next, 1.0 / norm)
+        mask4, mask_has_bad = None, False
+        if call.attn_mask is not None:
+            mask4 = call.attn_mask
+            while mask4.dim() < 4:
+                mask4 = mask4.unsqueeze(0)
+            mask_has_bad = not reference._float_mask_is_finite(mask4)
+        return cls(spec, call, cdtype, blocks, chunks, order, work, heads_per_tile, meta, row_bias, row_slope, t_next,
+                   1.0 / norm, mask4, mask_has_bad)
 
 
-def _q_tile(x: torch.Tensor, blk: QueryBlock, hkv: int, cdtype) -> torch.Tensor:
-    """Rows [q0, q1) of a (T, Hq, D) tensor as (Hkv, G * m, D): the G query heads sharing a KV head
-    stacked along the rows, so each tile is one batched matmul per KV head (GQA without copies of K)."""
+# ------------------------------------------------------------------------------ tile layout
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """The key/value heads [h0, h1) of hkv that one piece of work computes (g query heads each)."""
+
+    h0: int
+    h1: int
+    hkv: int
+    g: int
+
+    @property
+    def n(self) -> int:
+        return self.h1 - self.h0
+
+    @property
+    def q(self) -> slice:
+        """The query heads of these kv heads."""
+        return slice(self.h0 * self.g, self.h1 * self.g)
+
+
+def _head_ranges(hkv: int, g: int, parts: int) -> list:
+    parts = max(1, min(parts, hkv))
+    cuts = [hkv * i // parts for i in range(parts + 1)]
+    return [_Heads(a, b, hkv, g) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _q_tile(x: torch.Tensor, blk: QueryBlock, hd: _Heads) -> torch.Tensor:
+    """Rows [q0, q1) of a (T, Hq, D) tensor, heads hd, as (nh, G * m, D): the G query heads sharing
+    a KV head stacked along the rows, so each tile is one batched matmul per KV head (GQA without
+    copies of K)."""
     t = x[blk.q0 : blk.q1]
-    m, hq, d = t.shape
-    return t.view(m, hkv, hq // hkv, d).permute(1, 2, 0, 3).reshape(hkv, (hq // hkv) * m, d).to(cdtype)
+    m, _, d = t.shape
+    return t.reshape(m, hd.hkv, hd.g, d)[:, hd.h0 : hd.h1].permute(1, 2, 0, 3).reshape(hd.n, hd.g * m, d)
 
 
-def _q_untile(t: torch.Tensor, m: int, hq: int) -> torch.Tensor:
-    """Inverse of _q_tile: (Hkv, G * m, D) -> (m, Hq, D)."""
-    hkv, _, d = t.shape
-    return t.view(hkv, hq // hkv, m, d).permute(2, 0, 1, 3).reshape(m, hq, d)
+def _q_untile(t: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of _q_tile: (nh, G * m, D) -> (m, nh * G, D)."""
+    nh, gm, d = t.shape
+    return t.view(nh, gm // m, m, d).permute(2, 0, 1, 3).reshape(m, gm // m * nh, d)
 
 
-def _rows_to_tile(x: torch.Tensor, blk: QueryBlock, hkv: int) -> torch.Tensor:
-    """A per-(row, head) quantity (Tq, Hq) -> (Hkv, G * m, 1) in tile order."""
-    return _q_tile(x.unsqueeze(-1), blk, hkv, x.dtype)
+def _rows_to_tile(x: torch.Tensor, blk: QueryBlock, hd: _Heads) -> torch.Tensor:
+    """A per-(row, head) quantity (Tq, Hq) -> (nh, G * m, 1) in tile order."""
+    return _q_tile(x.unsqueeze(-1), blk, hd)
 
 
-def _scores(p: _Plan, qt, k, blk: QueryBlock, c0: int, c1: int, kind: str, pos_w, ts_w):
-    """Scores of one tile as (Hkv, G, m, n) plus its mask (None for FULL tiles) and, with softcap,
-    tanh(s/c) (the softcap gradient needs it)."""
+@dataclass
+class _Tile:
+    """What a tile's scores need besides Q.K: the allowed pairs (None: all of them; else a bool
+    broadcastable to (nh, G, m, n)), the float mask added to the scores, and (non-finite mode)
+    the pairs whose mask entry is NaN or +inf."""
+
+    c0: int
+    c1: int
+    allowed: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor] = None
+    bad: Optional[torch.Tensor] = None
+
+
+def _mask_tile(p: _Plan, blk: QueryBlock, c0: int, c1: int) -> torch.Tensor:
+    """The attention mask's entries for this tile, (Hm, m|1, n|1), Hm in {1, Hq}: a view of the
+    caller's mask for one-sequence blocks, a gather of (m, n) entries for packed ones."""
+    m4 = p.mask4
+    if blk.single:
+        b = blk.b0 if m4.shape[0] > 1 else 0
+        j0 = c0 - blk.k0
+        rows = slice(blk.r0, blk.r0 + blk.q1 - blk.q0) if m4.shape[2] > 1 else slice(None)
+        cols = slice(j0, j0 + c1 - c0) if m4.shape[3] > 1 else slice(None)
+        return m4[b, :, rows, cols]
+    meta = p.meta
+    seq = meta.q_seq[blk.q0 : blk.q1] if m4.shape[0] > 1 else torch.zeros_like(meta.q_seq[blk.q0 : blk.q1])
+    rows = meta.q_raw_pos[blk.q0 : blk.q1] if m4.shape[2] > 1 else torch.zeros_like(seq)
+    cols = meta.k_pos[c0:c1] if m4.shape[3] > 1 else torch.zeros_like(meta.k_pos[c0:c1])
+    # pairs of different sequences read some entry of the query's sequence: they are disallowed anyway
+    return m4[seq.view(-1, 1), :, rows.view(-1, 1), cols.view(1, -1)].permute(2, 0, 1)
+
+
+def _tile(p: _Plan, blk: QueryBlock, c0: int, c1: int, kind: str, hd: _Heads) -> _Tile:
+    allowed = None if kind == FULL else chunk_mask(p.spec, p.meta, blk.q0, blk.q1, c0, c1, blk.single)
+    if p.mask4 is None:
+        return _Tile(c0, c1, allowed)
+    mt = _mask_tile(p, blk, c0, c1)
+    if mt.shape[0] > 1:  # per head: (nh, G, m|1, n|1)
+        mt = mt.view(hd.hkv, hd.g, *mt.shape[1:])[hd.h0 : hd.h1]
+    else:
+        mt = mt.unsqueeze(0)
+    if mt.dtype == torch.bool:
+        return _Tile(c0, c1, mt if allowed is None else allowed & mt)
+    ok = mt != -math.inf  # a -inf entry is a disallowed pair
+    bias, bad = mt.to(p.cdtype), None
+    if p.mask_has_bad:
+        bad = bias.isnan() | (bias == math.inf)
+        bias = bias.masked_fill(bad, 0.0)
+    return _Tile(c0, c1, ok if allowed is None else allowed & ok, bias, bad)
+
+
+def _scores(p: _Plan, qt, kt, blk: QueryBlock, tile: _Tile, hd: _Heads, pos_w, ts_w, out=None, tanh_out=None):
+    """Scores of one tile as (nh, G, m, n), and with softcap tanh(s/c) (its gradient needs it).
+
+    ``qt`` is (nh, G*m, D) already scaled, ``kt`` (nh, D, n); ``out``/``tanh_out``: buffers to
+    write into (None: allocate; the autograd-recorded backward needs fresh tensors)."""
     spec, meta = p.spec, p.meta
-    hkv = qt.shape[0]
-    m, n = blk.q1 - blk.q0, c1 - c0
-    kt = k[c0:c1].to(p.cdtype).permute(1, 2, 0)  # (Hkv, D, n)
-    s = torch.bmm(qt, kt).view(hkv, -1, m, n)  # (Hkv, G, m, n)
+    m, n = blk.q1 - blk.q0, tile.c1 - tile.c0
+    s = torch.bmm(qt, kt, out=out)
     tanh = None
     if spec.softcap > 0:
-        tanh = s.div_(spec.softcap).tanh_()
-        s = tanh * spec.softcap
+        tanh = torch.div(s, spec.softcap, out=tanh_out).tanh_()
+        s = torch.mul(tanh, spec.softcap, out=out)
+    s = s.view(hd.n, hd.g, m, n)
     if p.row_slope is not None:
-        dist = (meta.q_pos[blk.q0 : blk.q1].view(-1, 1) - meta.k_pos[c0:c1].view(1, -1)).abs().to(p.cdtype)
-        slope = p.row_slope[blk.q0 : blk.q1].t().reshape(hkv, -1, m, 1)
+        dist = (meta.q_pos[blk.q0 : blk.q1].view(-1, 1) - meta.k_pos[tile.c0 : tile.c1].view(1, -1)).abs().to(p.cdtype)
+        slope = p.row_slope[blk.q0 : blk.q1, hd.q].t().reshape(hd.n, hd.g, m, 1)
         s = s.sub_(slope * dist)
     if pos_w is not None:
-        s = s + _rab_tile(p, blk, c0, c1, pos_w, ts_w)[0].view(-1, 1 if pos_w.shape[0] == 1 else s.shape[1], m, n)
-    mask = None if kind == FULL else chunk_mask(spec, meta, blk.q0, blk.q1, c0, c1, blk.single)
-    return s, mask, tanh
+        bias = _rab_tile(p, blk, tile.c0, tile.c1, pos_w, ts_w)[0]  # (Hr, m, n), Hr in {1, Hq}
+        s = s.add_(bias.view(1, 1, m, n) if bias.shape[0] == 1 else bias[hd.q].view(hd.n, hd.g, m, n))
+    if tile.bias is not None:
+        s = s.add_(tile.bias)
+    return s, tanh
 
 
 def _rab_tile(p: _Plan, blk: QueryBlock, c0: int, c1: int, pos_w, ts_w):
     """(Hr, m, n) bias of one tile, with the position and bucket indices it gathered."""
+    rel, bucket = _rab_indices(p, blk, c0, c1)
+    return pos_w.to(p.cdtype)[:, rel] + ts_w.to(p.cdtype)[:, bucket], rel, bucket
+
+
+def _rab_indices(p: _Plan, blk: QueryBlock, c0: int, c1: int):
+    """(m, n) indices into the position and time-bucket weights of one tile."""
     r = p.call.rab
     pos = p.meta.rab_pos  # HSTU is self-attention: queries and keys are the same tokens
     rel = (r.max_seq_len - 1) + pos[c0:c1].view(1, -1) - pos[blk.q0 : blk.q1].view(-1, 1)
     dt = p.t_next[blk.q0 : blk.q1].view(-1, 1) - r.timestamps[c0:c1].view(1, -1)
-    bucket = bucketize(dt, r.num_buckets, r.bucketization)
-    bias = pos_w.to(p.cdtype)[:, rel] + ts_w.to(p.cdtype)[:, bucket]
-    return bias, rel, bucket
+    return rel, bucketize(dt, r.num_buckets, r.bucketization)
 
 
-def _activate(p: _Plan, s: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
-    """Pointwise score function (sigmoid or SiLU) of a (Hkv, G, m, n) tile, in place."""
+def _dropout_rows(p: _Plan, blk: QueryBlock, hd: _Heads) -> Optional[torch.Tensor]:
+    """(nh, G, m, 1) per-row part of the dropout hash of a block (None without dropout)."""
+    if p.spec.dropout_p <= 0:
+        return None
+    hq = p.call.heads_q
+    b = p.meta.q_seq[blk.q0 : blk.q1].view(1, 1, -1, 1)
+    i = p.meta.q_raw_pos[blk.q0 : blk.q1].view(1, 1, -1, 1)
+    h = torch.arange(hd.q.start, hd.q.stop, device=b.device).view(hd.n, hd.g, 1, 1)
+    return reference.dropout_row_hash(p.call.dropout_seed, b, h, i, hq)
+
+
+def _dropped(p: _Plan, rows: torch.Tensor, tile: _Tile) -> torch.Tensor:
+    """(nh, G, m, n) bool: the pairs of this tile that dropout removes."""
+    j = p.meta.k_pos[tile.c0 : tile.c1].view(1, 1, 1, -1)
+    return ~reference.dropout_keep_from_rows(rows, j, p.spec.dropout_p)
+
+
+def _activate(p: _Plan, s: torch.Tensor) -> torch.Tensor:
+    """Pointwise score function of a (nh, G, m, n) tile in place, without SiLU's 1/n (applied to
+    the block's sum) and with sigmoid's bias already in the scores."""
+    return s.sigmoid_() if p.spec.score == "sigmoid" else F.silu(s, inplace=True)
+
+
+def _activate_with_grad(p: _Plan, s: torch.Tensor, dp: torch.Tensor, scr: Optional[_Scratch]):
+    """(P, dS) of a pointwise tile: P = f(s) (without SiLU's 1/n, folded into dO) and
+    dS = dP * f'(s), each one fused op; in place in the buffers when ``scr`` is given."""
     if p.spec.score == "sigmoid":
-        return s.add_(p.row_bias[blk.q0 : blk.q1].view(1, 1, -1, 1)).sigmoid_()
-    return F.silu(s, inplace=True).mul_(p.silu_scale)
+        pt = s.sigmoid_() if scr is not None else s.sigmoid()
+        return pt, torch.ops.aten.sigmoid_backward(dp, pt) if scr is None else \
+            torch.ops.aten.sigmoid_backward.grad_input(dp, pt, grad_input=dp)
+    if scr is None:
+        return F.silu(s), torch.ops.aten.silu_backward(dp, s)
+    pt = torch.ops.aten.silu.out(s, out=scr.get("p", s.shape, s))
+    return pt, torch.ops.aten.silu_backward.grad_input(dp, s, grad_input=dp)
 
 
-def _activate_with_grad(p: _Plan, s: torch.Tensor, blk: QueryBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointwise score function of a tile and its derivative with respect to the score."""
-    if p.spec.score == "sigmoid":
-        sig = torch.sigmoid(s + p.row_bias[blk.q0 : blk.q1].view(1, 1, -1, 1))
-        return sig, sig * (1 - sig)
-    sig = torch.sigmoid(s)
-    return s * sig * p.silu_scale, sig * (1 + s * (1 - sig)) * p.silu_scale
+def _allowed_full(tile: _Tile, hd: _Heads, m: int, n: int, device) -> torch.Tensor:
+    if tile.allowed is None:
+        return torch.ones(hd.n, hd.g, m, n, dtype=torch.bool, device=device)
+    return tile.allowed.expand(hd.n, hd.g, m, n)
+
+
+# ------------------------------------------------------------------------------ forward
 
 
 def _forward(p: _Plan, q, k, v, pos_w, ts_w):
+    """Packed output (Tq, Hq, Dv) in q's dtype and lse (Hq, Tq) (empty for sigmoid/SiLU).
+    q, k, v in the compute dtype."""
     spec, cd = p.spec, p.cdtype
     tq, hq, _ = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     softmax = spec.score == "softmax"
-    out = _empty(tq, hq, dv, dtype=q.dtype, device=q.device)
+    out = _empty(tq, hq, dv, dtype=p.call.q.dtype, device=q.device)
     lse = _empty(hq, tq, dtype=cd, device=q.device) if softmax else q.new_empty(0, dtype=cd)
-    for blk, chunks in zip(p.blocks, p.chunks):
+    kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk): a view; chunks of it are matmul operands as they are
+    vt_all = v.transpose(0, 1)  # (Hkv, Tk, Dv)
+    # SiLU's 1/n and dropout's 1/(1-p) scale every term of a row alike: applied once to its sum
+    post = (p.silu_scale if spec.score == "silu" else 1.0) / (1.0 - spec.dropout_p)
+    # few query blocks: split the heads too, so that every thread has work
+    heads = _head_ranges(hkv, hq // hkv, 1 if len(p.blocks) >= 4 else 4)
+
+    def block(_, task):
+        bi, hd = task
+        blk, chunks = p.blocks[bi], p.chunks[bi]
         m = blk.q1 - blk.q0
-        qt = _q_tile(q, blk, hkv, cd) * spec.scale  # (Hkv, G*m, D)
-        acc = torch.zeros(hkv, qt.shape[1], dv, dtype=cd, device=q.device)
+        qt = _q_tile(q, blk, hd) * spec.scale  # (nh, G*m, D)
+        gm = qt.shape[1]
+        acc = torch.zeros(hd.n, gm, dv, dtype=cd, device=q.device)
+        rows = _dropout_rows(p, blk, hd)
+        row_add = _rows_to_tile(p.row_bias.view(-1, 1).expand(-1, hq), blk, hd) if p.row_bias is not None else None
         if softmax:
-            m_i = torch.full((hkv, qt.shape[1], 1), -math.inf, dtype=cd, device=q.device)
+            m_i = torch.full((hd.n, gm, 1), -math.inf, dtype=cd, device=q.device)
             l_i = torch.zeros_like(m_i)
         for c0, c1, kind in chunks:
-            s, mask, _ = _scores(p, qt, k, blk, c0, c1, kind, pos_w, ts_w)
-            vt = v[c0:c1].to(cd).transpose(0, 1)  # (Hkv, n, Dv)
+            n = c1 - c0
+            tile = _tile(p, blk, c0, c1, kind, hd)
+            s, _ = _scores(p, qt, kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, pos_w, ts_w, row_add)
             if softmax:
-                if mask is not None:
-                    s = s.masked_fill_(~mask, -math.inf)
-                s = s.view(hkv, -1, c1 - c0)
+                if tile.allowed is not None:
+                    s = s.masked_fill_(~tile.allowed, -math.inf)
+                s = s.view(hd.n, gm, n)
                 m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
                 # rows with nothing allowed yet keep max -inf; subtract 0 so exp gives 0, not NaN
-                m_use = m_new.masked_fill(m_new == -math.inf, 0.0) if mask is not None else m_new
+                m_use = m_new.masked_fill(m_new == -math.inf, 0.0)
                 alpha = torch.exp(m_i - m_use)
                 pt = s.sub_(m_use).exp_()
                 l_i.mul_(alpha).add_(pt.sum(-1, keepdim=True))
-                acc.mul_(alpha).baddbmm_(pt, vt)
+                acc.mul_(alpha)
                 m_i = m_new
             else:
-                pt = _activate(p, s, blk)
-                if mask is not None:
-                    pt = pt.masked_fill_(~mask, 0.0)
-                acc.baddbmm_(pt.view(hkv, -1, c1 - c0), vt)
+                pt = _activate(p, s)
+                if tile.allowed is not None:
+                    pt = pt.masked_fill_(~tile.allowed, 0.0)
+            if rows is not None:
+                pt = pt.view(hd.n, hd.g, m, n).masked_fill_(_dropped(p, rows, tile), 0.0)
+            acc.baddbmm_(pt.view(hd.n, gm, n), vt_all[hd.h0 : hd.h1, c0:c1])
         if softmax:
-            has_keys = l_i > 0
-            acc = torch.where(has_keys, acc / l_i.clamp(min=1e-300 if cd == torch.float64 else 1e-30), 0.0)
-            tile_lse = torch.where(has_keys, m_i + torch.log(l_i), -math.inf)
-            lse[:, blk.q0 : blk.q1] = _q_untile(tile_lse, m, hq).squeeze(-1).t()
-        out[blk.q0 : blk.q1] = _q_untile(acc, m, hq)
+            # an empty row has l = 0 exactly; any other l is >= 1 (or NaN, which must stay NaN)
+            empty = l_i == 0
+            acc = torch.where(empty, 0.0, acc / l_i.masked_fill(empty, 1.0) * post)
+            tile_lse = torch.where(empty, -math.inf, m_i + torch.log(l_i))
+            lse[hd.q, blk.q0 : blk.q1] = _q_untile(tile_lse, m).squeeze(-1).t()
+        elif post != 1.0:
+            acc.mul_(post)
+        out[blk.q0 : blk.q1, hd.q] = _q_untile(acc, m)
+
+    torch_threads.run(block, [(bi, hd) for bi in p.order for hd in heads], device=q.device)
     return out, lse
 
 
-def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
-    spec, cd = p.spec, p.cdtype
-    hq, hkv = q.shape[1], k.shape[1]
-    softmax = spec.score == "softmax"
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
-    # The bias weights collect gradient from every (query, key) pair of every tile: sum in float64
-    # (they are small, O(max_seq_len + buckets)) so the long sums lose nothing.
-    dpos = torch.zeros(pos_w.shape, dtype=torch.float64, device=q.device) if pos_w is not None else None
-    dts = torch.zeros(ts_w.shape, dtype=torch.float64, device=q.device) if ts_w is not None else None
-    if softmax:
-        # delta_i = sum_j p_ij dp_ij = dO_i . O_i; a gradient on lse enters as -dlse (dlse/ds = p)
-        delta = (dout.to(cd) * out.to(cd)).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(cd).t()
-        lse_safe = torch.where(torch.isinf(lse), 0.0, lse).t()  # (Tq, Hq)
+def _forward_nan(p: _Plan, bq, bk, bv, out, lse) -> None:
+    """Write NaN into the outputs (and softmax lse) that touch a non-finite input (reference rule)."""
+    hq, hkv = bq.shape[1], bk.shape[1]
+    hd = _Heads(0, hkv, hkv, hq // hkv)
+    fv = bv.to(p.cdtype).transpose(0, 1)  # (Hkv, Tk, Dv)
     for blk, chunks in zip(p.blocks, p.chunks):
         m = blk.q1 - blk.q0
-        qt = _q_tile(q, blk, hkv, cd) * spec.scale
-        do = _q_tile(dout, blk, hkv, cd)  # (Hkv, G*m, Dv)
+        bq_t = _rows_to_tile(bq, blk, hd).view(hkv, hd.g, m, 1)
+        bad_rows = torch.zeros(hkv, hd.g, m, dtype=torch.bool, device=bq.device)
+        bad_v = torch.zeros(hkv, hd.g * m, fv.shape[2], dtype=p.cdtype, device=bq.device)
+        for c0, c1, kind in chunks:
+            tile = _tile(p, blk, c0, c1, kind, hd)
+            allowed = _allowed_full(tile, hd, m, c1 - c0, bq.device)
+            scores = bq_t | bk[c0:c1].t().view(hkv, 1, 1, -1)
+            if tile.bad is not None:
+                scores = scores | tile.bad
+            bad_rows |= (allowed & scores).any(-1)
+            bad_v.baddbmm_(allowed.to(p.cdtype).view(hkv, -1, c1 - c0), fv[:, c0:c1])
+        touched = _q_untile(bad_v > 0, m) | _q_untile(bad_rows.view(hkv, -1, 1), m)
+        out[blk.q0 : blk.q1] = torch.where(touched, _nan(out), out[blk.q0 : blk.q1])
+        if lse.numel():
+            lse_rows = _q_untile(bad_rows.view(hkv, -1, 1), m).squeeze(-1).t()
+            lse[:, blk.q0 : blk.q1] = torch.where(lse_rows, _nan(lse), lse[:, blk.q0 : blk.q1])
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+@dataclass
+class _BackwardTask:
+    """Query blocks ``blocks`` for kv heads ``hd``, adding into the partial sums ``part`` of dK/dV."""
+
+    hd: _Heads
+    blocks: list
+    part: int
+    work: int
+
+
+def _backward_tasks(p: _Plan, hkv: int, g: int, split: bool) -> tuple[list, int]:
+    """Pieces of the backward pass and the number of partial dK/dV sums.
+
+    dK and dV of a key add up contributions of every query block that sees it. Each piece owns
+    the heads it computes, so pieces of different heads never write to the same place; when
+    there are few heads, the query blocks are also split into ranges with a dK/dV sum each,
+    added in order at the end. The split depends on the problem only, never on the thread count
+    or on which thread ran what: results are bit-identical however many threads run them."""
+    blocks = list(range(len(p.blocks)))
+    if not split:
+        return [_BackwardTask(_Heads(0, hkv, hkv, g), blocks, 0, 0)], 1
+    heads = _head_ranges(hkv, g, 8)
+    parts = max(1, min(len(blocks), 8 // len(heads)))
+    work = [(blk.q1 - blk.q0) * sum(c1 - c0 for c0, c1, _ in ch) for blk, ch in zip(p.blocks, p.chunks)]
+    ranges, total, acc, start = [], sum(work), 0, 0
+    for i, w in enumerate(work):  # contiguous ranges of about equal work
+        acc += w
+        if acc * parts >= total * (len(ranges) + 1) and len(ranges) < parts - 1:
+            ranges.append(blocks[start : i + 1])
+            start = i + 1
+    ranges.append(blocks[start:])
+    ranges = [r for r in ranges if r]
+    tasks = [_BackwardTask(hd, r, i, sum(work[b] for b in r) * hd.n) for hd in heads for i, r in enumerate(ranges)]
+    tasks.sort(key=lambda t: -t.work)
+    return tasks, max(1, len(ranges))
+
+
+def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
+    """(dq, dk, dv, dpos, dts) in the inputs' dtypes; q, k, v, out, dout in the compute dtype.
+
+    With grad mode on (double backward: create_graph=True) every op is out of place and one
+    piece of work runs in this thread, so autograd can record it."""
+    spec, cd = p.spec, p.cdtype
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    softmax = spec.score == "softmax"
+    inplace = not torch.is_grad_enabled()
+    dev = q.device
+    dq = _empty(q.shape, dtype=cd, device=dev)
+    tasks, parts = _backward_tasks(p, hkv, g, split=inplace)
+    dk_parts = torch.zeros(parts, hkv, k.shape[0], k.shape[2], dtype=cd, device=dev)
+    dv_parts = torch.zeros(parts, hkv, v.shape[0], v.shape[2], dtype=cd, device=dev)
+    # the bias weights collect gradient from every pair of every tile: float64 sums, one per piece
+    dpos = torch.zeros((len(tasks),) + pos_w.shape, dtype=torch.float64, device=dev) if pos_w is not None else None
+    dts = torch.zeros((len(tasks),) + ts_w.shape, dtype=torch.float64, device=dev) if ts_w is not None else None
+    # SiLU's 1/n and dropout's 1/(1-p) multiply P where it meets V: fold them into dO once
+    post = (p.silu_scale if spec.score == "silu" else 1.0) / (1.0 - spec.dropout_p)
+    if softmax:
+        # delta_i = sum_j p_ij dp_ij = dO_i . O_i; a gradient on lse enters as -dlse (dlse/ds = p)
+        delta = (dout * out).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(cd).t()
+        neg_lse = -torch.where(torch.isinf(lse), 0.0, lse).t()  # (Tq, Hq); empty rows: their s are all -inf
+    kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk)
+    k_all = k.transpose(0, 1)  # (Hkv, Tk, D)
+    vt_all = v.permute(1, 2, 0)  # (Hkv, Dv, Tk)
+    grads_out = {}
+
+    def run_task(_, ti):
+        t = tasks[ti]
+        hd = t.hd
+        dk_acc, dv_acc = dk_parts[t.part, hd.h0 : hd.h1], dv_parts[t.part, hd.h0 : hd.h1]
+        for bi in t.blocks:
+            dk_acc, dv_acc = _backward_block(bi, hd, dk_acc, dv_acc, ti)
+        if not inplace:
+            grads_out["dk"], grads_out["dv"] = dk_acc, dv_acc
+
+    def _backward_block(bi, hd, dk_acc, dv_acc, ti):
+        blk, chunks = p.blocks[bi], p.chunks[bi]
+        m = blk.q1 - blk.q0
+        qt = _q_tile(q, blk, hd) * spec.scale
+        gm = qt.shape[1]
+        do = _q_tile(dout, blk, hd)  # (nh, G*m, Dv)
+        do = do * post if post != 1.0 else do
         dqt = torch.zeros_like(qt)
+        rows = _dropout_rows(p, blk, hd)
         if softmax:
-            lse_t = _rows_to_tile(lse_safe, blk, hkv).to(cd)
-            delta_t = _rows_to_tile(delta, blk, hkv)
+            row_add = _rows_to_tile(neg_lse, blk, hd)
+            delta_t = _rows_to_tile(delta, blk, hd)
+        else:
+            row_add = _rows_to_tile(p.row_bias.view(-1, 1).expand(-1, hq), blk, hd) if p.row_bias is not None else None
         for c0, c1, kind in chunks:
             n = c1 - c0
-            s, mask, tanh = _scores(p, qt, k, blk, c0, c1, kind, pos_w, ts_w)
-            vt = v[c0:c1].to(cd).transpose(0, 1)  # (Hkv, n, Dv)
-            dp = torch.bmm(do, vt.transpose(1, 2))  # (Hkv, G*m, n)
+            tile = _tile(p, blk, c0, c1, kind, hd)
+            s, tanh = _scores(p, qt, kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, pos_w, ts_w, row_add)
+            dp = torch.bmm(do, vt_all[hd.h0 : hd.h1, :, c0:c1])  # (nh, G*m, n)
+            drop = _dropped(p, rows, tile) if rows is not None else None
+            if drop is not None:
+                dp = dp.view(hd.n, hd.g, m, n).masked_fill(drop, 0.0).view(hd.n, gm, n)
             if softmax:
-                if mask is not None:
-                    s = s.masked_fill(~mask, -math.inf)
-                pt = torch.exp(s.view(hkv, -1, n) - lse_t)
-                ds = pt * (dp - delta_t)
+                if tile.allowed is not None:
+                    s = s.masked_fill_(~tile.allowed, -math.inf) if inplace else s.masked_fill(~tile.allowed, -math.inf)
+                pt = (s.exp_() if inplace else s.exp()).view(hd.n, gm, n)  # P = exp(s - lse)
+                ds = dp.sub_(delta_t).mul_(pt) if inplace else (dp - delta_t) * pt
             else:
-                pt, dact = _activate_with_grad(p, s, blk)
-                if mask is not None:
-                    pt = pt.masked_fill(~mask, 0.0)
-                    dact = dact.masked_fill(~mask, 0.0)
-                pt = pt.view(hkv, -1, n)
-                ds = dp * dact.view(hkv, -1, n)
-            dv[c0:c1] += torch.bmm(pt.transpose(1, 2), do).transpose(0, 1)
+                pt, dact = _activate_with_grad(p, s, inplace)
+                pt, dact = pt.view(hd.n, gm, n), dact.view(hd.n, gm, n)
+                ds = dp.mul_(dact) if inplace else dp * dact
+            if tile.allowed is not None:  # exact zeros, whatever a disallowed pair computed
+                mask = ~tile.allowed.expand(hd.n, hd.g, m, n).reshape(hd.n, gm, n)
+                ds = ds.masked_fill_(mask, 0.0) if inplace else ds.masked_fill(mask, 0.0)
+                if not softmax:
+                    pt = pt.masked_fill_(mask, 0.0) if inplace else pt.masked_fill(mask, 0.0)
+            if drop is not None:
+                pt = pt.view(hd.n, hd.g, m, n).masked_fill(drop, 0.0).view(hd.n, gm, n)
+            dv_acc = _add_into(dv_acc, c0, c1, pt.transpose(1, 2), do, inplace)
             if dpos is not None:
                 _, rel, bucket = _rab_tile(p, blk, c0, c1, pos_w, ts_w)
-                g = ds.view(hq, m, n).double()
-                g = g.sum(0, keepdim=True) if dpos.shape[0] == 1 else g
-                dpos.index_add_(1, rel.flatten(), g.reshape(g.shape[0], -1))
-                dts.index_add_(1, bucket.flatten(), g.reshape(g.shape[0], -1))
+                gr = ds.view(hd.n * hd.g, m, n).double()
+                if dpos.shape[1] == 1:
+                    dpos[ti].index_add_(1, rel.flatten(), gr.sum(0, keepdim=True).reshape(1, -1))
+                    dts[ti].index_add_(1, bucket.flatten(), gr.sum(0, keepdim=True).reshape(1, -1))
+                else:
+                    dpos[ti, hd.q].index_add_(1, rel.flatten(), gr.reshape(gr.shape[0], -1))
+                    dts[ti, hd.q].index_add_(1, bucket.flatten(), gr.reshape(gr.shape[0], -1))
             if tanh is not None:
-                ds = ds * (1 - tanh * tanh).view(hkv, -1, n)
-            kt = k[c0:c1].to(cd).transpose(0, 1)  # (Hkv, n, D)
-            dqt.baddbmm_(ds, kt)
-            dk[c0:c1] += torch.bmm(ds.transpose(1, 2), qt).transpose(0, 1)
-        dq[blk.q0 : blk.q1] = _q_untile(dqt * spec.scale, m, hq)
-    grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
-    grads += [dpos.to(pos_w.dtype), dts.to(ts_w.dtype)] if dpos is not None else [None, None]
+                ds = ds * (1 - tanh * tanh).view(hd.n, gm, n)
+            dqt = dqt.baddbmm_(ds, k_all[hd.h0 : hd.h1, c0:c1]) if inplace else torch.baddbmm(dqt, ds, k_all[hd.h0 : hd.h1, c0:c1])
+            dk_acc = _add_into(dk_acc, c0, c1, ds.transpose(1, 2), qt, inplace)
+        dq[blk.q0 : blk.q1, hd.q] = _q_untile(dqt * spec.scale, m)
+        return dk_acc, dv_acc
+
+    torch_threads.run(run_task, range(len(tasks)), device=dev, threads=None if inplace else 1)
+    if inplace:
+        dk, dv = dk_parts.sum(0) if parts > 1 else dk_parts[0], dv_parts.sum(0) if parts > 1 else dv_parts[0]
+    else:
+        dk, dv = grads_out["dk"], grads_out["dv"]
+    grads = [dq.to(p.call.q.dtype), dk.transpose(0, 1).to(p.call.k.dtype), dv.transpose(0, 1).to(p.call.v.dtype)]
+    grads += [dpos.sum(0).to(pos_w.dtype), dts.sum(0).to(ts_w.dtype)] if pos_w is not None else [None, None]
     return grads
+
+
+def _add_into(acc: torch.Tensor, c0: int, c1: int, a: torch.Tensor, b: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """acc[:, c0:c1] += a @ b for an (nh, Tk, D) accumulator (out of place in grad mode)."""
+    if inplace:
+        acc[:, c0:c1].baddbmm_(a, b)
+        return acc
+    return acc.index_add(1, torch.arange(c0, c1, device=a.device), torch.bmm(a, b))
+
+
+def _backward_nan(p: _Plan, bq, bk, bv, bdo, bad_delta, bad_lse, grads) -> None:
+    """Write NaN into the gradients that touch a non-finite value (the reference's rule)."""
+    hq, hkv = bq.shape[1], bk.shape[1]
+    hd = _Heads(0, hkv, hkv, hq // hkv)
+    g = hd.g
+    softmax = p.spec.score == "softmax"
+    cd = p.cdtype
+    bad_dq = torch.zeros(bq.shape, dtype=torch.bool, device=bq.device)  # (Tq, Hq)
+    bad_dk = torch.zeros(bk.shape, dtype=torch.bool, device=bq.device)  # (Tk, Hkv)
+    bad_dv = torch.zeros(bv.shape, dtype=torch.bool, device=bq.device)  # (Tk, Hkv, Dv)
+    counts = [torch.zeros(w.shape, dtype=torch.float64, device=bq.device) for w in grads[3:] if w is not None]
+    bv_any = bv.any(-1)
+    bdo_any = bdo.any(-1)  # (Tq, Hq)
+    for blk, chunks in zip(p.blocks, p.chunks):
+        m = blk.q1 - blk.q0
+        row_bad = _rows_to_tile(bdo_any | bad_delta if softmax else bdo_any, blk, hd).view(hkv, g, m, 1)
+        rows_lse = _rows_to_tile(bad_lse, blk, hd).view(hkv, g, m, 1) if softmax else None
+        bq_t = _rows_to_tile(bq, blk, hd).view(hkv, g, m, 1)
+        do_t = _q_tile(bdo.to(cd), blk, hd)  # (Hkv, G*m, Dv)
+        for c0, c1, kind in chunks:
+            n = c1 - c0
+            tile = _tile(p, blk, c0, c1, kind, hd)
+            allowed = _allowed_full(tile, hd, m, n, bq.device)
+            if softmax:
+                bad_p = allowed & rows_lse
+            else:
+                scores = bq_t | bk[c0:c1].t().view(hkv, 1, 1, n)
+                bad_p = allowed & (scores | tile.bad if tile.bad is not None else scores)
+            bad_ds = allowed & (bad_p | row_bad | bv_any[c0:c1].t().view(hkv, 1, 1, n))
+            bad_dq[blk.q0 : blk.q1] |= _q_untile(bad_ds.any(-1).view(hkv, -1, 1), m).squeeze(-1)
+            bad_dk[c0:c1] |= bad_ds.any(-2).any(1).t()
+            via_do = torch.bmm(allowed.to(cd).view(hkv, -1, n).transpose(1, 2), do_t) > 0  # (Hkv, n, Dv)
+            bad_dv[c0:c1] |= (via_do | bad_p.any(-2).any(1).unsqueeze(-1)).transpose(0, 1)
+            if counts:
+                rel, bucket = _rab_indices(p, blk, c0, c1)
+                c = bad_ds.reshape(hq, m, n).double()
+                c = c.sum(0, keepdim=True) if counts[0].shape[0] == 1 else c
+                counts[0].index_add_(1, rel.flatten(), c.reshape(c.shape[0], -1))
+                counts[1].index_add_(1, bucket.flatten(), c.reshape(c.shape[0], -1))
+    grads[0].masked_fill_(bad_dq.unsqueeze(-1), math.nan)
+    grads[1].masked_fill_(bad_dk.unsqueeze(-1), math.nan)
+    grads[2].masked_fill_(bad_dv, math.nan)
+    for grad, c in zip(grads[3:], counts):
+        grad.masked_fill_(c > 0, math.nan)
+
+
+# ------------------------------------------------------------------------------ autograd
+
+
+@dataclass
+class _Inputs:
+    """q, k, v in the compute dtype, with any NaN/Inf replaced by 0, and the flags of where they were."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bad: Optional[tuple] = None  # (bq (Tq, Hq), bk (Tk, Hkv), bv (Tk, Hkv, Dv)) bool, when any is set
+
+    @classmethod
+    def of(cls, p: _Plan, q, k, v) -> "_Inputs":
+        cd = p.cdtype
+        if _all_finite(q, k, v) and not p.mask_has_bad:
+            return cls(q.to(cd), k.to(cd), v.to(cd))
+        bv = ~torch.isfinite(v)
+        bad = (~torch.isfinite(q).all(-1), ~torch.isfinite(k).all(-1), bv)
+        return cls(_zero_nonfinite(q).to(cd), _zero_nonfinite(k).to(cd), v.masked_fill(bv, 0).to(cd), bad)
 
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_w, ts_w, plan: _Plan):
-        out, lse = _forward(plan, q, k, v, pos_w, ts_w)
+        x = _Inputs.of(plan, q, k, v)
+        out, lse = _forward(plan, x.q, x.k, x.v, pos_w, ts_w)
+        if x.bad is not None:
+            _forward_nan(plan, *x.bad, out, lse)
         ctx.save_for_backward(q, k, v, out, lse, pos_w, ts_w)
         ctx.plan = plan
         if plan.spec.score != "softmax":
@@ -264,8 +663,37 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, pos_w, ts_w = ctx.saved_tensors
-        dq, dk, dv, dpos, dts = _backward(ctx.plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w)
-        return dq, dk, dv, dpos, dts, None
+        return (*_backward_any(ctx.plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w), None)
+
+
+def _backward_any(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
+    """The backward pass for inputs in the caller's dtypes, non-finite values included."""
+    cd = p.cdtype
+    x = _Inputs.of(p, q, k, v)
+    if dlse is not None and p.spec.score != "softmax":
+        dlse = None
+    if x.bad is None and _all_finite(dout, dlse):
+        return _backward(p, x.q, x.k, x.v, out.to(cd), lse, dout.to(cd), dlse, pos_w, ts_w)
+    bq, bk, bv = x.bad if x.bad is not None else (
+        torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device),
+        torch.zeros(k.shape[:2], dtype=torch.bool, device=q.device),
+        torch.zeros(v.shape, dtype=torch.bool, device=q.device),
+    )
+    bdo = ~torch.isfinite(dout)
+    softmax = p.spec.score == "softmax"
+    bad_delta = bad_lse = None
+    if softmax:
+        # delta_i = dO_i . O_i - dlse_i is bad where any of them is non-finite
+        bad_delta = bdo.any(-1) | ~torch.isfinite(out).all(-1)
+        if dlse is not None:
+            bad_delta |= ~torch.isfinite(dlse).t()
+        bad_lse = lse.isnan().t()  # rows with a bad score: the forward wrote NaN there
+        lse = torch.where(lse.isnan() | (lse == math.inf), 0.0, lse)
+        dlse = _zero_nonfinite(dlse) if dlse is not None else None
+    grads = _backward(p, x.q, x.k, x.v, _zero_nonfinite(out).to(cd), lse, dout.masked_fill(bdo, 0).to(cd), dlse,
+                      pos_w, ts_w)
+    _backward_nan(p, bq, bk, bv, bdo, bad_delta, bad_lse, grads)
+    return grads
 
 
 def attention(spec: Spec, call: Call) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -281,6 +709,13 @@ def attention(spec: Spec, call: Call) -> tuple[torch.Tensor, Optional[torch.Tens
 def block_backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torch.Tensor], dout: torch.Tensor):
     """(dq, dk, dv) in the caller's layout for this call's keys, given the output and (softmax)
     lse of the whole attention in the caller's layout (see backends.backward)."""
+    return backward(spec, call, out, lse, dout)
+
+
+def backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torch.Tensor], dout: torch.Tensor,
+             dlse: Optional[torch.Tensor] = None):
+    """(dq, dk, dv) in the caller's layout from out, lse (softmax), dout and dlse in the caller's
+    layout: the tiled backward of any call without a relative bias."""
     q, k, v = call.packed()
     plan = _Plan.build(spec, call)
     if call.dense:
@@ -288,11 +723,12 @@ def block_backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torc
         out_p = out.reshape(b * n, out.shape[2], out.shape[3])
         dout_p = dout.reshape(b * n, dout.shape[2], dout.shape[3])
         lse_p = lse.transpose(0, 1).reshape(lse.shape[1], b * n) if lse is not None else None
+        dlse = dlse.transpose(0, 1).reshape(dlse.shape[1], b * n) if dlse is not None else None
     else:
         out_p, dout_p, lse_p = out, dout, lse
     if lse_p is None:
         lse_p = q.new_empty(0, dtype=plan.cdtype)
-    dq, dk, dv, _, _ = _backward(plan, q, k, v, out_p, lse_p.to(plan.cdtype), dout_p, None, None, None)
+    dq, dk, dv, _, _ = _backward_any(plan, q, k, v, out_p, lse_p.to(plan.cdtype), dout_p, dlse, None, None)
     if call.dense:
         dq, dk, dv = dq.view(call.q.shape), dk.view(call.k.shape), dv.view(call.v.shape)
     return dq, dk, dv

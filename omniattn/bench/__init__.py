@@ -31,7 +31,8 @@ def _row(case: Case, impl: str, ms: Optional[float], err: Optional[float], peak:
         "head_dim": case.head_dim,
         "causal": case.causal,
         "ms": None if ms is None else round(ms, 4),
-        "tflops": None if not ms else round(case.flops() / (ms * 1e-3) / 1e12, 2),
+        # three significant digits, not two decimals: a CPU's 0.004 TFLOPS must not round to 0
+        "tflops": None if not ms else float(f"{case.flops() / (ms * 1e-3) / 1e12:.3g}"),
         "max_err": None if err is None else float(f"{err:.3g}"),
     }
     if case.kv_heads:
@@ -47,10 +48,11 @@ def _row(case: Case, impl: str, ms: Optional[float], err: Optional[float], peak:
 
 
 def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]] = None, progress: bool = True,
-              on_rows=None) -> list[dict]:
+              on_rows=None, extra: Optional[dict] = None) -> list[dict]:
     """Time every usable implementation on every case; a failing implementation gives a row with
     its error message instead of stopping the run. ``on_rows(rows)`` is called after each case
-    (the CLI rewrites its JSON there, so an interrupted run keeps what it measured)."""
+    (the CLI prints the case's rows and rewrites its JSON and plot there, so an interrupted run
+    keeps what it measured). ``extra``: keys added to every row (e.g. threads, background_load)."""
     plan = [(case, impls_for(case, device, only)) for case in cases]
     bar = Progress(sum(len(i) for _, i in plan)) if progress else None
     rows = []
@@ -68,20 +70,23 @@ def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]]
                 fn = step(runner, case, dout)
                 ms = time_ms(fn, device, runner.leaves)
                 peak = peak_memory_mb(fn, device, runner.leaves)
-                extra = {}
+                info = {}
                 if impl.name == "omniattn":
                     from ..backends import resolve_for_tensor
 
-                    extra["backend"] = resolve_for_tensor(x.q)
-                rows.append(_row(case, impl.name, ms, err, peak, **extra))
+                    info["backend"] = resolve_for_tensor(x.q)
+                rows.append(_row(case, impl.name, ms, err, peak, **info, **(extra or {})))
             except Exception as e:  # keep the run going; the row says what broke
-                rows.append(_row(case, impl.name, None, None, None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                rows.append(_row(case, impl.name, None, None, None, **(extra or {}),
+                                 error=f"{type(e).__name__}: {str(e)[:200]}"))
             finally:
                 runner = fn = None
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if on_rows:
+            if bar:
+                bar.clear()
             on_rows(rows)
     if bar:
         bar.close()

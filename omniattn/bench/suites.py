@@ -69,7 +69,10 @@ def cpu_default() -> list[Case]:
     cases = _grid(ops, [(1, 1024), (1, 4096)], 8, 64, "fp32", modes=("fwd",))
     cases += _grid(ops, [(1, 1024)], 8, 64, "fp32", modes=("fwdbwd",))
     cases.append(Case("softmax", 1, 16384, 8, 64, False, "fwd", "fp32"))
-    return sorted(cases, key=lambda c: (c.op, c.mode, c.seqlen, c.causal))
+    # Shapes outermost and softmax first within a shape: each problem's rows print as they finish,
+    # and sigmoid/silu rows are compared with SDPA's softmax time of their shape, measured just before.
+    op_rank = {"softmax": 0, "sigmoid": 1, "silu": 2}
+    return sorted(cases, key=lambda c: (c.seqlen > 4096, c.mode, c.seqlen, c.causal, op_rank.get(c.op, 3)))
 
 
 def smoke() -> list[Case]:

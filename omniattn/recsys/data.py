@@ -7,6 +7,7 @@ the validation target, the rest is training history.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
@@ -20,6 +21,10 @@ import torch
 
 RECBOLE_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+class DataError(ValueError):
+    """A data file that is not what its loader expects; the message is ``path:line: expected ..., found ...``."""
 
 
 @dataclass
@@ -36,7 +41,7 @@ class Interactions:
         return len(self.items)
 
 
-def _from_triples(name: str, triples, min_len: int = 3) -> Interactions:
+def _from_triples(name: str, triples, min_len: int = 3, source: Optional[str] = None) -> Interactions:
     """(user, item, timestamp) rows -> sequences sorted by time (ties keep file order), items remapped
     densely in order of first appearance, users with fewer than ``min_len`` interactions dropped."""
     by_user: dict = {}
@@ -52,88 +57,221 @@ def _from_triples(name: str, triples, min_len: int = 3) -> Interactions:
         items.append(torch.tensor(seq, dtype=torch.int64))
         times.append(torch.tensor([int(ts) for ts, _, _ in events], dtype=torch.int64))
     if not items:
-        raise ValueError(f"{name}: no user has {min_len} or more interactions")
+        raise DataError(f"{source or name}: expected users with {min_len} or more interactions, found none "
+                        f"({len(by_user)} users)")
     return Interactions(name, len(item_ids), items, times)
 
 
-def parse_recbole_inter(text: str, name: str = "ml-100k") -> Interactions:
-    """RecBole's atomic .inter format: a tab-separated header of ``field:type`` names, then rows."""
-    rows = text.splitlines()
+def _bad(source: str, line: int, expected: str, found: str) -> DataError:
+    return DataError(f"{source}:{line}: expected {expected}, found {found}")
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A line as it appears in a message: quoted, cut to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _separator_hint(line: str, sep: str) -> str:
+    """Why a line splits into too few fields, when the reason is another separator."""
+    for other, name in (("\t", "tabs"), (",", "commas"), ("::", "'::'"), (";", "semicolons")):
+        if other != sep and other in line:
+            return f" (separated by {name}?)"
+    return ""
+
+
+def _split(source: str, line_no: int, line: str, sep: str, names: tuple) -> list:
+    """The fields of one row; a row with too few fields is an error that shows the row."""
+    fields = line.rstrip("\r\n").split(sep)
+    if len(fields) < len(names):
+        sep_name = {"\t": "tab", "::": "'::'", ",": "comma"}.get(sep, repr(sep))
+        raise _bad(source, line_no, f"{len(names)} {sep_name}-separated fields ({', '.join(names)})",
+                   f"{len(fields)}: {_shown(line.rstrip())}{_separator_hint(line, sep)}")
+    return fields
+
+
+def _number(source: str, line_no: int, field: str, text: str, integral: bool = True) -> int:
+    """An id or a timestamp: an integer (``integral``) or any number, truncated to an int."""
+    try:
+        return int(text) if integral else int(float(text))
+    except ValueError:
+        kind = "an integer" if integral else "a number"
+        raise _bad(source, line_no, f"{kind} {field}", _shown(text)) from None
+
+
+def _read_text(path: str, what: str, encoding: str = "utf-8") -> str:
+    """A whole (small) data file; a missing or unreadable one is a DataError that says what was wanted."""
+    with _open_data(path, what, encoding) as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def _open_data(path: str, what: str, encoding: str = "utf-8"):
+    """A data file opened for reading line by line (MovieLens-20M has 20M lines: never all in
+    memory); opening and decoding failures become DataErrors that say what the file should be."""
+    try:
+        f = open(path, encoding=encoding, newline="")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (expected {what})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder (expected {what})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
+        try:
+            yield f
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: expected {what} as {encoding} text, found undecodable bytes") from None
+
+
+def _nonempty_lines(text: str, source: str, what: str):
+    """(line number, line) of every non-blank line; an empty file is an error."""
+    rows = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not rows:
-        raise ValueError(f"{name}: empty .inter file")
-    header = [h.split(":")[0] for h in rows[0].split("\t")]
+        raise _bad(source, 1, what, "an empty file")
+    return rows
+
+
+def parse_recbole_inter(text: str, name: str = "ml-100k", source: Optional[str] = None) -> Interactions:
+    """RecBole's atomic .inter format: a tab-separated header of ``field:type`` names, then rows.
+    ``source`` names the file in error messages (default: ``name``)."""
+    source = source or name
+    rows = _nonempty_lines(text, source, "a RecBole .inter file (a tab-separated header, then rows)")
+    header_no, header_line = rows[0]
+    header = [h.split(":")[0].strip() for h in header_line.split("\t")]
     for needed in ("user_id", "item_id", "timestamp"):
         if needed not in header:
-            raise ValueError(f"{name}: .inter header lacks {needed!r} (got {header})")
+            raise _bad(source, header_no, "a tab-separated header with user_id, item_id and timestamp fields",
+                       f"{_shown(header_line)}{_separator_hint(header_line, chr(9))}")
     u, i, t = header.index("user_id"), header.index("item_id"), header.index("timestamp")
+    names = tuple(header[: max(u, i, t) + 1])
     triples = []
-    for line in rows[1:]:
-        if line.strip():
-            f = line.split("\t")
-            triples.append((int(f[u]), int(f[i]), int(float(f[t]))))
-    return _from_triples(name, triples)
+    for n, line in rows[1:]:
+        f = _split(source, n, line, "\t", names)
+        triples.append((_number(source, n, "user_id", f[u]), _number(source, n, "item_id", f[i]),
+                        _number(source, n, "timestamp", f[t], integral=False)))
+    return _from_triples(name, triples, source=source)
 
 
 def _cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "omniattn")
 
 
-def find_recbole_wheel(path: Optional[str] = None, download: bool = True) -> str:
+RECBOLE_WHEEL_MB = 2.1  # recbole-1.2.1-py3-none-any.whl is 2,130,151 bytes
+
+
+def find_recbole_wheel(path: Optional[str] = None, download: bool = True, log=sys.stderr) -> str:
     """The recbole wheel: ``path`` (a wheel or a folder holding one), else the cache, else
-    ``pip download --no-deps recbole==1.2.1`` into the cache."""
+    ``pip download --no-deps recbole==1.2.1`` into the cache (saying so on ``log`` first)."""
     candidates = []
     if path:
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file or folder (expected the recbole wheel, a folder holding it, "
+                            "or an ml-100k .inter file)")
         candidates = [path] if path.endswith(".whl") else glob.glob(os.path.join(path, "recbole-*.whl"))
     else:
         candidates = glob.glob(os.path.join(_cache_dir(), "recbole-*.whl"))
     if candidates:
         return sorted(candidates)[-1]
     if path or not download:
-        raise FileNotFoundError(f"no recbole wheel at {path or _cache_dir()}; get it with "
-                                f"`pip download --no-deps {RECBOLE_WHEEL} -d DIR`")
+        raise DataError(f"{path or _cache_dir()}: no recbole wheel there; get it with "
+                        f"`pip download --no-deps {RECBOLE_WHEEL} -d DIR`")
     os.makedirs(_cache_dir(), exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", RECBOLE_WHEEL, "-d", _cache_dir()],
-                   check=True)
+    # Say what is fetched before fetching it: a user on a metered or offline machine should know.
+    print(f"MovieLens-100K: downloading the {RECBOLE_WHEEL} wheel ({RECBOLE_WHEEL_MB} MB, from the package index "
+          f"pip uses, PyPI by default) into {_cache_dir()}; it ships the data set as "
+          f"{ML100K_MEMBER}", file=log, flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", RECBOLE_WHEEL, "-d",
+                           _cache_dir()])
+    if done.returncode != 0:
+        raise DataError(f"pip download {RECBOLE_WHEEL} failed (exit {done.returncode}); download it on a machine "
+                        f"with network access (`pip download --no-deps {RECBOLE_WHEEL} -d DIR`) and pass "
+                        "--dataset ml-100k:DIR")
     return find_recbole_wheel(None, download=False)
+
+
+def _wheel_member(wheel: str) -> str:
+    """The ml-100k .inter text inside the recbole wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(ML100K_MEMBER).decode()
+    except zipfile.BadZipFile:
+        raise DataError(f"{wheel}: expected the recbole wheel (a zip file), found something else") from None
+    except KeyError:
+        raise DataError(f"{wheel}: expected a recbole wheel holding {ML100K_MEMBER}, found none") from None
 
 
 def movielens_100k(path: Optional[str] = None) -> Interactions:
     """MovieLens-100K from the recbole wheel (``path``: the wheel, a folder with it, or an .inter file)."""
     if path and path.endswith(".inter"):
-        with open(path) as f:
-            return parse_recbole_inter(f.read())
-    with zipfile.ZipFile(find_recbole_wheel(path)) as wheel:
-        return parse_recbole_inter(wheel.read(ML100K_MEMBER).decode())
+        return parse_recbole_inter(_read_text(path, "a RecBole .inter file"), source=path)
+    wheel = find_recbole_wheel(path)
+    return parse_recbole_inter(_wheel_member(wheel), source=f"{wheel}[{ML100K_MEMBER}]")
+
+
+ML1M_FIELDS = ("UserID", "MovieID", "Rating", "Timestamp")
 
 
 def movielens_1m(path: str) -> Interactions:
     """MovieLens-1M ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``); ``path``: the file or its folder."""
     if os.path.isdir(path):
         path = os.path.join(path, "ratings.dat")
-    triples = []
-    with open(path, encoding="latin-1") as f:
-        for line in f:
-            if line.strip():
-                user, item, _, ts = line.strip().split("::")
-                triples.append((int(user), int(item), int(ts)))
-    return _from_triples("ml-1m", triples)
+    triples, n = [], 0
+    with _open_data(path, "MovieLens-1M ratings.dat", encoding="latin-1") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            user, item, _, ts = _split(path, n, line.strip(), "::", ML1M_FIELDS)[:4]
+            triples.append((_number(path, n, "UserID", user), _number(path, n, "MovieID", item),
+                            _number(path, n, "Timestamp", ts)))
+    if not triples:
+        raise _bad(path, 1, "UserID::MovieID::Rating::Timestamp rows", "an empty file")
+    return _from_triples("ml-1m", triples, source=path)
+
+
+ML20M_FIELDS = ("userId", "movieId", "rating", "timestamp")
+
+
+def _csv_header(path: str, reader) -> tuple:
+    """(column of userId, of movieId, of timestamp, fields a row needs) from the first non-blank row."""
+    header = next((row for row in reader if any(c.strip() for c in row)), None)
+    if header is None:
+        raise _bad(path, 1, "a CSV header userId,movieId,rating,timestamp, then rows",
+                   "an empty file")
+    names = [h.strip() for h in header]
+    if any(name not in names for name in ("userId", "movieId", "timestamp")):
+        line = ",".join(header)
+        raise _bad(path, reader.line_num, "a comma-separated header with userId, movieId and timestamp",
+                   f"{_shown(line)}{_separator_hint(line, ',')}")
+    u, i, t = names.index("userId"), names.index("movieId"), names.index("timestamp")
+    return u, i, t, tuple(names[: max(u, i, t) + 1])
 
 
 def movielens_20m(path: str) -> Interactions:
     """MovieLens-20M ``ratings.csv`` (``userId,movieId,rating,timestamp``); ``path``: the file or its folder."""
     if os.path.isdir(path):
         path = os.path.join(path, "ratings.csv")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        triples = [(int(r["userId"]), int(r["movieId"]), int(r["timestamp"])) for r in reader]
-    return _from_triples("ml-20m", triples)
+    triples = []
+    with _open_data(path, "MovieLens-20M ratings.csv") as f:
+        reader = csv.reader(f)
+        u, i, t, names = _csv_header(path, reader)
+        for row in reader:
+            n = reader.line_num
+            if len(row) < len(names):
+                if not any(c.strip() for c in row):
+                    continue
+                _split(path, n, ",".join(row), ",", names)  # raises, with the row and a separator hint
+            triples.append((_number(path, n, "userId", row[u]), _number(path, n, "movieId", row[i]),
+                            _number(path, n, "timestamp", row[t])))
+    return _from_triples("ml-20m", triples, source=path)
 
 
-def synthetic(num_users: int = 600, num_items: int = 200, length: tuple = (15, 60), branching: int = 3,
+def synthetic(num_users: int = 600, num_items: int = 2000, length: tuple = (15, 60), branching: int = 3,
               noise: float = 0.1, seed: int = 0) -> Interactions:
     """Users walk a sparse Markov chain over items: each item has ``branching`` likely successors,
     taken with probability 1 - noise (else a uniform item). Next-item structure a sequential model
-    can learn and a popularity ranking cannot; timestamps grow by random gaps."""
+    can learn and a popularity ranking cannot; timestamps grow by random gaps. The catalogue is
+    ten times the largest cutoff (HR@200), so that no metric is 1.0 by construction: with 200
+    items every ranking put every target in its top 200."""
     gen = torch.Generator().manual_seed(seed)
     successors = torch.randint(1, num_items + 1, (num_items + 1, branching), generator=gen)
     items, times = [], []
@@ -160,7 +298,7 @@ def load(spec: str) -> Interactions:
         return movielens_100k(path or None)
     if name in ("ml-1m", "ml-20m"):
         if not path:
-            raise ValueError(f"--dataset {name}:PATH: give the folder (or file) of the MovieLens download")
+            raise ValueError(f"dataset: {name} needs the folder (or file) of the MovieLens download: {name}:PATH")
         return movielens_1m(path) if name == "ml-1m" else movielens_20m(path)
     raise ValueError(f"dataset: expected synthetic, ml-100k[:PATH], ml-1m:PATH or ml-20m:PATH, got {spec!r}")
 

@@ -5,7 +5,11 @@ HR@K / NDCG@K on leave-one-out splits.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -186,27 +190,171 @@ class Trainer:
     # checkpoints --------------------------------------------------------------------------
 
     def save(self, path: str) -> None:
-        torch.save(dict(config=asdict(self.cfg), dataset=self.data.name, dataset_spec=self.dataset_spec,
-                        num_items=self.data.num_items,
-                        model=self.model.state_dict(), optimizer=self.opt.state_dict(), state=asdict(self.state),
-                        best_weights=self.best_weights, rng=self.gen.get_state()), path)
+        """Atomically: a crash during the save leaves the previous checkpoint at ``path`` intact."""
+        save_checkpoint(path, dict(config=asdict(self.cfg), dataset=self.data.name, dataset_spec=self.dataset_spec,
+                                   num_items=self.data.num_items, model=self.model.state_dict(),
+                                   optimizer=self.opt.state_dict(), state=asdict(self.state),
+                                   best_weights=self.best_weights, rng=self.gen.get_state()))
 
     def load(self, path: str) -> None:
-        ckpt = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        ckpt = load_checkpoint(path, self.cfg.device)
         if ckpt["num_items"] != self.data.num_items or ckpt["dataset"] != self.data.name:
-            raise ValueError(f"checkpoint: trained on {ckpt['dataset']} ({ckpt['num_items']} items), "
-                             f"not {self.data.name} ({self.data.num_items} items)")
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+            raise CheckpointError(f"{path}: trained on {ckpt['dataset']} ({ckpt['num_items']} items), "
+                                  f"not on {self.data.name} ({self.data.num_items} items)")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:  # shapes of another --dim / --blocks / --heads / --max-len
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this model ({first}); train with the checkpoint's "
+                                  f"settings: {_settings(ckpt['config'])}") from None
         self.state = TrainState(**ckpt["state"])
         self.best_weights = ckpt["best_weights"]
         self.gen.set_state(ckpt["rng"])
 
 
+def _settings(config: dict) -> str:
+    keys = ("model", "dim", "blocks", "heads", "max_len")
+    return " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in keys if k in config)
+
+
 def load_model(path: str, device="cpu"):
     """(model with its best validation weights, config, dataset spec) from a checkpoint."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = load_checkpoint(path, device)
     cfg = TrainConfig(**{**ckpt["config"], "device": str(device)})
     model = build_model(cfg, ckpt["num_items"]).to(device)
     model.load_state_dict(ckpt["best_weights"] or ckpt["model"])
     return model, cfg, ckpt["dataset_spec"]
+
+
+# checkpoint files ---------------------------------------------------------------------------
+#
+# A checkpoint is one header line, then torch.save's bytes:
+#     b"omniattn-checkpoint 1 sha256=<64 hex> bytes=<n>\n" + payload
+# The header's SHA-256 over the payload catches truncation and flipped bytes, which torch.load
+# alone may not notice (a damaged tensor payload still unpickles, into wrong optimizer state).
+# Saves write a temporary file beside the target, fsync it, rename it over the target and fsync
+# the folder: a process killed at any moment leaves either the old or the new checkpoint.
+
+MAGIC = b"omniattn-checkpoint"
+VERSION = 1
+HEADER_LIMIT = 256  # bytes; a first line longer than this is no header of ours
+KEYS = ("config", "dataset", "dataset_spec", "num_items", "model", "optimizer", "state", "best_weights", "rng")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+
+
+def _header(payload: bytes) -> bytes:
+    return b"%s %d sha256=%s bytes=%d\n" % (MAGIC, VERSION, hashlib.sha256(payload).hexdigest().encode(), len(payload))
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); some file systems cannot open a folder: skip."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def partial_path(path: str) -> str:
+    """Where a save in progress writes (a leftover one is the remains of an interrupted save)."""
+    return path + ".partial"
+
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    """Write ``ckpt`` to ``path`` atomically, with a checksum; the previous file stays until the new one is complete."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    payload = buffer.getvalue()
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header(payload))
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
+
+
+def _describe(data: bytes) -> str:
+    """What a file that is no checkpoint of ours looks like, for the error message."""
+    head = data[:40]
+    try:
+        text = head.decode("utf-8")
+        if text.isprintable() or set(text) & set("\n\t"):
+            return f"text starting {text.splitlines()[0][:40]!r}" if text.strip() else "blank text"
+    except UnicodeDecodeError:
+        pass
+    return f"{len(data)} bytes of something else"
+
+
+def _payload(path: str, data: bytes) -> bytes:
+    """The verified torch.save bytes of a checkpoint file (or of a legacy file without a header)."""
+    if not data:
+        raise CheckpointError(f"{path}: empty file, expected an omniattn checkpoint (a save that never completed?)")
+    if data.startswith(b"PK\x03\x04"):  # written by torch.save directly (omniattn before checksums)
+        return data
+    end = data.find(b"\n", 0, HEADER_LIMIT)
+    if end < 0 and len(data) < HEADER_LIMIT and data.startswith(MAGIC[: len(data)]):
+        raise CheckpointError(f"{path}: truncated checkpoint: {len(data)} bytes, the header is cut off")
+    fields = data[:end].split(b" ") if end > 0 else []
+    if len(fields) != 4 or fields[0] != MAGIC:
+        raise CheckpointError(f"{path}: expected an omniattn checkpoint (written by `omniattn recsys train "
+                              f"--checkpoint`), found {_describe(data)}")
+    if fields[1] != str(VERSION).encode():
+        raise CheckpointError(f"{path}: checkpoint format {fields[1].decode(errors='replace')!r}, this omniattn "
+                              f"reads format {VERSION}")
+    try:
+        digest = fields[2].removeprefix(b"sha256=").decode()
+        size = int(fields[3].removeprefix(b"bytes="))
+    except ValueError:
+        raise CheckpointError(f"{path}: damaged checkpoint header {data[:end][:80]!r}") from None
+    payload = data[end + 1:]
+    if len(payload) != size:
+        raise CheckpointError(f"{path}: truncated or extended checkpoint: the header says {size} bytes of data, "
+                              f"the file holds {len(payload)}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"{path}: corrupted checkpoint: the SHA-256 of its {size} bytes of data does not "
+                              "match the one written with them")
+    return payload
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    """A checkpoint written by :func:`save_checkpoint`, verified; every failure is a CheckpointError naming ``path``."""
+    payload = _payload(path, _read_bytes(path))
+    try:
+        # Our own checkpoints hold only tensors, dicts, lists and numbers: the safe unpickler suffices.
+        ckpt = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged data; all mean the same here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first[:160]})") from None
+    missing = [k for k in KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: expected an omniattn recsys checkpoint, found one without {missing}")
+    return ckpt

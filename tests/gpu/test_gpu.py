@@ -110,11 +110,12 @@ def test_compile_inductor_fullgraph():
 
 
 def test_opcheck_on_cuda():
-    from omniattn import _ops  # noqa: F401
+    from omniattn import _ops  # noqa: F401  (registers the ops)
+
+    from ..test_triton import OP_KW, _op_args
 
     gen = torch.Generator().manual_seed(5)
     q = rand((1, 70, 4, 64), torch.bfloat16, gen, DEV).requires_grad_()
     k = rand((1, 90, 2, 64), torch.bfloat16, gen, DEV).requires_grad_()
-    ints = [0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 1]
-    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default,
-                          (q, k, k, None, None, None, None, None, None, None, 70, 90, ints, [0.125, 0.0, 0.0, 1.0]))
+    torch.library.opcheck(torch.ops.omniattn.attention_fwd.default, _op_args(q, k, k, **OP_KW))
+

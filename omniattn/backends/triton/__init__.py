@@ -91,21 +91,43 @@ def _params(spec: Spec, call: Call):
         num_buckets=rab.num_buckets if rab else 0,
         bucket_log=int(rab.bucketization == "log") if rab else 0,
         default_sig_bias=int(spec.sigmoid_bias is None),
+        dropout_seed=call.dropout_seed if spec.dropout_p > 0 else 0,
         scale=spec.scale,
         softcap=spec.softcap,
         sigmoid_bias=spec.sigmoid_bias or 0.0,
         silu_scale=1.0 / norm,
+        dropout_p=spec.dropout_p,
     )
 
 
 def launch_params(spec: Spec, call: Call):
-    """The launcher's scalars and its optional tensors (cu_q, cu_k, alibi, num_targets, pos_w, ts_w, timestamps)."""
+    """The launcher's scalars (launch.Params) and optional tensors (launch.Extras), including the
+    varlen tile schedules of the forward, dQ and dK/dV kernels."""
+    from . import schedule
+    from .configs import bwd_dkdv_config, bwd_dq_config, fwd_config
+    from .launch import Extras
+
     check_inputs(call)
+    p = _params(spec, call)
     rab = call.rab
-    cu_q, cu_k = (None, None) if call.dense else (call.cu_q, call.cu_k)
-    extras = (cu_q, cu_k, call.alibi, call.num_targets, rab.pos_w if rab else None, rab.ts_w if rab else None,
-              rab.timestamps if rab else None)
-    return _params(spec, call), extras
+    tiles = (None, None, None)
+    if not call.dense:
+        dims = max(call.q.shape[-1], call.v.shape[-1])
+        size = call.q.element_size()
+        dev, lq, lk = call.q.device, call.lens_q, call.lens_k
+        fwd = fwd_config(dims, size, p.score, p.causal).block_m
+        dq = bwd_dq_config(dims, size, rab is not None).block_m
+        dkdv = bwd_dkdv_config(dims, size, p.causal).block_n
+        tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, dev),
+                 schedule.tile_list(lq, lk, dq, p.causal, True, dev),
+                 schedule.tile_list(lk, lq, dkdv, p.causal, False, dev))
+    extras = Extras(
+        cu_q=None if call.dense else call.cu_q, cu_k=None if call.dense else call.cu_k, alibi=call.alibi,
+        num_targets=call.num_targets, pos_w=rab.pos_w if rab else None, ts_w=rab.ts_w if rab else None,
+        timestamps=rab.timestamps if rab else None, attn_mask=call.attn_mask,
+        tiles_fwd=tiles[0], tiles_dq=tiles[1], tiles_dkdv=tiles[2],
+    )
+    return p, extras
 
 
 def attention(spec: Spec, call: Call):
@@ -113,6 +135,6 @@ def attention(spec: Spec, call: Call):
     from ... import _ops  # registers the custom ops on first use
 
     p, extras = launch_params(spec, call)
-    out, lse = torch.ops.omniattn.attention_fwd(call.q, call.k, call.v, *extras, call.max_q, call.max_k,
-                                                p.ints(), p.floats())
+    out, lse = torch.ops.omniattn.attention_fwd(*_ops.forward_args(call.q, call.k, call.v, extras, call.max_q,
+                                                                   call.max_k, p))
     return out, (lse if spec.score == "softmax" else None)

@@ -2,8 +2,10 @@
 
 Scores are recomputed from Q and K, never stored. The dK/dV kernel owns one key tile of one
 key/value head and loops over the query heads of its group, so GQA needs no atomics. The dQ kernel
-mirrors the forward pass and also scatters HSTU relative-bias gradients (float64 atomics: the
-weights are tiny and every pair of every tile adds to them).
+mirrors the forward pass and also reduces the HSTU relative-bias gradients, without atomics: each
+tile's position-weight gradient is a sum along its diagonals (the weight depends on j - i only),
+added into the program's own strip of partial sums; its time-bucket gradient lands in a small
+per-program vector. rab_grad_reduce_kernel then sums the strips in a fixed order.
 """
 
 import triton
@@ -14,16 +16,19 @@ from .common import (
     SIGMOID,
     SOFTMAX,
     allowed,
+    dropout_keep,
+    dropout_row_hash,
     key_range,
     modify_scores,
-    query_range,
-    rab_indices,
     next_timestamps,
     query_program,
+    query_range,
+    rab_tile,
     sequence_bounds,
     sequence_constants,
     sigmoid,
     split_range,
+    time_bucket_tile,
 )
 
 
@@ -59,43 +64,48 @@ def attn_bwd_preprocess_kernel(
 @triton.jit
 def _probs_and_dscores(
     qk, dp, ii, jj, lse_or_0, delta_or_0, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+    scale, softcap, slope, sig_bias, silu_scale, rab, mask_ptrs, drop_row, drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """P and dS of one tile (either orientation) from q.k and dP = dO.V; also the allowed mask.
-    dS here is d loss / d score before the softcap chain rule, which the returned ``dcap`` finishes."""
+    """P (as it multiplies V: with dropout applied) and dS of one tile (either orientation) from
+    q.k and dP = dO.V; also the allowed mask. dS here is d loss / d score before the softcap
+    chain rule, which the returned ``dcap`` finishes."""
     s = qk * scale
     t = s * 0.0
+    ok = (ii >= 0) & (jj >= 0)
     if HAS_MODS:
         valid = (ii < lq) & (jj < lk)
-        s, t = modify_scores(s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center,
-                             num_buckets, tgt_start, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
-                             FAST_MATH)
-    ok = (ii >= 0) & (jj >= 0)
+        s, t, mask_ok = modify_scores(s, ii, jj, shift, slope, softcap, rab, mask_ptrs, valid, HAS_SOFTCAP,
+                                      HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
+        if HAS_ATTN_MASK:
+            ok = ok & mask_ok
     if MASKED:
-        ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-                     MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
+        ok = ok & allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
+                          MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
+    if HAS_DROPOUT:  # dP of a dropped pair is 0; a kept one is scaled like P
+        keep = dropout_keep(drop_row, jj, drop_threshold)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     if SCORE == SOFTMAX:
         p = tl.exp2(s * LOG2E - lse_or_0 * LOG2E)
-        if MASKED:
+        if MASKED or HAS_ATTN_MASK:
             p = tl.where(ok, p, 0.0)
         ds = p * (dp - delta_or_0)
     elif SCORE == SIGMOID:
         p = sigmoid(s + sig_bias, FAST_MATH)
         ds = dp * p * (1.0 - p)
-        if MASKED:
-            p = tl.where(ok, p, 0.0)
-            ds = tl.where(ok, ds, 0.0)
     else:
         sig = sigmoid(s, FAST_MATH)
         p = s * sig * silu_scale
         ds = dp * (sig * (1.0 + s * (1.0 - sig)) * silu_scale)
-        if MASKED:
+    if SCORE != SOFTMAX:
+        if MASKED or HAS_ATTN_MASK:
             p = tl.where(ok, p, 0.0)
             ds = tl.where(ok, ds, 0.0)
+    if HAS_DROPOUT:
+        p = tl.where(keep, p * drop_scale, 0.0)
     dcap = 1.0 - t * t
     return p, ds, dcap, ok
 
@@ -104,14 +114,17 @@ def _probs_and_dscores(
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads, drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
+    BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [start, end); tiles are transposed: [BN, BM]."""
     jj = offs_n[:, None]
+    cols_ok = offs_n < lk
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         ii = offs_m[None, :]
@@ -126,17 +139,22 @@ def _dkdv_tiles(
         else:
             lse = 0.0
             delta = 0.0
+        rab = 0.0
         if HAS_RAB:
-            t_next = next_timestamps(ts_base, offs_m, lq)[None, :]
-        else:
-            t_next = 0
+            t_next = next_timestamps(ts_base, offs_m, lq)
+            rab = rab_tile(ii, jj, t_next, t_key, row_ok, cols_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+                           tgt_start, (ii < lq) & (jj < lk), False, HAS_TARGETS, BUCKET_LOG, RAB_FAST)
+        drop_row = 0
+        if HAS_DROPOUT:
+            drop_row = dropout_row_hash(drop_seed, drop_b, drop_h, n_heads, offs_m)[None, :]
         qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM]
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
         p, ds, dcap, _ = _probs_and_dscores(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+            scale, softcap, slope, sig_bias, silu_scale, rab, mask_base + ii * stride_mi + jj * stride_mj,
+            drop_row, drop_threshold, drop_scale,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT, HAS_MODS, FAST_MATH)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
             ds = ds * dcap
@@ -145,27 +163,33 @@ def _dkdv_tiles(
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
-                                "window_left", "window_right"])
+                                "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
+    stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
     seqlen_q, seqlen_k, n_kv_heads, group, head_dim, head_dim_v,
     scale, softcap, sigmoid_bias, silu_scale, window_left, window_right,
-    contextual, max_attn_len, rab_center, num_buckets, tune_len,
-    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
+    contextual, max_attn_len, rab_center, num_buckets, drop_seed, drop_threshold, drop_scale, tune_len,
+    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_kv_heads
-    hk = pid_bh % n_kv_heads
+    if TILE_LIST:  # (tile, kv head), kv heads fastest; TILES holds (sequence, key tile), heaviest first
+        pid = tl.program_id(0)
+        hk = pid % n_kv_heads
+        b = tl.load(TILES + 2 * (pid // n_kv_heads))
+        pid_n = tl.load(TILES + 2 * (pid // n_kv_heads) + 1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_kv_heads
+        hk = pid_bh % n_kv_heads
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
@@ -188,7 +212,7 @@ def attn_bwd_dkdv_kernel(
                                                      HAS_CONTEXT, HAS_TARGETS, DEFAULT_SIG_BIAS)
     ts_base = TS + q_start
     if HAS_RAB:
-        t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)[:, None]
+        t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
     else:
         t_key = 0
 
@@ -212,32 +236,23 @@ def attn_bwd_dkdv_kernel(
             slope = tl.load(ALIBI + b * stride_ab + h)
         pos_w = POS_W + h * stride_pos_h
         ts_w = TS_W + h * stride_ts_h
+        mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
                 max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w,
-                rab_center, num_buckets, tgt_start)
+                TS_THRESH, rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
+                n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)
-        if HAS_CONTEXT:  # contextual rows before the query range see these keys too
-            dk, dv = _dkdv_tiles(dk, dv, *tiles, 0, ctx_end, *args, MASKED=True, BLOCK_M=BLOCK_M,
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_M=BLOCK_M,
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_M=BLOCK_M,
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_M=BLOCK_M,
-                             SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                             HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                             HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+        # contextual rows before the query range (they see these keys too), masked head, unmasked middle, tail
+        for part in tl.static_range(4):
+            if part > 0 or HAS_CONTEXT:
+                dk, dv = _dkdv_tiles(
+                    dk, dv, *tiles, (0, start, mid_lo, mid_hi)[part], (ctx_end, mid_lo, mid_hi, hi)[part], *args,
+                    MASKED=part != 2, BLOCK_M=BLOCK_M, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+                    HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+                    HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
+                    BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    HAS_DROPOUT=HAS_DROPOUT, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
     dk = dk * scale
     out_mask = col_ok[:, None]
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkt + offs_d[None, :],
@@ -247,18 +262,83 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _add_diagonal_sums(x, strip, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """strip[d] += sum_i x[i, d - (BLOCK_M - 1) + i] for d in [0, REL_PAD): the sums of a [BM, BN]
+    tile along its diagonals (d = j - i + BLOCK_M - 1). Gathered CHUNK diagonals at a time, so
+    the gathered [BM, CHUNK] tile stays small in registers."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    for c in tl.static_range(REL_PAD // CHUNK):
+        d = c * CHUNK + tl.arange(0, CHUNK)
+        col = d[None, :] - (BLOCK_M - 1) + rows  # [BM, CHUNK]
+        inside = (col >= 0) & (col < BLOCK_N)
+        picked = tl.gather(x, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
+        sums = tl.sum(tl.where(inside, picked, 0.0), 0)
+        tl.store(strip + d, tl.load(strip + d) + sums)
+
+
+@triton.jit
+def _rab_grads(
+    ds, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, TS_THRESH, num_buckets,
+    tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
+):
+    """Add one tile's relative-bias gradients (dS, masked pairs 0) to the program's partials.
+
+    Position weights: pair (i, j) feeds pos_w[C + p(j) - p(i)], p(x) = min(x, targets' start);
+    the program's strip holds index s = p(j) - p(i) + m0 + BM - 1. Pairs of history rows and
+    history keys lie on the tile's diagonals (one gather-and-sum); target rows feed per-key
+    sums (they sit at the first target's position); history rows that see target keys
+    (non-causal HSTU) feed per-row sums, kept in registers (acc_rows) until the program ends.
+    Time buckets: per-bucket sums of dS into the register vector acc_ts."""
+    rows_ok = offs_m < lq
+    cols_ok = offs_n < lk
+    # buckets recomputed from the row/column timestamps rather than kept alive across the products
+    b_lo, b_hi, bucket = time_bucket_tile(t_next, t_key, rows_ok, cols_ok, TS_THRESH, num_buckets, True, BUCKET_LOG,
+                                          RAB_FAST)
+    ts_idx = tl.arange(0, TS_PAD)
+    for bk in range(b_lo, b_hi + 1):  # few buckets away from the diagonal (time_bucket_tile)
+        acc_ts += tl.where(ts_idx == bk, tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0), 0.0)
+
+    diag = ds
+    if HAS_TARGETS:
+        tgt_row = ii >= tgt_start
+        tgt_col = jj >= tgt_start
+        diag = tl.where(tgt_row | tgt_col, 0.0, ds)
+    tl.debug_barrier()  # the previous tile's stores overlap this tile's window (other threads)
+    _add_diagonal_sums(diag, strip + n0, BLOCK_M, BLOCK_N, REL_PAD, 32)
+    if HAS_TARGETS:
+        # targets among themselves see only themselves: p(j) - p(i) = 0 -> s = m0 + BM - 1
+        same = tl.sum(tl.sum(tl.where(tgt_row & tgt_col, ds, 0.0), 1), 0)
+        if not HSTU_CAUSAL:  # history rows seeing target keys: p(j) - p(i) = tgt_start - i, per row
+            acc_rows += tl.sum(tl.where(tgt_col & (ii < tgt_start), ds, 0.0), 1)
+        tl.debug_barrier()
+        tl.store(strip + m0 + BLOCK_M - 1, tl.load(strip + m0 + BLOCK_M - 1) + same)
+        if m0 + BLOCK_M > tgt_start:  # target rows seeing history keys: s = j - tgt_start + m0 + BM - 1
+            per_key = tl.sum(tl.where(tgt_row & (jj < tgt_start), ds, 0.0), 0)
+            tl.debug_barrier()
+            kp = strip + offs_n - tgt_start + m0 + BLOCK_M - 1
+            ok = cols_ok & (offs_n < tgt_start)
+            tl.store(kp, tl.load(kp, mask=ok, other=0.0) + per_key, mask=ok)
+    return acc_ts, acc_rows
+
+
+@triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, dpos, dts, rab_center, num_buckets,
-    tgt_start,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale, m0, strip, acc_ts, acc_rows,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
+    BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over key tiles [start, end); rab gradients scattered here."""
+    """Accumulate dQ of one query tile over key tiles [start, end); rab gradients reduced here."""
     ii = offs_m[:, None]
+    rows_ok = offs_m < lq
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
@@ -267,49 +347,52 @@ def _dq_tiles(
                     mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
                     mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        rab = 0.0
+        t_key = 0
         if HAS_RAB:
-            t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)[None, :]
-        else:
-            t_key = 0
+            t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
+            rab = rab_tile(ii, jj, t_next, t_key, rows_ok, col_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+                           tgt_start, (ii < lq) & (jj < lk), True, HAS_TARGETS, BUCKET_LOG, RAB_FAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         _, ds, dcap, ok = _probs_and_dscores(
             qk, dp, ii, jj, lse, delta, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-            scale, softcap, slope, sig_bias, silu_scale, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+            scale, softcap, slope, sig_bias, silu_scale, rab, mask_base + ii * stride_mi + jj * stride_mj,
+            drop_row, drop_threshold, drop_scale,
             MASKED, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG, HAS_MODS, FAST_MATH)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT, HAS_MODS, FAST_MATH)
         if HAS_RAB:
-            rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG)
-            hit = ok & (ii < lq) & (jj < lk)
-            g = ds.to(tl.float64)
-            tl.atomic_add(dpos + rel, g, mask=hit, sem="relaxed")
-            tl.atomic_add(dts + bucket, g, mask=hit, sem="relaxed")
+            g = tl.where(ok & (ii < lq) & (jj < lk), ds, 0.0)
+            acc_ts, acc_rows = _rab_grads(g, ii, jj, offs_m, offs_n, m0, start_n, lq, lk, t_next, t_key, strip,
+                                          acc_ts, acc_rows, TS_THRESH, num_buckets, tgt_start, HAS_TARGETS,
+                                          HSTU_CAUSAL, BUCKET_LOG, RAB_FAST, BLOCK_M, BLOCK_N, REL_PAD, TS_PAD)
         if HAS_SOFTCAP:
             ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    return dq, acc_ts, acc_rows
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
-                                "window_left", "window_right"])
+                                "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, DPOS, DTS,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
+    PART_POS, PART_TS, STRIP_START,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
-    stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
+    stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
     seqlen_q, seqlen_k, n_heads, group, head_dim, head_dim_v,
     scale, softcap, sigmoid_bias, silu_scale, window_left, window_right,
-    contextual, max_attn_len, rab_center, num_buckets, tune_len,
-    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
+    contextual, max_attn_len, rab_center, num_buckets, drop_seed, drop_threshold, drop_scale, tune_len,
+    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
 ):
-    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, group,
-                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN)
+    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group,
+                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
@@ -338,14 +421,22 @@ def attn_bwd_dq_kernel(
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_ab + h)
     ts_base = TS + q_start
+    t_next = 0
     if HAS_RAB:
-        t_next = next_timestamps(ts_base, offs_m, lq)[:, None]
-    else:
-        t_next = 0
+        t_next = next_timestamps(ts_base, offs_m, lq)
     pos_w = POS_W + h * stride_pos_h
     ts_w = TS_W + h * stride_ts_h
-    dpos = DPOS + h * stride_pos_h
-    dts = DTS + h * stride_ts_h
+    mask_base = MASK + b64 * stride_mb + h * stride_mh
+    drop_row = 0
+    if HAS_DROPOUT:
+        drop_row = dropout_row_hash(drop_seed, b, h, n_heads, offs_m)[:, None]
+    if TILE_LIST:
+        pid = tl.program_id(0)
+    else:
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    strip = PART_POS + tl.load(STRIP_START + pid)
+    acc_ts = tl.zeros([TS_PAD], dtype=tl.float32)
+    acc_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     m_last = tl.minimum(m0 + BLOCK_M, lq) - 1
     lo, hi, full_lo, full_hi = key_range(m0, m_last, lq, lk, shift, window_left, window_right, contextual, max_id,
@@ -354,25 +445,48 @@ def attn_bwd_dq_kernel(
     start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, dpos, dts,
-            rab_center, num_buckets, tgt_start)
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH,
+            rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
+            m0, strip)
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, do, lse, delta, k_base, v_base, stride_kt, stride_vt)
-    dq = _dq_tiles(dq, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
-                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
-                   DOT_PRECISION=DOT_PRECISION)
-    dq = _dq_tiles(dq, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N,
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
-                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
-                   DOT_PRECISION=DOT_PRECISION)
-    dq = _dq_tiles(dq, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N,
-                   SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
-                   HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                   HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH,
-                   DOT_PRECISION=DOT_PRECISION)
+    for part in tl.static_range(3):  # masked head, unmasked middle, masked tail
+        dq, acc_ts, acc_rows = _dq_tiles(
+            dq, *tiles, (start, mid_lo, mid_hi)[part], (mid_lo, mid_hi, hi)[part], *args, acc_ts, acc_rows,
+            MASKED=part != 1, BLOCK_N=BLOCK_N, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+            HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
+            BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, REL_PAD=REL_PAD,
+            TS_PAD=TS_PAD)
+    if HAS_RAB:
+        tl.store(PART_TS + pid * TS_PAD + tl.arange(0, TS_PAD), acc_ts)
+        if HAS_TARGETS and not HSTU_CAUSAL:  # history rows that saw target keys: s = tgt_start - i + m0 + BM - 1
+            tl.debug_barrier()
+            rp = strip + tgt_start - offs_m + m0 + BLOCK_M - 1
+            ok = row_ok & (offs_m < tgt_start)
+            tl.store(rp, tl.load(rp, mask=ok, other=0.0) + acc_rows, mask=ok)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + (q_start + offs_m)[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+
+
+@triton.jit
+def rab_grad_reduce_kernel(PART, STRIPS, OUT, n_programs, strip_max, rab_center, BLOCK_M: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """d pos_w[h, r] = sum over the programs p of head h (in a fixed order) of their strip value at
+    s = r - C + m0_p + BM - 1. STRIPS: (head-sorted programs, 4) int64 = (start, length, m0, head)."""
+    pid_r = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid_r * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    first = tl.load(STRIPS + 4 * n_programs + 2 * h)
+    last = tl.load(STRIPS + 4 * n_programs + 2 * h + 1)
+    for p in range(first, last):
+        start = tl.load(STRIPS + 4 * p)
+        length = tl.load(STRIPS + 4 * p + 1)
+        m0 = tl.load(STRIPS + 4 * p + 2)
+        s = r - rab_center + m0 + BLOCK_M - 1
+        ok = (s >= 0) & (s < length)
+        acc += tl.load(PART + start + s, mask=ok, other=0.0)
+    tl.store(OUT + h * strip_max + r, acc, mask=r < strip_max)

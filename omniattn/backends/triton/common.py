@@ -41,6 +41,41 @@ def sigmoid(x, FAST_MATH: tl.constexpr):
     return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
 
 
+# Quantized Q.K modes (precision): the inputs' dtype, INT8, INT4 packed two per byte, FP8 e4m3.
+QK_EXACT = tl.constexpr(0)
+QK_INT8 = tl.constexpr(1)
+QK_INT4 = tl.constexpr(2)
+QK_FP8 = tl.constexpr(3)
+FP8_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def round_half_even(x):
+    """rint for |x| < 2^22 in plain float32 adds (no libdevice: the interpreter has none)."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def to_fp8(x, EXACT_ROUNDING: tl.constexpr):
+    """float32 -> e4m3 with round-to-nearest-even, saturating at +-448. The GPU's conversion
+    instruction rounds correctly; Triton's interpreter does not carry a mantissa overflow into the
+    exponent (7.8 -> 4.0), so there (EXACT_ROUNDING) x is first rounded onto the e4m3 grid in
+    float32, after which the conversion is exact."""
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    if EXACT_ROUNDING:
+        bits = x.to(tl.int32, bitcast=True)
+        e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormals below 2^-6
+        ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        x = round_half_even(x / ulp) * ulp
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def unpack_int4(x):
+    """Packed INT4 (low nibble: channel d, high nibble: channel d + D/2) -> two int8 halves."""
+    return (x << 4) >> 4, x >> 4
+
+
 @triton.jit
 def hstu_id(p, contextual, max_id, HAS_CONTEXT: tl.constexpr):
     """HSTU id of position p: contextual tokens share id 0, targets share max_id."""
@@ -90,37 +125,135 @@ def allowed(
 
 
 @triton.jit
-def rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG: tl.constexpr):
-    """Position-weight index and time bucket of each pair (HSTU's relative bias). Targets share
-    one position (tgt_start, the first target's), as they share one id."""
-    rel = rab_center + tl.minimum(jj, tgt_start) - tl.minimum(ii, tgt_start)
-    dt = tl.maximum(tl.abs(t_next - t_key).to(tl.float32), 1.0)
+def bucket_of(dt, num_buckets, BUCKET_LOG: tl.constexpr):
+    """HSTU's time bucket of |dt| (any shape, int64 or float): float32 maths as the reference."""
+    x = tl.maximum(tl.abs(dt).to(tl.float32), 1.0)
     if BUCKET_LOG:
-        raw = tl.log(dt) / 0.301
+        raw = tl.log(x) / 0.301
     else:
-        raw = tl.sqrt(dt)
-    bucket = tl.minimum(tl.maximum(tl.floor(raw), 0.0), num_buckets * 1.0).to(tl.int32)
-    return rel, bucket
+        raw = tl.sqrt(x)
+    return tl.minimum(tl.maximum(tl.floor(raw), 0.0), num_buckets * 1.0).to(tl.int32)
+
+
+@triton.jit
+def time_span(t_rows, t_cols, rows_ok, cols_ok):
+    """Smallest and largest |t_row - t_col| of a tile, from its row and column vectors (int64)."""
+    big = 1 << 62
+    r_min = tl.min(tl.where(rows_ok, t_rows, big), 0)
+    r_max = tl.max(tl.where(rows_ok, t_rows, -big), 0)
+    c_min = tl.min(tl.where(cols_ok, t_cols, big), 0)
+    c_max = tl.max(tl.where(cols_ok, t_cols, -big), 0)
+    hi = tl.maximum(r_max - c_min, c_max - r_min)
+    lo = tl.maximum(tl.maximum(r_min - c_max, c_min - r_max), 0)
+    return lo, hi, c_min
+
+
+@triton.jit
+def time_bucket_tile(
+    t_rows, t_cols, rows_ok, cols_ok, TS_THRESH, num_buckets, ROWS_FIRST: tl.constexpr, BUCKET_LOG: tl.constexpr,
+    RAB_FAST: tl.constexpr,
+):
+    """Time buckets of a tile's pairs, cheaply where the tile allows it.
+
+    Buckets are log-spaced, so a tile away from the diagonal spans few of them: there the bucket is
+    the tile's first one plus three threshold comparisons (TS_THRESH[b]: the smallest |dt| whose
+    bucket is >= b, computed on the host with the reference's float32 maths), on int32
+    differences. Elsewhere (near the diagonal, or gaps beyond int32) it is the float32 log of
+    every pair. Returns (b_lo, b_hi, bucket): the tile's buckets lie in [b_lo, b_hi].
+    ``ROWS_FIRST``: t_rows indexes axis 0 of the tile (else axis 1). ``RAB_FAST``: use the
+    threshold path where it applies (it costs registers: both branches' tiles stay live)."""
+    lo, hi, base = time_span(t_rows, t_cols, rows_ok, cols_ok)
+    b_lo = bucket_of(lo, num_buckets, BUCKET_LOG)
+    b_hi = bucket_of(hi, num_buckets, BUCKET_LOG)
+    if ROWS_FIRST:
+        r = t_rows[:, None]
+        c = t_cols[None, :]
+    else:
+        r = t_rows[None, :]
+        c = t_cols[:, None]
+    if RAB_FAST and (b_hi - b_lo <= 3) & (hi < (1 << 31) - 1):
+        x = tl.abs((r - base).to(tl.int32) - (c - base).to(tl.int32))
+        bucket = (b_lo + (x >= tl.load(TS_THRESH + b_lo + 1)).to(tl.int32)
+                  + (x >= tl.load(TS_THRESH + b_lo + 2)).to(tl.int32)
+                  + (x >= tl.load(TS_THRESH + b_lo + 3)).to(tl.int32))
+    else:
+        bucket = bucket_of(r - c, num_buckets, BUCKET_LOG)
+    return b_lo, b_hi, bucket
+
+
+@triton.jit
+def rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS: tl.constexpr):
+    """Index into the position weights: targets share one position (tgt_start), as they share one id."""
+    if HAS_TARGETS:
+        return rab_center + tl.minimum(jj, tgt_start) - tl.minimum(ii, tgt_start)
+    return rab_center + jj - ii
+
+
+@triton.jit
+def rab_tile(
+    ii, jj, t_rows, t_cols, rows_ok, cols_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets, tgt_start, valid,
+    ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr,
+):
+    """HSTU's relative bias of a tile: pos_w[rel] + ts_w[bucket] (DESIGN.md); both tables are
+    small and stay in L1."""
+    _, _, bucket = time_bucket_tile(t_rows, t_cols, rows_ok, cols_ok, TS_THRESH, num_buckets, ROWS_FIRST, BUCKET_LOG,
+                                    RAB_FAST)
+    rel = rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS)
+    return tl.load(ts_w + bucket, mask=valid, other=0.0) + tl.load(pos_w + rel, mask=valid, other=0.0)
+
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's 32-bit finaliser (uint32, wrapping): the dropout hash of DESIGN.md."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def dropout_row_hash(seed, b, h, n_heads, ii):
+    """Per-row part of the dropout hash (DESIGN.md): fmix32(base ^ (i * 0x85EBCA77))."""
+    bh = (b * n_heads + h + 1).to(tl.uint32)
+    base = fmix32(seed.to(tl.uint32) + bh * 0x9E3779B9)
+    return fmix32(base ^ (ii.to(tl.uint32) * 0x85EBCA77))
+
+
+@triton.jit
+def dropout_keep(row_hash, jj, threshold):
+    """True where the pair is kept: fmix32(row + j * 0xC2B2AE3D) >= threshold."""
+    return fmix32(row_hash + jj.to(tl.uint32) * 0xC2B2AE3D) >= threshold.to(tl.uint32)
 
 
 @triton.jit
 def modify_scores(
-    s, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    s, ii, jj, shift, slope, softcap, rab, mask_ptrs, valid,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    """s = scale*q.k -> softcap, then ALiBi, then the relative bias (DESIGN.md's order).
-    Returns the new scores and tanh(s/softcap) (the softcap gradient needs it; 0 without softcap)."""
+    """s = scale*q.k -> softcap, then ALiBi, then the relative bias (given as ``rab``), then a float
+    attention mask (DESIGN.md's order). Returns the new scores, tanh(s/softcap) (the softcap
+    gradient needs it; 0 without softcap) and the allowed tile of a boolean mask (True without one)."""
     t = s * 0.0
+    ok = valid | True
     if HAS_SOFTCAP:
         t = tanh(s / softcap, FAST_MATH)
         s = softcap * t
     if HAS_ALIBI:
         s = s - slope * tl.abs(ii + shift - jj).to(tl.float32)
     if HAS_RAB:
-        rel, bucket = rab_indices(ii, jj, t_next, t_key, rab_center, num_buckets, tgt_start, BUCKET_LOG)
-        s = s + tl.load(pos_w + rel, mask=valid, other=0.0) + tl.load(ts_w + bucket, mask=valid, other=0.0)
-    return s, t
+        s = s + rab
+    if HAS_ATTN_MASK:
+        m = tl.load(mask_ptrs, mask=valid, other=0)
+        if MASK_IS_BOOL:
+            ok = m != 0
+        else:
+            m = m.to(tl.float32)
+            ok = m != float("-inf")
+            s = s + tl.where(ok, m, 0.0)
+    return s, t, ok
 
 
 @triton.jit
@@ -136,15 +269,27 @@ def sequence_bounds(CU, b, dense_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def query_program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, group, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr):
+def query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group, REVERSE: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr):
     """Who a program of the forward / dQ grid is: its query tile, batch entry, heads, sequences.
-    REVERSE (causal-like masks): later query tiles see more keys, so they are launched first."""
-    pid_m = tl.program_id(0)
-    if REVERSE:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+
+    Without a tile list the grid is (query tiles, batch x heads); REVERSE (causal-like masks):
+    later query tiles see more keys, so they are launched first. With TILE_LIST the grid is 1-D
+    over (tile, head) with heads fastest, and TILES holds the real (sequence, query tile) pairs
+    of a varlen batch, heaviest first (the host sorts them): no program is spent on padding."""
+    if TILE_LIST:
+        pid = tl.program_id(0)
+        t = pid // n_heads
+        h = pid % n_heads
+        b = tl.load(TILES + 2 * t)
+        pid_m = tl.load(TILES + 2 * t + 1)
+    else:
+        pid_m = tl.program_id(0)
+        if REVERSE:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
     return pid_m, b, h, h // group, q_start.to(tl.int64), lq, k_start.to(tl.int64), lk

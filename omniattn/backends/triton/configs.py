@@ -17,6 +17,9 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
+    def with_blocks(self, block_m: int, block_n: int) -> "TileConfig":
+        return TileConfig(block_m, block_n, self.num_warps, self.num_stages)
+
     def launch_kwargs(self) -> dict:
         if interpreting():
             return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n)
@@ -58,6 +61,17 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool) -> Til
     return TileConfig(128, 128, 8, 3) if causal else TileConfig(128, 64, 8, 3)
 
 
+def quant_fwd_config(head_dim: int) -> TileConfig:
+    """Quantized forward: the quantization groups follow these tiles (per_block scales), so they
+    are fixed per head dim rather than per score. INT8/FP8 products run at twice bf16's rate, so
+    the larger tile pays; swept on the H100 (benchmarks/NOTES.md)."""
+    if pinned := _pinned("qfwd"):
+        return pinned
+    if head_dim > 128:
+        return TileConfig(64, 64, 4, 2)
+    return TileConfig(128, 64, 8, 3)
+
+
 def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig:
     """block_m: the query tile of the inner loop; block_n: the key tile each program owns."""
     if pinned := _pinned("dkdv"):
@@ -67,7 +81,7 @@ def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig
     return TileConfig(64, 64, 4, 2)
 
 
-def bwd_dq_config(head_dim: int, dtype_bytes: int) -> TileConfig:
+def bwd_dq_config(head_dim: int, dtype_bytes: int, rab: bool = False) -> TileConfig:
     if pinned := _pinned("dq"):
         return pinned
     return TileConfig(64, 32, 4, 2) if dtype_bytes > 2 or head_dim > 128 else TileConfig(64, 64, 4, 2)

@@ -4,41 +4,88 @@ One program computes BLOCK_M query rows of one (sequence, head). It walks only t
 its rows may see, in three ranges: a masked head, an unmasked middle (no mask arithmetic at all:
 for causal attention this is everything left of the diagonal band) and a masked tail. Softmax
 keeps a running max and sum in base 2; sigmoid and SiLU keep neither, just a running sum of P.V.
+
+Varlen calls may pass a tile list (TILE_LIST): the grid then covers only the real (sequence,
+query tile) pairs, heaviest first, instead of every sequence padded to the longest.
+
+Quantized precisions are branches of the same loop (QK_MODE, PV_FP8): Q and K arrive quantized
+(INT8, INT4 packed two per byte, or FP8) with one float32 scale per token, so a tile's scores are
+the integer (or FP8) product times the outer product of the row and column scales; P goes to FP8
+against V quantized per channel (V stored transposed, K-major, as the FP8 tensor cores need).
 """
 
 import triton
 import triton.language as tl
 
 from .common import (
+    FP8_MAX,
     LN2,
     LOG2E,
+    QK_EXACT,
+    QK_INT4,
+    QK_INT8,
     SIGMOID,
+    SILU,
     SOFTMAX,
     allowed,
+    dropout_keep,
+    dropout_row_hash,
     key_range,
     modify_scores,
     next_timestamps,
     query_program,
+    rab_tile,
     sequence_constants,
     sigmoid,
     split_range,
+    to_fp8,
+    unpack_int4,
 )
 
 
 @triton.jit
+def _qk_tile_quantized(q, q_hi, k_base, stride_kt, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base, stride_kst, qm,
+                       qm_hi, sq, QK_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr):
+    """q.k of one key tile from quantized Q and K, dequantized to float32 (before ``scale``)."""
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
+    if QK_MODE == QK_INT4:  # two int8 products over the low and high channel halves
+        k_lo, k_hi = unpack_int4(k)
+        qk = tl.dot(q, tl.trans(k_lo), out_dtype=tl.int32) + tl.dot(q_hi, tl.trans(k_hi), out_dtype=tl.int32)
+    elif QK_MODE == QK_INT8:
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    else:
+        qk = tl.dot(q, tl.trans(k))  # FP8 e4m3 -> float32
+    sk = tl.load(KS + ks_base + offs_n * stride_kst, mask=offs_n < lk, other=0.0)
+    qk = qk.to(tl.float32) * sq[:, None] * sk[None, :]
+    if SMOOTH_Q:  # Q was smoothed by its tile mean qm: add back qm . k_j (CUDA cores, BN*D FMAs)
+        if QK_MODE == QK_INT4:
+            kq = tl.sum(k_lo.to(tl.float32) * qm[None, :], 1) + tl.sum(k_hi.to(tl.float32) * qm_hi[None, :], 1)
+        else:
+            kq = tl.sum(k.to(tl.float32) * qm[None, :], 1)
+        qk += (kq * sk)[None, :]
+    return qk
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start, end,
+    acc, m_i, l_i, q, q_hi, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
+    KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
-    BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_MAX_ATTN: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate key tiles [start, end) into (acc, m_i, l_i)."""
     ii = offs_m[:, None]
+    rows_ok = offs_m < lq
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
@@ -46,30 +93,42 @@ def _fwd_tiles(
             kv_ok = offs_n[:, None] < lk
         else:
             kv_ok = offs_n[:, None] >= 0  # unmasked tiles lie inside the sequence
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
-                    mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
+        if QK_MODE == QK_EXACT:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+                        mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
+        else:
+            qk = _qk_tile_quantized(q, q_hi, k_base, stride_kt, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base,
+                                    stride_kst, qm, qm_hi, sq, QK_MODE, SMOOTH_Q)
+        if HAS_ROW_BIAS:  # q . mean(K), removed by K's smoothing: restored for sigmoid, SiLU and the lse
+            qk += row_bias[:, None]
         if HAS_MODS:
-            if HAS_RAB:
-                t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)[None, :]
-            else:
-                t_key = 0
             valid = (ii < lq) & (jj < lk)
-            s, _ = modify_scores(qk * scale, ii, jj, shift, slope, softcap, t_next, t_key, pos_w, ts_w,
-                                 rab_center, num_buckets, tgt_start, valid, HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, BUCKET_LOG,
-                                 FAST_MATH)
+            rab = 0.0
+            if HAS_RAB:
+                t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
+                rab = rab_tile(ii, jj, t_next, t_key, rows_ok, offs_n < lk, pos_w, ts_w, TS_THRESH, rab_center,
+                               num_buckets, tgt_start, valid, True, HAS_TARGETS, BUCKET_LOG, RAB_FAST)
+            s, _, mask_ok = modify_scores(qk * scale, ii, jj, shift, slope, softcap, rab,
+                                          mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
+                                          HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
         if MASKED:
             ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
                          MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
+        if HAS_ATTN_MASK:
+            if MASKED:
+                ok = ok & mask_ok
+            else:
+                ok = mask_ok
         if SCORE == SOFTMAX:
             if HAS_MODS:
                 s2 = s * LOG2E
             else:
                 s2 = qk * (scale * LOG2E)
-            if MASKED:
+            if MASKED or HAS_ATTN_MASK:
                 s2 = tl.where(ok, s2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, 1))
-            if MASKED:  # a row with nothing allowed yet: subtract 0, so exp2 gives 0 rather than NaN
+            if MASKED or HAS_ATTN_MASK:  # a row with nothing allowed yet: subtract 0, so exp2 gives 0, not NaN
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_use = m_new
@@ -83,35 +142,59 @@ def _fwd_tiles(
                 s = qk * scale
             if SCORE == SIGMOID:
                 p = sigmoid(s + sig_bias, FAST_MATH)
+            elif PV_FP8:  # SiLU's 1/n is applied to the output: P stays in FP8's range
+                p = s * sigmoid(s, FAST_MATH)
             else:
                 p = s * silu_scale * sigmoid(s, FAST_MATH)
-            if MASKED:
+            if MASKED or HAS_ATTN_MASK:
                 p = tl.where(ok, p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
-                    mask=kv_ok & (offs_dv[None, :] < head_dim_v), other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:  # the softmax sum above used every P; only P.V sees the dropped ones
+            p = tl.where(dropout_keep(drop_row, jj, drop_threshold), p * drop_scale, 0.0)
+        if PV_FP8:
+            # V^T tiles [Dv, BN] (K-major for the FP8 MMA); P scaled into e4m3's range (softmax and
+            # sigmoid P <= 1 -> x448); the two-level accumulator adds each tile's product in float32
+            vt = tl.load(v_base + offs_dv[:, None] * stride_vt + offs_n[None, :],
+                         mask=tl.trans(kv_ok) & (offs_dv[:, None] < head_dim_v), other=0.0)
+            if SCORE == SILU:
+                p8 = to_fp8(p, EXACT_FP8_ROUNDING)
+            else:
+                p8 = to_fp8(p * FP8_MAX, EXACT_FP8_ROUNDING)
+            if PV_TWO_LEVEL:
+                acc += tl.dot(p8, tl.trans(vt))
+            else:
+                acc = tl.dot(p8, tl.trans(vt), acc)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
+                        mask=kv_ok & (offs_dv[None, :] < head_dim_v), other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
-                                "window_left", "window_right"])
+                                "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
+    QS, KS, VS, RB, QM,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
+    stride_mb, stride_mh, stride_mi, stride_mj,
+    stride_qsb, stride_qst, stride_qsh, stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vsh,
     seqlen_q, seqlen_k, n_heads, group, head_dim, head_dim_v,
     scale, softcap, sigmoid_bias, silu_scale, window_left, window_right,
-    contextual, max_attn_len, rab_center, num_buckets, tune_len,
-    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr,
+    contextual, max_attn_len, rab_center, num_buckets, drop_seed, drop_threshold, drop_scale, tune_len,
+    SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
     STORE_LSE: tl.constexpr, FAST_MATH: tl.constexpr,
+    QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, seqlen_q, seqlen_k, n_heads, group,
-                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN)
+    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group,
+                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
@@ -119,11 +202,34 @@ def attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < lq
     q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
     k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
-    v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=(offs_m[:, None] < lq) & (offs_d[None, :] < head_dim), other=0.0)
+    if PV_FP8:  # V^T: (batch or sequence, kv head, channel, token)
+        v_base = V + b64 * stride_vb + hk * stride_vh + k_start
+    else:
+        v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    q_hi = q
+    sq = 0.0
+    qm = 0.0
+    qm_hi = 0.0
+    row_bias = 0.0
+    ks_base = 0
+    if QK_MODE != QK_EXACT:
+        if QK_MODE == QK_INT4:
+            q, q_hi = unpack_int4(q)
+        qs_rows = b64 * stride_qsb + (q_start + offs_m) * stride_qst + h * stride_qsh
+        sq = tl.load(QS + qs_rows, mask=rows_ok, other=0.0)
+        if HAS_ROW_BIAS:
+            row_bias = tl.load(RB + qs_rows, mask=rows_ok, other=0.0)
+        ks_base = b64 * stride_ksb + k_start * stride_kst + hk * stride_ksh
+        if SMOOTH_Q:  # one mean per query tile, (sequences, heads, tiles, 2 * BLOCK_D) float32; INT4
+            # keeps the low channel half in [0, BLOCK_D) and the high half in [BLOCK_D, 2 * BLOCK_D)
+            qm_row = ((b64 * n_heads + h) * tl.cdiv(seqlen_q, BLOCK_M) + pid_m) * (2 * BLOCK_D)
+            qm = tl.load(QM + qm_row + offs_d)
+            qm_hi = tl.load(QM + qm_row + BLOCK_D + offs_d)
 
     shift = lk - lq
     max_id, tgt_start, sig_bias = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias, MASK_KIND,
@@ -135,9 +241,13 @@ def attn_fwd_kernel(
     pos_w = POS_W + h * stride_pos_h
     ts_w = TS_W + h * stride_ts_h
     if HAS_RAB:  # timestamp of the next token of each row (the last row uses its own)
-        t_next = next_timestamps(ts_base, offs_m, lq)[:, None]
+        t_next = next_timestamps(ts_base, offs_m, lq)
     else:
         t_next = 0
+    mask_base = MASK + b64 * stride_mb + h * stride_mh
+    drop_row = 0
+    if HAS_DROPOUT:
+        drop_row = dropout_row_hash(drop_seed, b, h, n_heads, offs_m)[:, None]
 
     m_last = tl.minimum(m0 + BLOCK_M, lq) - 1
     lo, hi, full_lo, full_hi = key_range(m0, m_last, lq, lk, shift, window_left, window_right, contextual, max_id,
@@ -149,31 +259,33 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
-            rab_center, num_buckets, tgt_start)
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH,
+            rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
+            KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias)
     # constexprs go by keyword: inside a tuple they would become run-time values
-    tiles = (q, k_base, v_base, stride_kt, stride_vt)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, start, mid_lo, *args, MASKED=True, BLOCK_N=BLOCK_N,
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_lo, mid_hi, *args, MASKED=False, BLOCK_N=BLOCK_N,
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *tiles, mid_hi, hi, *args, MASKED=True, BLOCK_N=BLOCK_N,
-                               SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
-                               HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, BUCKET_LOG=BUCKET_LOG,
-                               HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+    tiles = (q, q_hi, k_base, v_base, stride_kt, stride_vt)
+    for part in tl.static_range(3):  # masked head, unmasked middle, masked tail
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, *tiles, (start, mid_lo, mid_hi)[part], (mid_lo, mid_hi, hi)[part], *args,
+            MASKED=part != 1, BLOCK_N=BLOCK_N, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
+            HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
+            BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
+            PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
+            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING)
 
+    if PV_FP8:  # undo V's per-channel scale and P's x448 (SiLU: its 1/n)
+        vs = tl.load(VS + b64 * stride_vsb + hk * stride_vsh + offs_dv, mask=offs_dv < head_dim_v, other=0.0)
+        if SCORE == SILU:
+            acc = acc * (vs * silu_scale)[None, :]
+        else:
+            acc = acc * (vs / FP8_MAX)[None, :]
     if SCORE == SOFTMAX:
         has_keys = l_i > 0.0
         acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         if STORE_LSE:
             lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
-            tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=offs_m < lq)
+            tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
     o_ptrs = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < lq) & (offs_dv[None, :] < head_dim_v))
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, None] & (offs_dv[None, :] < head_dim_v))

@@ -6,16 +6,20 @@ cu_seqlens. Only the last dimension must be contiguous.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 
-from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
-from .configs import PREPROCESS_BLOCK_M, bwd_dkdv_config, bwd_dq_config, fwd_config, interpreting
+from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel, rab_grad_reduce_kernel
+from .configs import PREPROCESS_BLOCK_M, bwd_dkdv_config, bwd_dq_config, fwd_config, interpreting, quant_fwd_config
 from .fwd import attn_fwd_kernel
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "silu": 2}
+# Time buckets by threshold comparisons on tiles that span few buckets (common.time_bucket_tile):
+# OMNIATTN_RAB_FAST=0 keeps the float32 log of every pair (fewer registers); chosen by measurement.
+_RAB_FAST = os.environ.get("OMNIATTN_RAB_FAST", "1") == "1"
 
 
 class Params(NamedTuple):
@@ -32,20 +36,63 @@ class Params(NamedTuple):
     num_buckets: int
     bucket_log: int
     default_sig_bias: int
+    dropout_seed: int
     scale: float
     softcap: float
     sigmoid_bias: float
     silu_scale: float
+    dropout_p: float
 
     def ints(self) -> list[int]:
-        return [int(x) for x in self[:11]]
+        return [int(x) for x in self[:12]]
 
     def floats(self) -> list[float]:
-        return [float(x) for x in self[11:]]
+        return [float(x) for x in self[12:]]
 
     @classmethod
     def from_lists(cls, ints, floats) -> "Params":
         return cls(*ints, *floats)
+
+    @property
+    def causal(self) -> bool:
+        """Later query rows see more keys (causal-like): schedule them first."""
+        return self.window_right == 0 or bool(self.hstu_causal)
+
+
+class Extras(NamedTuple):
+    """The optional tensors of a call (None when absent)."""
+
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    alibi: Optional[torch.Tensor] = None
+    num_targets: Optional[torch.Tensor] = None
+    pos_w: Optional[torch.Tensor] = None
+    ts_w: Optional[torch.Tensor] = None
+    timestamps: Optional[torch.Tensor] = None
+    attn_mask: Optional[torch.Tensor] = None
+    tiles_fwd: Optional[torch.Tensor] = None  # varlen schedules: (tiles, 2) int32 (sequence, tile)
+    tiles_dq: Optional[torch.Tensor] = None
+    tiles_dkdv: Optional[torch.Tensor] = None
+
+
+class Quantized(NamedTuple):
+    """Quantized inputs of the forward kernel (see omniattn.quant): Q and K in INT8 / packed INT4 /
+    FP8 with one float32 scale per (token, head); V in FP8 transposed (sequence, kv head, channel,
+    token) with per-channel scales, or the caller's V; the row term q . mean(K) and the smooth-Q means."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_scale: torch.Tensor  # like q's (tokens, heads) layout
+    k_scale: torch.Tensor
+    v_scale: Optional[torch.Tensor]  # (sequences, Hkv, Dv)
+    row_bias: Optional[torch.Tensor]  # like q_scale
+    q_mean: Optional[torch.Tensor]  # (sequences, Hq, query tiles, 2 * BLOCK_D)
+    qk_mode: int  # common.QK_*
+    pv_fp8: bool
+    pv_two_level: bool
+    block_m: int
+    block_n: int
 
 
 _DUMMIES: dict = {}
@@ -75,35 +122,72 @@ def _lse_shape_strides(q: torch.Tensor, batch: int):
     return (batch, q.shape[2], q.shape[1]), (q.shape[2] * q.shape[1], q.shape[1])
 
 
-def _block(d: int) -> int:
+def _mask_strides(m: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+    """(b, h, i, j) strides of a mask broadcastable to (B, H, Nq, Nk): 0 on broadcast axes."""
+    if m is None:
+        return 0, 0, 0, 0
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
+    return tuple(0 if m.shape[i] == 1 else m.stride(i) for i in range(4))
+
+
+def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+_THRESHOLDS: dict = {}
+
+
+def time_thresholds(num_buckets: int, log: bool, device) -> torch.Tensor:
+    """TS_THRESH[b] = the smallest |dt| whose time bucket is >= b (int32, saturated), for
+    b = 0 .. num_buckets + 3. The bucket is monotone in |dt|, so comparing against these gives
+    exactly the reference's float32 buckets with integer arithmetic (common.time_bucket_tile)."""
+    key = (num_buckets, log, str(device))
+    if key not in _THRESHOLDS:
+        from ...hstu.relative_bias import bucketize
+
+        big = 1 << 62
+        lo = torch.zeros(num_buckets + 4, dtype=torch.int64)
+        hi = torch.full((num_buckets + 4,), big, dtype=torch.int64)
+        want = torch.arange(num_buckets + 4)
+        for _ in range(64):  # bisection on every threshold at once
+            mid = (lo + hi) // 2
+            reached = bucketize(mid, num_buckets, "log" if log else "sqrt") >= want
+            hi = torch.where(reached, mid, hi)
+            lo = torch.where(reached, lo, mid + 1)
+        _THRESHOLDS[key] = hi.clamp(max=(1 << 31) - 1).to(torch.int32).to(device)
+    return _THRESHOLDS[key]
 
 
 class _Launch:
     """Arguments shared by all kernels of one call."""
 
-    def __init__(self, q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max_k, p: Params):
+    def __init__(self, q, k, v, x: Extras, max_q, max_k, p: Params):
         dev = q.device
         self.varlen = q.dim() == 3
-        self.batch = cu_q.numel() - 1 if self.varlen else q.shape[0]
+        self.batch = x.cu_q.numel() - 1 if self.varlen else q.shape[0]
         self.hq, self.hkv = q.shape[-2], k.shape[-2]
         self.d, self.dv = q.shape[-1], v.shape[-1]
         self.max_q, self.max_k = max_q, max_k
         self.p = p
+        self.x = x
         i32, i64, f32 = torch.int32, torch.int64, torch.float32
-        self.cu_q = cu_q if self.varlen else _dummy(dev, i32)
-        self.cu_k = cu_k if self.varlen else _dummy(dev, i32)
-        self.alibi = _dummy(dev, f32) if alibi is None else _last_contiguous(alibi)
-        self.stride_ab = 0 if alibi is None else self.alibi.stride(0)
-        self.num_targets = _dummy(dev, i32) if num_targets is None else num_targets.contiguous()
-        self.has_rab = pos_w is not None
-        self.pos_w = _last_contiguous(pos_w) if self.has_rab else _dummy(dev, f32)
-        self.ts_w = _last_contiguous(ts_w) if self.has_rab else _dummy(dev, f32)
-        self.ts = ts.contiguous() if ts is not None else _dummy(dev, i64)
+        self.cu_q = x.cu_q if self.varlen else _dummy(dev, i32)
+        self.cu_k = x.cu_k if self.varlen else _dummy(dev, i32)
+        self.alibi = _dummy(dev, f32) if x.alibi is None else _last_contiguous(x.alibi)
+        self.stride_ab = 0 if x.alibi is None else self.alibi.stride(0)
+        self.num_targets = _dummy(dev, i32) if x.num_targets is None else x.num_targets.contiguous()
+        self.has_rab = x.pos_w is not None
+        self.pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
+        self.ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
+        self.ts = x.timestamps.contiguous() if x.timestamps is not None else _dummy(dev, i64)
+        self.thresholds = time_thresholds(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, i32)
         self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
         self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
+        self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
+        self.mask_strides = _mask_strides(x.attn_mask)
         self.lse_shape, (self.stride_lb, self.stride_lh) = _lse_shape_strides(q, self.batch)
         self.softmax = p.score == 0
+        has_mask = x.attn_mask is not None
         self.meta = dict(
             SCORE=p.score,
             IS_VARLEN=self.varlen,
@@ -111,61 +195,100 @@ class _Launch:
             HAS_LEFT=p.mask_kind == 0 and p.window_left >= 0,
             HAS_RIGHT=p.mask_kind == 0 and p.window_right >= 0,
             HSTU_CAUSAL=bool(p.hstu_causal),
-            HAS_TARGETS=num_targets is not None,
+            HAS_TARGETS=x.num_targets is not None,
             HAS_CONTEXT=p.mask_kind == 1 and p.contextual > 0,
             HAS_MAX_ATTN=p.mask_kind == 1 and p.max_attn_len > 0,
             HAS_SOFTCAP=p.softcap > 0,
-            HAS_ALIBI=alibi is not None,
+            HAS_ALIBI=x.alibi is not None,
             HAS_RAB=self.has_rab,
             BUCKET_LOG=bool(p.bucket_log),
-            HAS_MODS=p.softcap > 0 or alibi is not None or self.has_rab,  # scores need more than scale*q.k
+            RAB_FAST=_RAB_FAST,
+            HAS_ATTN_MASK=has_mask,
+            MASK_IS_BOOL=has_mask and x.attn_mask.dtype == torch.bool,
+            HAS_DROPOUT=p.dropout_p > 0,
+            # scores need more than scale*q.k
+            HAS_MODS=p.softcap > 0 or x.alibi is not None or self.has_rab or has_mask,
             DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
             # float32 inputs get IEEE float32 products (no TF32), like PyTorch's default matmul, and
             # exact transcendentals; 16-bit inputs get the one-instruction tanh (common.sigmoid)
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             FAST_MATH=q.dtype != torch.float32 and q.is_cuda and not interpreting(),
-            BLOCK_D=_block(self.d),
-            BLOCK_DV=_block(self.dv),
+            BLOCK_D=block_dim(self.d),
+            BLOCK_DV=block_dim(self.dv),
         )
+        # dropout: keep a pair iff its hash >= threshold (DESIGN.md), kept values scaled by 1/(1-p)
+        threshold = min(int(p.dropout_p * 2**32), 2**32 - 1)
         self.scalars = (
             p.scale, p.softcap, p.sigmoid_bias, p.silu_scale, p.window_left, p.window_right,
-            p.contextual, p.max_attn_len, p.rab_center, p.num_buckets,
+            p.contextual, p.max_attn_len, p.rab_center, p.num_buckets, p.dropout_seed & 0xFFFFFFFF, threshold,
+            1.0 / (1.0 - p.dropout_p),
         )
         self.seqlens = (q.shape[1] if not self.varlen else max_q, k.shape[1] if not self.varlen else max_k)
         self.tune_len = triton.next_power_of_2(max(max_q, 64))
 
-    def extras(self):
-        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts)
+    def pointers(self):
+        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.thresholds)
+
+    def query_grid(self, tiles: Optional[torch.Tensor], block: int):
+        """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
+        if tiles is not None:
+            return (tiles.shape[0] * self.hq,), tiles, True
+        return (triton.cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
 
 
-def forward(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max_k, p: Params):
+_NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HAS_ROW_BIAS=False,
+                 EXACT_FP8_ROUNDING=False)
+
+
+def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
+    """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
-    L = _Launch(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max_k, p)
-    out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=q.device)
-    lse = torch.empty(L.lse_shape, dtype=torch.float32, device=q.device) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    causal = p.window_right == 0 or bool(p.hstu_causal)
-    cfg = fwd_config(max(L.d, L.dv), q.element_size(), p.score, causal)
-    grid = (triton.cdiv(max_q, cfg.block_m), L.batch * L.hq)
-    if grid[0] * grid[1] == 0:
+    L = _Launch(q, k, v, x, max_q, max_k, p)
+    dev = q.device
+    out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
+    lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
+    cfg = fwd_config(max(L.d, L.dv), q.element_size(), p.score, p.causal)
+    meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
+    scale_strides = (0,) * 8
+    if quant is not None:  # the tiles the quantization groups were aligned to
+        cfg = quant_fwd_config(max(L.d, L.dv))
+        q, k, v = quant.q, quant.k, quant.v
+        f32 = _dummy(dev, torch.float32)
+        scales = (quant.q_scale, quant.k_scale, quant.v_scale if quant.v_scale is not None else f32,
+                  quant.row_bias if quant.row_bias is not None else f32, quant.q_mean if quant.q_mean is not None else f32)
+        qs, ks = quant.q_scale, quant.k_scale
+        qs_strides = (qs.stride(0), qs.stride(1), qs.stride(2)) if qs.dim() == 3 else (0, qs.stride(0), qs.stride(1))
+        ks_strides = (ks.stride(0), ks.stride(1), ks.stride(2)) if ks.dim() == 3 else (0, ks.stride(0), ks.stride(1))
+        vs_strides = (quant.v_scale.stride(0), quant.v_scale.stride(1)) if quant.v_scale is not None else (0, 0)
+        scale_strides = qs_strides + ks_strides + vs_strides
+        meta.update(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, PV_TWO_LEVEL=quant.pv_two_level,
+                    SMOOTH_Q=quant.q_mean is not None, HAS_ROW_BIAS=quant.row_bias is not None,
+                    EXACT_FP8_ROUNDING=interpreting(), BLOCK_D=block_dim(q.shape[-1]))
+    else:
+        meta.update(_NO_QUANT)
+    grid, tiles, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
+    if grid[0] * (grid[1] if len(grid) > 1 else 1) == 0:
         return out, lse
+    if quant is not None and quant.pv_fp8:  # V^T (sequences, Hkv, Dv, tokens): strides (b, h, channel)
+        v_strides = (v.stride(0), v.stride(2), v.stride(1))
+    else:
+        v_strides = _strides(v)
     attn_fwd_kernel[grid](
-        q, k, v, out, lse if L.softmax else _dummy(q.device, torch.float32), *L.extras(),
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
-        L.stride_ab, L.stride_pos_h, L.stride_ts_h,
-        *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-        STORE_LSE=L.softmax, **L.meta, **cfg.launch_kwargs(),
+        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), *L.pointers(), tiles, L.mask, *scales,
+        *_strides(q), *_strides(k), *v_strides, *_strides(out), L.stride_lb, L.stride_lh,
+        L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides, *scale_strides,
+        *L.seqlens, L.hq, L.hq // L.hkv, q.shape[-1] if quant is not None else L.d, L.dv, *L.scalars, L.tune_len,
+        TILE_LIST=tile_list, STORE_LSE=L.softmax, **meta, **cfg.launch_kwargs(),
     )
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts,
-             max_q, max_k, p: Params):
+def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, max_q, max_k, p: Params):
+    """(dq, dk, dv, d pos_w, d ts_w); the last two None without a relative bias."""
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
-    L = _Launch(q, k, v, cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, max_q, max_k, p)
+    L = _Launch(q, k, v, x, max_q, max_k, p)
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dpos = torch.zeros(L.pos_w.shape, dtype=torch.float64, device=dev) if L.has_rab else _dummy(dev, torch.float64)
-    dts = torch.zeros(L.ts_w.shape, dtype=torch.float64, device=dev) if L.has_rab else _dummy(dev, torch.float64)
     delta = lse
     if L.softmax:
         delta = torch.empty_like(lse)
@@ -178,26 +301,108 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], cu_q, cu_k, 
             )
     else:
         lse = delta = _dummy(dev, torch.float32)
-    cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.window_right == 0 or bool(p.hstu_causal))
-    grid = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv)
-    if grid[0] * grid[1]:
+    cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
+    if x.tiles_dkdv is not None:
+        grid, tiles, tile_list = (x.tiles_dkdv.shape[0] * L.hkv,), x.tiles_dkdv, True
+    else:
+        grid, tiles, tile_list = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
+    if grid[0] * (grid[1] if len(grid) > 1 else 1):
         attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, *L.extras(),
+            q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h,
+            L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
             *L.seqlens, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            **L.meta, **cfg.launch_kwargs(),
+            TILE_LIST=tile_list, **L.meta, **cfg.launch_kwargs(),
         )
-    cfg = bwd_dq_config(max(L.d, L.dv), q.element_size())
-    grid = (triton.cdiv(max_q, cfg.block_m), L.batch * L.hq)
-    if grid[0] * grid[1]:
+    cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
+    grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
+    n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+    rel_pad = triton.next_power_of_2(cfg.block_m + cfg.block_n - 1)
+    ts_pad = triton.next_power_of_2(p.num_buckets + 1) if L.has_rab else 16
+    if L.has_rab:
+        strips = _RabStrips(L, cfg, tiles if tile_list else None, n_programs, rel_pad)
+        part_pos = torch.zeros(strips.total, dtype=torch.float32, device=dev)
+        part_ts = torch.zeros(n_programs, ts_pad, dtype=torch.float32, device=dev)
+        strip_start = strips.start_of_program
+    else:
+        part_pos = part_ts = _dummy(dev, torch.float32)
+        strip_start = _dummy(dev, torch.int64)
+    if n_programs:
         attn_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, *L.extras(), dpos, dts,
+            q, k, v, dout, lse, delta, dq, *L.pointers(), tiles, L.mask, part_pos, part_ts, strip_start,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h,
+            L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
             *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            **L.meta, **cfg.launch_kwargs(),
+            TILE_LIST=tile_list, REL_PAD=rel_pad, TS_PAD=ts_pad, **L.meta, **cfg.launch_kwargs(),
         )
     if not L.has_rab:
         return dq, dk, dv, None, None
-    return dq, dk, dv, dpos.to(pos_w.dtype).view(pos_w.shape), dts.to(ts_w.dtype).view(ts_w.shape)
+    dpos, dts = strips.reduce(part_pos, part_ts, cfg.block_m)
+    return dq, dk, dv, dpos.to(x.pos_w.dtype).view(x.pos_w.shape), dts.to(x.ts_w.dtype).view(x.ts_w.shape)
+
+
+class _RabStrips:
+    """Where each dQ program keeps its relative-bias partial sums, and their reduction.
+
+    Program p (query tile m0 of sequence b, head h) owns a strip of floats in one flat buffer; its
+    index s holds the gradient of pos_w[C + s - (m0 + BM - 1)], for s below the end of the last key
+    tile it visits plus REL_PAD (bwd._rab_grads). Nothing else writes it, so the sums are
+    deterministic; rab_grad_reduce_kernel adds the strips of each head in program order."""
+
+    def __init__(self, L: _Launch, cfg, tiles: Optional[torch.Tensor], n_programs: int, rel_pad: int):
+        dev = L.cu_q.device
+        self.L = L
+        hq, bm, bn = L.hq, cfg.block_m, cfg.block_n
+        lens_q, lens_k = _host_lens(L)
+        if tiles is not None:  # 1-D grid: program = tile * Hq + head
+            t = tiles.cpu().long()
+            b = t[:, 0].repeat_interleave(hq)
+            mt = t[:, 1].repeat_interleave(hq)
+            head = torch.arange(hq).repeat(t.shape[0])
+        else:  # 2-D grid (query tiles, batch x heads); causal launches the last tile first
+            n_m = triton.cdiv(L.max_q, bm)
+            pid_m = torch.arange(n_m).repeat(L.batch * hq)
+            bh = torch.arange(L.batch * hq).repeat_interleave(n_m)
+            mt = (n_m - 1 - pid_m) if L.p.causal else pid_m
+            b, head = bh // hq, bh % hq
+        m0 = mt * bm
+        lq, lk = lens_q[b], lens_k[b]
+        causal = bool(L.p.hstu_causal) and L.p.contextual == 0
+        reach = torch.minimum(m0 + bm, lk) if causal else lk  # keys the program may visit
+        length = torch.where((m0 < lq) & (reach > 0), ((reach - 1) // bn) * bn + rel_pad, 0)
+        start = torch.cumsum(length, 0) - length
+        self.total = max(int(length.sum()), 1)
+        self.start_of_program = start.to(dev)
+        hr = L.pos_w.shape[0]
+        head_r = head if hr > 1 else torch.zeros_like(head)
+        live = torch.nonzero(length > 0).flatten()
+        order = live[torch.argsort(head_r[live], stable=True)]  # by head, then program order
+        counts = torch.bincount(head_r[order], minlength=hr)
+        ends = torch.cumsum(counts, 0)
+        ranges = torch.stack([ends - counts, ends], 1).flatten()
+        table = torch.stack([start[order], length[order], m0[order], head_r[order]], 1).flatten()
+        self.n_live = order.numel()
+        self.meta = torch.cat([table, ranges]).to(torch.int64).to(dev)
+        self.head_r, self.hr = head_r, hr
+
+    def reduce(self, part_pos, part_ts, block_m: int):
+        L, hr = self.L, self.hr
+        length = L.pos_w.shape[-1]
+        dpos = torch.empty(hr, length, dtype=torch.float32, device=part_pos.device)
+        block = 256
+        rab_grad_reduce_kernel[(triton.cdiv(length, block), hr)](
+            part_pos, self.meta, dpos, self.n_live, length, L.p.rab_center, BLOCK_M=block_m, BLOCK=block)
+        nb1 = L.ts_w.shape[-1]
+        by_head = torch.argsort(self.head_r, stable=True).to(part_ts.device)
+        dts = part_ts[by_head, :nb1].view(hr, -1, nb1).sum(1)
+        return dpos, dts
+
+
+def _host_lens(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence lengths on the host (int64): dense calls from shapes; varlen from the offsets
+    (one small copy, remembered per offsets tensor as spec.py does)."""
+    if not L.varlen:
+        return (torch.full((L.batch,), L.seqlens[0], dtype=torch.int64),
+                torch.full((L.batch,), L.seqlens[1], dtype=torch.int64))
+    cu_q, cu_k = L.cu_q.cpu().long(), L.cu_k.cpu().long()
+    return cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]

@@ -1,0 +1,185 @@
+"""Split-KV decoding in plain PyTorch: a few queries against a (dense or paged) KV cache, any device.
+
+The tiled backend (torch_tiled.py) is built for many query rows: its key chunks are sized for
+128-row query blocks, so with one query row each chunk is a handful of tiny ops. Here, as in the
+Triton decode kernel, the rows of one tile are the (query head of a GQA group) x Nq pairs of one kv
+head, and each entry's visible keys are cut into P equal pieces walked side by side: every op
+works on P x Hkv independent batches of ``keys_per_step`` keys (multi-threaded matmuls, Python
+overhead paid once per step rather than once per piece), each piece keeps its own online
+softmax state, and the pieces are merged exactly at the end (by lse for softmax, by summation for
+the pointwise scores). Keys are converted to float32 (float64 for float64 inputs) one step at a
+time, never for the whole cache; only a paged cache's keys are gathered, one step at a time.
+
+The visible keys of an entry split into an unmasked middle (every query row sees it) and at most
+two masked edges (causal / window edges, a few keys each for decoding): only the edges build masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+STEP_ELEMS = 1 << 21  # keys x kv heads x head dim converted per step (8 MiB in float32)
+SCORE_ELEMS = 1 << 22  # score-tile elements per step (many query rows)
+MAX_PIECES = 16
+MIN_PIECE = 1024  # keys per piece before a segment is cut into several pieces
+
+
+class _Entry:
+    """One batch entry's query tile and per-row constants."""
+
+    def __init__(self, spec, call, b: int, cdtype):
+        q = call.q[b]  # (Nq, Hq, D)
+        nq, hq, d = q.shape
+        self.hkv = call.k.shape[2]
+        self.g = hq // self.hkv
+        self.nq = nq
+        self.rows = self.g * nq  # row r = g * Nq + i
+        self.qt = (q.view(nq, self.hkv, self.g, d).permute(1, 2, 0, 3).reshape(self.hkv, self.rows, d)
+                   .to(cdtype) * spec.scale)
+        self.length = call.lens[b]
+        shift = self.length - nq
+        dev = q.device
+        self.q_pos = (torch.arange(self.rows, device=dev) % nq + shift).view(1, 1, -1, 1)  # (1, 1, R, 1)
+        self.slope = None
+        if call.alibi is not None:  # (Hq,) -> (1, Hkv, R, 1) in row order
+            self.slope = call.alibi[b].to(cdtype).view(self.hkv, self.g, 1).expand(self.hkv, self.g, nq)
+            self.slope = self.slope.reshape(1, self.hkv, self.rows, 1)
+        self.sig_bias = spec.sigmoid_bias if spec.sigmoid_bias is not None else -math.log(max(self.length, 1))
+        self.silu_scale = 1.0 / spec.silu_norm if spec.silu_norm else 1.0
+
+
+def _segments(spec, length: int, nq: int) -> list[tuple[int, int, bool]]:
+    """[(start, end, masked)]: the keys some row sees, cut into masked edges and the unmasked middle."""
+    left, right = spec.window
+    shift = length - nq
+    lo = max(shift - left, 0) if left >= 0 else 0
+    hi = min(nq - 1 + shift + right + 1, length) if right >= 0 else length
+    if hi <= lo:
+        return []
+    full_lo = max(nq - 1 + shift - left, lo) if left >= 0 else lo
+    full_hi = min(shift + right + 1, hi) if right >= 0 else hi
+    if full_hi <= full_lo:
+        return [(lo, hi, True)]
+    segs = [(lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)]
+    return [s for s in segs if s[1] > s[0]]
+
+
+def _keys(call, b: int, start: int, pieces: int, piece_len: int, j0: int, j1: int, cdtype):
+    """K and V of keys start + p * piece_len + [j0, j1) for each piece p, as (P, Hkv, n, D) in cdtype."""
+    dense = call.contiguous_keys(b, start, start + pieces * piece_len)
+    if dense is not None:
+        k, v = (t.view(pieces, piece_len, *t.shape[1:])[:, j0:j1] for t in dense)
+    else:
+        pos = (start + torch.arange(pieces, device=call.q.device).view(-1, 1) * piece_len
+               + torch.arange(j0, j1, device=call.q.device).view(1, -1))
+        k, v = call.keys(b, pos)
+    kt = torch.empty(pieces, k.shape[2], j1 - j0, k.shape[3], dtype=cdtype, device=k.device)
+    vt = torch.empty(pieces, v.shape[2], j1 - j0, v.shape[3], dtype=cdtype, device=v.device)
+    kt.copy_(k.transpose(1, 2))  # one pass: convert and lay each kv head's keys out contiguously
+    vt.copy_(v.transpose(1, 2))
+    return kt, vt
+
+
+def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: bool, cdtype):
+    """Partial states of keys [start, start + length): (acc (P, Hkv, R, Dv), row max, row sum)."""
+    softmax = spec.score == "softmax"
+    d, dv = call.k.shape[3], call.v.shape[3]
+    keys_per_step = max(16, min(STEP_ELEMS // (e.hkv * d), SCORE_ELEMS // (e.hkv * e.rows)))
+    pieces = max(1, min(MAX_PIECES, length // MIN_PIECE, keys_per_step // 16))
+    piece_len = length // pieces
+    step = max(1, keys_per_step // pieces)
+    dev = e.qt.device
+    acc = torch.zeros(pieces, e.hkv, e.rows, dv, dtype=cdtype, device=dev)
+    mx = torch.full((pieces, e.hkv, e.rows, 1), -math.inf, dtype=cdtype, device=dev) if softmax else None
+    lsum = torch.zeros(pieces, e.hkv, e.rows, 1, dtype=cdtype, device=dev) if softmax else None
+    left, right = spec.window
+    piece_start = start + torch.arange(pieces, device=dev).view(-1, 1, 1, 1) * piece_len
+    for j0 in range(0, piece_len, step):
+        j1 = min(j0 + step, piece_len)
+        kt, vt = _keys(call, b, start, pieces, piece_len, j0, j1, cdtype)
+        s = torch.matmul(e.qt, kt.transpose(-1, -2))  # (P, Hkv, R, n)
+        k_pos = None
+        if masked or e.slope is not None:
+            k_pos = piece_start + torch.arange(j0, j1, device=dev).view(1, 1, 1, -1)  # (P, 1, 1, n)
+        if spec.softcap > 0:
+            s = s.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        if e.slope is not None:
+            s = s.sub_(e.slope * (e.q_pos - k_pos).abs().to(cdtype))
+        ok = None
+        if masked:
+            ok = torch.ones(1, 1, e.rows, j1 - j0, dtype=torch.bool, device=dev)
+            if left >= 0:
+                ok = ok & (k_pos >= e.q_pos - left)
+            if right >= 0:
+                ok = ok & (k_pos <= e.q_pos + right)
+        if softmax:
+            if ok is not None:
+                s = s.masked_fill_(~ok, -math.inf)
+            m_new = torch.maximum(mx, s.amax(-1, keepdim=True))
+            # rows with nothing allowed yet keep max -inf; subtract 0 so exp gives 0, not NaN
+            m_use = m_new.masked_fill(m_new == -math.inf, 0.0) if ok is not None else m_new
+            p = s.sub_(m_use).exp_()
+            alpha = (mx - m_use).exp_()
+            lsum.mul_(alpha).add_(p.sum(-1, keepdim=True))
+            acc.mul_(alpha)
+            mx = m_new
+        elif spec.score == "sigmoid":
+            p = s.add_(e.sig_bias).sigmoid_()
+        else:
+            p = F.silu(s, inplace=True).mul_(e.silu_scale)
+        if ok is not None and not softmax:
+            p = p.masked_fill_(~ok, 0.0)
+        acc.add_(torch.matmul(p, vt))
+    states = [(acc, mx, lsum)]
+    rest = length - pieces * piece_len
+    if rest:
+        states += _segment(spec, call, e, b, start + pieces * piece_len, rest, masked, cdtype)
+    return states
+
+
+def _merge(states, softmax: bool):
+    """Exact merge of partial states over their first dim -> (out (Hkv, R, Dv), lse (Hkv, R) or None)."""
+    acc = torch.cat([s[0] for s in states])
+    if not softmax:
+        return acc.sum(0), None
+    mx = torch.cat([s[1] for s in states])
+    lsum = torch.cat([s[2] for s in states])
+    m = mx.amax(0)
+    m_safe = m.masked_fill(m == -math.inf, 0.0)
+    w = (mx - m_safe).exp()
+    total = (w * lsum).sum(0)
+    empty = total == 0  # `== 0`, not `<= 0`: a NaN (a NaN key) stays NaN
+    out = (w * acc).sum(0) / total.masked_fill(empty, 1.0)
+    out = out.masked_fill(empty, 0.0)
+    lse = (m_safe + total.log()).masked_fill(empty, -math.inf)
+    return out, lse.squeeze(-1)
+
+
+def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
+    """out (B, Nq, Hq, Dv) in ``out_dtype`` (default q's) and, for softmax, lse (B, Hq, Nq) float32."""
+    q = call.q
+    bsz, nq, hq, _ = q.shape
+    hkv, dv = call.k.shape[2], call.v.shape[3]
+    softmax = spec.score == "softmax"
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(bsz, nq, hq, dv, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if softmax else None
+    for b in range(bsz):
+        e = _Entry(spec, call, b, cdtype)
+        states = []
+        for start, end, masked in _segments(spec, e.length, nq):
+            states += _segment(spec, call, e, b, start, end - start, masked, cdtype)
+        if states:
+            o, l_b = _merge(states, softmax)
+        else:  # no visible key: 0, lse -inf
+            o = torch.zeros(hkv, e.rows, dv, dtype=cdtype, device=q.device)
+            l_b = torch.full((hkv, e.rows), -math.inf, dtype=cdtype, device=q.device)
+        g = hq // hkv
+        out[b] = o.view(hkv, g, nq, dv).permute(2, 0, 1, 3).reshape(nq, hq, dv)
+        if softmax:
+            lse[b] = l_b.reshape(hq, nq)
+    return out, lse

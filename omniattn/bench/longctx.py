@@ -1,0 +1,170 @@
+"""Long contexts with K and V in host memory (issue 9), one run on one GPU machine:
+
+1. pinned host->device copy bandwidth (op "longctx-link");
+2. one attention layer's causal prefill (bf16, 32 q / 8 kv heads, D=128) at 128K, 512K and 1M
+   tokens with K and V on the host and a 2 GiB device KV budget, against the in-GPU kernel with
+   everything on the device (op "longctx-prefill": ``tflops``, ``gbps`` = KV bytes / time,
+   ``budget_bytes``, ``device_kv_bytes`` the peak of K and V on the device);
+3. one decode step at 1M tokens: streaming only, CPU only and cooperative, with the cost model's
+   prediction beside each measurement (op "longctx-decode", ``predicted_ms``).
+
+    python3 -m omniattn.bench.longctx --json longctx.json      (~3-4 minutes on an H100 host)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from .measure import device_name
+from .report import write_json
+
+HQ, HKV, D = 32, 8, 128
+BUDGET = 2 << 30
+PREFILL_CONTEXTS = (131072, 524288, 1048576)
+DECODE_CONTEXT = 1048576
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def _time_s(fn, reps: int):
+    """Median seconds of ``reps`` calls, and the last call's result."""
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        result = fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def _host_cache(length: int, dev):
+    from ..longctx import HostKVCache
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cache = HostKVCache(1, HKV, D, capacity=length)
+    for t0 in range(0, length, 1 << 17):
+        n = min(1 << 17, length - t0)
+        cache.append(torch.randn(1, n, HKV, D, device=dev, generator=gen).bfloat16(),
+                     torch.randn(1, n, HKV, D, device=dev, generator=gen).bfloat16())
+    return cache
+
+
+def _base(op, impl, n, **kw):
+    return {"op": op, "impl": impl, "mode": "fwd", "dtype": "bf16", "batch": 1, "heads": HQ, "kv_heads": HKV,
+            "head_dim": D, "causal": True, "context": n, **kw}
+
+
+def link_rows(dev) -> list[dict]:
+    from ..longctx.calibrate import LINK_BYTES, link_gbps
+
+    gbps = link_gbps(dev)
+    print(f"pinned host->device: {gbps:.1f} GB/s", flush=True)
+    return [{"op": "longctx-link", "impl": "pinned-h2d", "bytes": LINK_BYTES, "gbps": round(gbps, 1)}]
+
+
+def prefill_rows(dev, contexts=PREFILL_CONTEXTS) -> list[dict]:
+    rows = []
+    for n in contexts:
+        rows += _prefill_context(dev, n)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _prefill_context(dev, n: int) -> list[dict]:
+    import omniattn as oa
+    from ..longctx import attention
+
+    rows = []
+    cache = _host_cache(n, dev)
+    q = torch.randn(1, n, HQ, D, device=dev, dtype=torch.bfloat16)
+    flops = 4.0 * HQ * D * n * n / 2
+    kv_bytes = n * cache.bytes_per_token
+    reps = 3 if n <= 131072 else 1
+    stats = {}
+    attention(q[:, -4096:], cache, gpu_budget_bytes=BUDGET)  # compile and warm up
+
+    def host_kv():  # K and V start on the host every time: the mirror is dropped first
+        cache.release_device()
+        return attention(q, cache, gpu_budget_bytes=BUDGET, stats=stats)
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    secs, out = _time_s(host_kv, reps)
+    peak = torch.cuda.max_memory_allocated() - base
+    row = _base("longctx-prefill", "omniattn-hostkv", n, seqlen=n, ms=round(secs * 1e3, 2),
+                tflops=round(flops / secs / 1e12, 1), gbps=round(kv_bytes / secs / 1e9, 2), budget_bytes=BUDGET,
+                device_kv_bytes=stats.get("device_kv_bytes"), streamed_tokens=stats.get("streamed_tokens"),
+                peak_mb=round(peak / 2**20, 1))
+    rows.append(row)
+    print(row, flush=True)
+    cache.release_device()
+    try:  # the same layer with K and V on the device (where it fits)
+        k, v = cache.k.to(dev), cache.v.to(dev)
+        secs, ref = _time_s(lambda: oa.attention(q, k, v, causal=True), reps)
+        err = (out[0, -256:].float() - ref[0, -256:].float()).abs().max().item()
+        row["max_err_vs_gpu"] = float(f"{err:.3g}")
+        gpu = _base("longctx-prefill", "omniattn-gpu", n, seqlen=n, ms=round(secs * 1e3, 2),
+                    tflops=round(flops / secs / 1e12, 1), gbps=round(kv_bytes / secs / 1e9, 2))
+        rows.append(gpu)
+        row["vs_gpu"] = round(row["tflops"] / gpu["tflops"], 3)
+        print(gpu, f"host-KV / in-GPU = {row['vs_gpu']}", flush=True)
+    except torch.cuda.OutOfMemoryError as e:
+        rows.append(_base("longctx-prefill", "omniattn-gpu", n, seqlen=n, error=f"OutOfMemoryError: {str(e)[:100]}"))
+    return rows
+
+
+def decode_rows(dev, n=DECODE_CONTEXT, steps: int = 5) -> list[dict]:
+    from ..longctx import attention, calibrate
+
+    cache = _host_cache(n, dev)
+    q = torch.randn(1, 1, HQ, D, device=dev, dtype=torch.bfloat16)
+    bw = calibrate(q, cache, dev, max_device_bytes=BUDGET // 2)
+    print(f"bandwidths: {bw}", flush=True)
+    rows = []
+    modes = (("stream", dict(cooperative=False)), ("cpu", dict(device="cpu")), ("cooperative", dict(cooperative=True)))
+    for impl, kw in modes:
+        stats = {}
+        fn = lambda: attention(q, cache, gpu_budget_bytes=BUDGET, bandwidths=bw, stats=stats, **kw)  # noqa: E731
+        fn()  # loads the device mirror (kept between steps, as in a decode loop)
+        secs, _ = _time_s(fn, steps)
+        row = _base("longctx-decode", impl, n, seqlen=1, ms=round(secs * 1e3, 2),
+                    gbps=round(n * cache.bytes_per_token / secs / 1e9, 2), budget_bytes=BUDGET,
+                    predicted_ms=None if stats.get("predicted_ms") is None else round(stats["predicted_ms"], 2),
+                    resident_tokens=stats.get("resident_tokens"), streamed_tokens=stats.get("streamed_tokens"),
+                    host_tokens=stats.get("host_tokens"), host_gbps=round(bw.host_gbps, 2),
+                    link_gbps=round(bw.link_gbps, 2), device_gbps=round(bw.device_gbps, 1))
+        rows.append(row)
+        print(row, flush=True)
+    coop = rows[-1]
+    coop["model_ratio"] = round(coop["ms"] / coop["predicted_ms"], 3) if coop["predicted_ms"] else None
+    coop["faster_than_both"] = coop["ms"] < min(rows[0]["ms"], rows[1]["ms"])
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write DESIGN.md's results format here")
+    parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
+    args = parser.parse_args(argv)
+    dev = torch.device("cuda")
+    rows = link_rows(dev)
+    if not args.skip_prefill:
+        rows += prefill_rows(dev)
+        if args.json:
+            write_json(args.json, device_name(dev), rows)
+    if not args.skip_decode:
+        rows += decode_rows(dev)
+    if args.json:
+        write_json(args.json, device_name(dev), rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Context-parallel HSTU attention (jagged user histories split across ranks).
+
+HSTU's ids, targets, contextual prefix and relative bias depend on GLOBAL positions, and the HSTU
+kernels take no position offset, so this uses the all-gather strategy on the whole packed batch:
+gather K, V (one differentiable collective) and the timestamps; place the rank's query rows into
+a zero-filled full-length query buffer (a differentiable scatter); run ``hstu_attention`` over the
+whole batch; read back the rank's rows. Gradients: dQ is read back from the buffer, dK/dV are
+reduce-scattered by the gather's backward, and the relative bias weights' gradient is summed over
+the group (``reduce_rab_grads``).
+
+Cost: the kernels compute every query row, also the rows of the other ranks (zeros whose outputs
+are discarded), so each rank does the work of the whole batch; an "active query rows" option of
+the kernels removes it: :func:`_run` passes the rank's rows through as soon as ``Call`` has an
+``active_rows`` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import backends
+from .. import spec as _spec
+from . import layout as _layout
+from .allgather import gather_tokens
+from .api import _check_choice, _dtype_code, _global_lengths, _layout_for, _check_same
+from .comm import agree, digest, resolve_group
+
+Tensor = torch.Tensor
+
+
+class _SumGradsOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the weights' gradients over the group (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, pg, *weights):
+        ctx.pg = pg
+        return tuple(w.clone() for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.pg)
+        out, at = [], 0
+        for g in grads:
+            out.append(flat[at : at + g.numel()].view_as(g))
+            at += g.numel()
+        return (None, *out)
+
+
+def _run(spec, call, backend: str, active_rows: Tensor) -> Tensor:
+    """The whole batch's HSTU attention. Only ``active_rows`` of the output are used: once the
+    kernels can skip the other query rows (a ``Call.active_rows`` field), they get them here."""
+    if any(f.name == "active_rows" for f in dataclasses.fields(call)):
+        call = dataclasses.replace(call, active_rows=active_rows)
+    return backends.run(spec, call, backend)[0]
+
+
+def context_parallel_hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    group=None,
+    load_balance: Optional[str] = "zigzag",
+    alpha: Optional[float] = None,
+    causal: bool = True,
+    num_targets: Optional[Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    rab=None,
+    timestamps: Optional[Tensor] = None,
+    silu_norm: Optional[float] = None,
+    reduce_rab_grads: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`omniattn.hstu_attention` over a jagged batch whose tokens are split across ranks.
+
+    Args:
+        q, k: this rank's shard (T_local, H, Dqk); v: (T_local, H, Dv); laid out as
+            :func:`context_parallel_attention`'s packed shards (``load_balance="zigzag"``: every
+            sequence length a multiple of 2P; ``None``: contiguous runs of the packed tokens, any
+            sizes, also empty).
+        seq_offsets: (B+1,) offsets of the GLOBAL jagged batch, the same on every rank.
+        max_seq_len, alpha, causal, num_targets (global, (B,)), contextual_seq_len, max_attn_len,
+            rab, silu_norm: as :func:`omniattn.hstu_attention` on the whole batch.
+        timestamps: with ``rab``, this rank's shard of the timestamps, (T_local,).
+        reduce_rab_grads: sum the gradients of ``rab``'s weights over the group in the backward, so
+            every rank holds the whole batch's gradient. Pass False when gradients of all
+            parameters are reduced over the context-parallel ranks anyway (FSDP/DDP over a mesh
+            that includes them): the weights' gradient is then summed once, like every other
+            parameter's.
+        backend: as :func:`omniattn.hstu_attention`.
+
+    Returns:
+        (T_local, H, Dv): this rank's rows of the output.
+
+    Every rank computes the attention of the whole batch (see the module docstring).
+    """
+    what = "context_parallel_hstu_attention"
+    g = resolve_group(group)
+    error, lengths = None, ()
+    try:
+        _check_choice("load_balance", load_balance, _layout.LOAD_BALANCES)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _spec._require_tensor(name, t, 3, "(total_local, heads, dim)")
+        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+            raise ValueError(f"k/v: a shard holds its own tokens: expected {q.shape[0]} rows (as q), got {k.shape[0]}, {v.shape[0]}")
+        _spec.dense_call(q[None], k[None], v[None], score="silu", causal=False, window=(-1, -1), scale=alpha,
+                         sigmoid_bias=None, silu_norm=None, softcap=0.0, precision="exact", backend=backend,
+                         return_lse=False)
+        lengths = _global_lengths(seq_offsets, q.device)
+        if (rab is None) != (timestamps is None):
+            raise ValueError("timestamps: pass this rank's timestamps (T_local,) with rab, and neither without it")
+        if timestamps is not None:
+            if not isinstance(timestamps, Tensor) or tuple(timestamps.shape) != (q.shape[0],):
+                raise ValueError(f"timestamps: expected this rank's shard of shape ({q.shape[0]},), got "
+                                 f"{getattr(timestamps, 'shape', type(timestamps).__name__)}")
+    except (ValueError, TypeError) as e:
+        error = e
+    ok = error is None
+    targets = tuple(num_targets.tolist()) if isinstance(num_targets, Tensor) else num_targets
+    args = digest(max_seq_len, alpha, causal, targets, contextual_seq_len, max_attn_len, rab is not None,
+                  silu_norm, reduce_rab_grads, load_balance, lengths)
+    local = [q.shape[0] if ok else 0, *((q.shape[1], k.shape[1], q.shape[2], v.shape[2]) if ok else (0,) * 4),
+             _dtype_code(q.dtype) if ok else 0, timestamps.dtype.itemsize if ok and timestamps is not None else 0, args]
+    ranks = agree(g, q.device if isinstance(q, Tensor) else torch.device("cpu"), local, error, what)
+    _check_same([r[1:] for r in ranks], ("heads", "key/value heads", "head dim", "value head dim", "dtype",
+                                         "timestamps dtype", "arguments (seq_offsets, num_targets, max_seq_len, "
+                                         "alpha, causal, contextual_seq_len, max_attn_len, rab, silu_norm, load_balance)"),
+                what)
+    rows = [r[0] for r in ranks]
+    if sum(rows) != sum(lengths):
+        raise ValueError(f"{what}: the ranks' shards hold {rows} tokens, {sum(rows)} in all, but seq_offsets describes {sum(lengths)}")
+    lay = _layout_for(lengths, g, False, load_balance, rows, what)
+    d = k.shape[-1]
+    kv, row_map = gather_tokens(torch.cat([k, v], -1), g, lay, 0)
+    if row_map is not None:
+        kv = kv.index_select(0, row_map)
+    kv = kv[: sum(lengths)]
+    ts = None
+    if timestamps is not None:
+        ts, ts_map = gather_tokens(timestamps, g, lay, 0, differentiable=False)
+        ts = (ts.index_select(0, ts_map) if ts_map is not None else ts)[: sum(lengths)]
+    rows_idx = _layout.global_rows(lay, g.rank, q.device)
+    q_full = q.new_zeros((sum(lengths),) + tuple(q.shape[1:])).index_copy(0, rows_idx, q)
+    spec, call = _spec.hstu_call(
+        q_full, kv[..., :d], kv[..., d:], seq_offsets, max_seq_len, alpha=alpha, causal=causal,
+        num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
+        timestamps=ts, silu_norm=silu_norm, precision="exact", backend=backend,
+    )
+    if call.rab is not None and reduce_rab_grads and g.size > 1 and torch.is_grad_enabled():
+        pos_w, ts_w = _SumGradsOverGroup.apply(g.pg, call.rab.pos_w, call.rab.ts_w)
+        call.rab = dataclasses.replace(call.rab, pos_w=pos_w, ts_w=ts_w)
+    return _run(spec, call, backend, rows_idx).index_select(0, rows_idx)

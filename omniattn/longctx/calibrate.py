@@ -1,0 +1,97 @@
+"""Measure once, cache per problem class: host attention GB/s, host->device link GB/s, device attention GB/s.
+
+Each figure is KV bytes per second of the code that will run: the host figure times the PyTorch
+split-KV decode path on host memory, the device figure the decode kernel on device memory, the
+link figure a pinned host->device copy. A few tens of milliseconds, once per (device, shape,
+dtype, score) in a process; ``set_bandwidths`` or ``attention(..., bandwidths=...)`` override them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .. import decode
+from .chunks import chunk_spec
+from .plan import Bandwidths
+
+HOST_TOKENS = 16384
+DEVICE_TOKENS = 65536
+LINK_BYTES = 64 << 20
+
+_measured: dict = {}
+_override: Optional[Bandwidths] = None
+
+
+def set_bandwidths(bandwidths: Optional[Bandwidths]) -> None:
+    """Use these figures for every later call (``None`` goes back to measuring)."""
+    global _override
+    if bandwidths is not None and not isinstance(bandwidths, Bandwidths):
+        raise TypeError(f"bandwidths: expected omniattn.longctx.Bandwidths or None, got {type(bandwidths).__name__}")
+    _override = bandwidths
+
+
+def _median_s(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _attention_gbps(q, k, v, score: str, device_sync) -> float:
+    spec = chunk_spec(score, q.shape[-1] ** -0.5, False, -10.0, float(k.shape[1]))
+    lens = torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    call = decode.KVCacheCall(q, k, v, lens, (k.shape[1],) * k.shape[0])
+    secs = _median_s(lambda: decode.run(spec, call, "auto", out_dtype=torch.float32), 3, device_sync)
+    nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+    return nbytes / secs / 1e9
+
+
+def link_gbps(device: torch.device) -> float:
+    key = ("link", str(device))
+    if key not in _measured:
+        src = torch.empty(LINK_BYTES, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(LINK_BYTES, dtype=torch.uint8, device=device)
+        secs = _median_s(lambda: dst.copy_(src, non_blocking=True), 5, lambda: torch.cuda.synchronize(device))
+        _measured[key] = LINK_BYTES / secs / 1e9
+    return _measured[key]
+
+
+def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softmax", force: bool = False,
+              max_device_bytes: int = 512 << 20) -> Bandwidths:
+    """Bandwidths for attention of q's shape over ``cache``'s layout, with the device ``device``.
+    The device measurement allocates at most ``max_device_bytes`` of K and V (the call passes
+    half its budget), freed before the call's own buffers."""
+    if _override is not None and not force:
+        return _override
+    b, nq, hq, d = q.shape
+    key = (str(device), cache.dtype, b, nq, hq, cache.num_kv_heads, d, cache.v_dim, score)
+    if key in _measured and not force:
+        return _measured[key]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape, dev):
+        return torch.randn(shape, generator=gen).to(dtype=cache.dtype, device=dev)
+
+    n = max(256, HOST_TOKENS // b)
+    qh = rand((b, nq, hq, d), "cpu")
+    host = _attention_gbps(qh, rand((b, n, cache.num_kv_heads, d), "cpu"),
+                           rand((b, n, cache.num_kv_heads, cache.v_dim), "cpu"), score, lambda: None)
+    if device.type == "cuda":
+        n = max(64, min(DEVICE_TOKENS // b, max_device_bytes // cache.bytes_per_token))
+        qd = qh.to(device)
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        dev = _attention_gbps(qd, rand((b, n, cache.num_kv_heads, d), device),
+                              rand((b, n, cache.num_kv_heads, cache.v_dim), device), score, sync)
+        link = link_gbps(device)
+    else:  # a CPU "device" (tests, CPU-only users): both sides run on the host
+        dev, link = host, float("inf")
+    _measured[key] = bw = Bandwidths(host, link, dev)
+    return bw
