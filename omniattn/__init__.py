@@ -7,7 +7,7 @@ KV caches (decode) and contexts beyond GPU memory (longctx), several GPUs (distr
 entry points people already use (compat, integrations, nn). See DESIGN.md for the maths.
 """
 
-from . import hstu, longctx, quant, reference
+from . import distributed, hstu, longctx, quant, reference
 from .api import attention, attention_varlen, hstu_attention, merge_attention_states, scaled_dot_product_attention
 from .decode import attention_with_kvcache
 from .quant import QuantConfig
@@ -28,5 +28,6 @@ __all__ = [
     "hstu",
     "quant",
     "longctx",
+    "distributed",
     "__version__",
 ]

@@ -93,6 +93,59 @@ def _backward(ctx, dout, dlse):
 
 torch.library.register_autograd("omniattn::attention_fwd", _backward, setup_context=_setup_context)
 
+
+class EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager calls: the custom op's dispatch
+    (autograd wrapper, redispatch, dynamo guard) costs ~90 us of host time per call, as much as a
+    short sequence's kernel; torch.compile still traces the custom op (backends/triton.attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats):
+        p = launch.Params.from_lists(ints, floats)
+        out, lse = launch.forward(q, k, v, _join(pos_w, ts_w, others), max_q, max_k, p)
+        _setup_context(ctx, (q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats), (out, lse))
+        if ints[0] != 0:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, pos_w, ts_w, *others = ctx.saved_tensors
+        max_q, max_k, ints, floats = ctx.sizes
+        if dlse is not None and (ints[0] != 0 or dlse.numel() == 0 or not dlse.any()):
+            dlse = None
+        p = launch.Params.from_lists(ints, floats)
+        dq, dk, dv, dpos, dts = launch.backward(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
+                                                dlse, _join(pos_w, ts_w, others), max_q, max_k, p)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of these gradients must say why it cannot be
+            dq, dk, dv = (_NoDoubleBackward.apply(g, q, k, v) for g in (dq, dk, dv))
+        return dq, dk, dv, dpos, dts, None, None, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient, tied to the inputs it depends on (q, k, v), whose backward raises
+    DOUBLE_BACKWARD (the eager twin of the registration on attention_bwd below)."""
+
+    @staticmethod
+    def forward(ctx, g, q, k, v):
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+
+def attention(*args):
+    """omniattn::attention_fwd's result: through the custom op while torch.compile traces, else the
+    eager autograd.Function (no graph needed: a plain call)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.omniattn.attention_fwd(*args)
+    q, k, v, pos_w = args[0], args[1], args[2], args[3]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, pos_w, args[4])):
+        return EagerAttention.apply(*args)
+    p = launch.Params.from_lists(args[8], args[9])
+    return launch.forward(q, k, v, _join(args[3], args[4], args[5]), args[6], args[7], p)
+
 DOUBLE_BACKWARD = (
     "double backward through omniattn's Triton kernels is not supported; for higher-order gradients "
     "use backend='torch' (the tiled PyTorch path) or backend='reference'"

@@ -83,9 +83,9 @@ def cmd_info(args) -> int:
     print(f"device: {device} ({device_name(device)})")
     ok, why = triton_supported(device)
     print("backends:")
-    print(f"  torch      available (tiled, O(N) memory, any device)")
+    print("  torch      available (tiled, O(N) memory, any device)")
     print(f"  triton     {'available' if ok else 'unavailable: ' + why}")
-    print(f"  reference  available (materialised maths, for testing)")
+    print("  reference  available (materialised maths, for testing)")
     print(f"  auto       -> {'triton' if ok else 'torch'}")
     print()
     print(f"{'feature':<50} {'torch':<20} {'triton':<16} {'reference'}")
@@ -142,8 +142,9 @@ def _bench_cases(args, device: torch.device) -> tuple[str, list]:
 
 def _check_impls(names: list | None) -> None:
     from .bench import IMPLS
+    from .bench.peers import PEER_IMPLS
 
-    known = [i.name for i in IMPLS]
+    known = [i.name for i in IMPLS + PEER_IMPLS]
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         raise CliError(f"--impl {' '.join(unknown)}: unknown; expected some of {', '.join(known)}")
@@ -187,6 +188,13 @@ def cmd_bench(args) -> int:
 
     device = _device(args.device)
     _check_impls(args.impl)
+    for peer in args.peer:
+        from .bench import peers
+
+        try:
+            peers.register(peer)
+        except ValueError as e:
+            raise CliError(str(e)) from None
     _output_path("--json", args.json)
     _output_path("--plot", args.plot)
     if args.plot:
@@ -396,7 +404,8 @@ def _add(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="omniattn", description="Fused, memory-efficient attention kernels.", formatter_class=_Formatter)
+    parser = _Parser(prog="omniattn", description="Fused, memory-efficient attention kernels.",
+                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{info,check,bench,plot,recsys}")
 
     p = _add(sub, "info", "device, available backends and the support matrix")
@@ -413,10 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "bench", "time omniattn against PyTorch's attention on this device (the main job)")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda if available, else cpu)")
-    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "hstu", "smoke"],
+    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "hstu", "quant", "smoke"],
                    help="size set (default: cpu or gpu, by device)")
     p.add_argument("--gpu-suite", dest="suite", action="store_const", const="gpu-full",
-                   help="the full GPU matrix (softmax/sigmoid/silu and HSTU)")
+                   help="the full GPU matrix (softmax/sigmoid/silu, HSTU, quantized)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=PATH",
+                   help="time a peer from a local checkout beside omniattn: generative-recommenders=PATH")
     p.add_argument("--op", nargs="+", choices=["softmax", "sigmoid", "silu", "hstu"], help="only these ops")
     p.add_argument("--impl", nargs="+", help="only these implementations (e.g. omniattn sdpa torch-eager)")
     p.add_argument("--max-seqlen", type=POSITIVE, help="skip problems longer than this")

@@ -27,6 +27,9 @@ __all__ = [
     "hstu_ids",
     "relative_bias",
     "run",
+    "dropout_keep",
+    "fmix32",
+    "all_finite",
 ]
 
 
@@ -329,7 +332,9 @@ class _NonFinite(torch.autograd.Function):
 
         inputs = (q, k, v, pos_w, ts_w)
         with torch.enable_grad():
-            clean_call = call
+            # one view per role: attention(x, x, x) must give each role its own gradient
+            q, k, v = (t.view_as(t) if t.requires_grad else t for t in (q, k, v))
+            clean_call = dataclasses.replace(call, q=q, k=k, v=v)
             if not finite:
                 # sanitised copies are the leaves of the inner graph: the gradient at a non-finite
                 # element's own position (e.g. dv_j = sum_i p_ij dO_i at a NaN of v_j) does not
@@ -340,7 +345,7 @@ class _NonFinite(torch.autograd.Function):
                     mask = torch.where(mask.isnan() | (mask == math.inf), torch.zeros((), dtype=mask.dtype), mask)
                 clean_call = dataclasses.replace(call, q=q, k=k, v=v, attn_mask=mask)
             out, lse = _run(spec, clean_call, dtype)
-        leaves = [(t, c) for t, c in zip(inputs, (q, k, v, pos_w, ts_w)) if t is not None and t.requires_grad]
+        leaves = [(i, c) for i, (t, c) in enumerate(zip(inputs, (q, k, v, pos_w, ts_w))) if t is not None and t.requires_grad]
         qp, kp, vp = call.packed()
         touched = None
         if not finite:
@@ -365,10 +370,10 @@ class _NonFinite(torch.autograd.Function):
             grads_in.append(_zero_nonfinite(dlse))
         found = torch.autograd.grad(targets, [c for _, c in ctx.leaves], grads_in, allow_unused=True,
                                     retain_graph=True, create_graph=torch.is_grad_enabled())
-        grads = {id(t): grad for (t, _), grad in zip(ctx.leaves, found)}
-        rab = call.rab
-        all_leaves = [call.q, call.k, call.v, rab.pos_w if rab else None, rab.ts_w if rab else None]
-        dq, dk, dv, dpos, dts = (grads.get(id(t)) if t is not None else None for t in all_leaves)
+        grads = [None] * 5  # by role: q, k, v, pos_w, ts_w (one tensor may play several roles)
+        for (i, _), grad in zip(ctx.leaves, found):
+            grads[i] = grad
+        dq, dk, dv, dpos, dts = grads
         bad_dlse = _bad(dlse) if softmax and dlse is not None else None
         if ctx.touched is None and bool(torch.isfinite(dout).all()) and (bad_dlse is None or not bad_dlse.any()):
             return None, None, None, None, dq, dk, dv, dpos, dts

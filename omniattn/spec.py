@@ -206,6 +206,22 @@ def _check_heads_and_dims(q, k, v, token_axes: int) -> None:
 _checked_offsets: dict = {}
 
 
+def _remembered(t: torch.Tensor, tag: str, compute):
+    """compute(t), remembered per (tensor object, _version, tag) for tensors on accelerators: what
+    needs a device-to-host copy (a sync) or a conversion is done once per tensor, not per call."""
+    if t.device.type == "cpu":
+        return compute(t)
+    key = (id(t), tag)
+    hit = _checked_offsets.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = compute(t)
+    if len(_checked_offsets) > 256:
+        _checked_offsets.clear()
+    _checked_offsets[key] = (weakref.ref(t), t._version, value)
+    return value
+
+
 def _host_lengths(name: str, cu: torch.Tensor, total: int, device: torch.device) -> tuple[int, ...]:
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name}: expected a 1-D int32/int64 torch.Tensor of sequence offsets, got {type(cu).__name__}")
@@ -215,12 +231,7 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, device: torch.device)
         raise ValueError(f"{name}: expected a 1-D tensor of B+1 offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
-    cacheable = cu.device.type != "cpu"
-    if cacheable:
-        hit = _checked_offsets.get(id(cu))
-        if hit is not None and hit[0]() is cu and hit[1] == (cu._version, name, total):
-            return hit[2]
-    offsets = cu.tolist()
+    offsets = _remembered(cu, "tolist", lambda t: t.tolist())
     if offsets[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {offsets[0]}")
     lens = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
@@ -229,10 +240,6 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, device: torch.device)
             raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}]={offsets[i + 1]} < {name}[{i}]={offsets[i]}")
     if offsets[-1] != total:
         raise ValueError(f"{name}: must end at the number of tokens ({total}), got {offsets[-1]}")
-    if cacheable:
-        if len(_checked_offsets) > 64:
-            _checked_offsets.clear()
-        _checked_offsets[id(cu)] = (weakref.ref(cu), (cu._version, name, total), lens)
     return lens
 
 
@@ -448,7 +455,7 @@ def varlen_call(
 def _device_offsets(cu: torch.Tensor) -> torch.Tensor:
     """Offsets as the kernels read them: int32 and contiguous. The Triton kernels index the
     tensor's storage directly, so a strided view (e.g. ``t[::2]``) would be read as its base."""
-    return cu.to(torch.int32).contiguous()
+    return _remembered(cu, "int32", lambda t: t.to(torch.int32).contiguous())
 
 
 def hstu_call(
@@ -514,7 +521,7 @@ def _check_num_targets(num_targets, lens, contextual: int, device):
         raise ValueError(f"num_targets: expected shape ({len(lens)},) (one count per sequence), got {tuple(num_targets.shape)}")
     if num_targets.device != device:
         raise ValueError(f"num_targets: expected a tensor on {device}, got {num_targets.device}")
-    host = tuple(num_targets.tolist())
+    host = tuple(_remembered(num_targets, "tolist", lambda t: t.tolist()))
     for i, (t, n) in enumerate(zip(host, lens)):
         if t < 0 or t > n:
             raise ValueError(f"num_targets: sequence {i} has {n} tokens but num_targets[{i}]={t} (expected 0..{n})")
@@ -523,7 +530,7 @@ def _check_num_targets(num_targets, lens, contextual: int, device):
                 f"num_targets: sequence {i} has {n} tokens, {t} targets and contextual_seq_len={contextual}; "
                 "the contextual prefix must come before the targets"
             )
-    return num_targets.to(torch.int32), host
+    return _remembered(num_targets, "int32", lambda t: t.to(torch.int32).contiguous()), host
 
 
 def _check_rab(rab, timestamps, total: int, heads: int, lens, device) -> Optional[Rab]:

@@ -12,6 +12,7 @@ their mask also requires the query and key to belong to the same sequence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -129,27 +130,69 @@ def query_blocks(call: Call, block_q: int) -> list[QueryBlock]:
     return blocks
 
 
-def key_chunks(spec: Spec, call: Call, blk: QueryBlock, block_k: int) -> Iterator[tuple[int, int, str]]:
-    """Packed key chunks [c0, c1) the block must visit, each FULL or PARTIAL; skipped chunks never appear."""
+def key_chunks(spec: Spec, call: Call, blk: QueryBlock, block_k: int, aligned: bool = False
+               ) -> Iterator[tuple[int, int, int, int]]:
+    """Packed key chunks (c0, c1, p0, p1) the block must visit: keys [c0, c1), of which only
+    [p0, p1) may hold disallowed pairs (p0 == p1: a FULL chunk, no mask at all; else PARTIAL).
+    Skipped chunks never appear. ``aligned``: chunks on the grid of block_k keys from the
+    sequence start (the Triton kernel's key tiles), every one masked.
+
+    A causal block's keys before its diagonal are FULL: only the diagonal square needs a mask.
+    Where a sequence's visible keys fit one chunk they stay one chunk (a separate diagonal tile
+    would only add ops) and the mask covers the diagonal columns only."""
     if not blk.single:
         for c0 in range(blk.k0, blk.k1, block_k):
-            yield c0, min(c0 + block_k, blk.k1), PARTIAL
+            c1 = min(c0 + block_k, blk.k1)
+            yield c0, c1, c0, c1
         return
-    b = blk.b0
+    b, k0 = blk.b0, blk.k0
     lq, lk = call.lens_q[b], call.lens_k[b]
     row0, row1 = blk.r0, blk.r0 + (blk.q1 - blk.q0) - 1
+    if aligned:
+        if spec.hstu is not None:
+            lo, hi, _ = _hstu_bounds(spec, call, b, row0, row1)
+        else:
+            lo, hi = _window_bounds(spec, lq, lk, row0, row1)[:2]
+        lo, hi = max(lo, 0), min(hi, lk - 1)
+        for j0 in range((lo // block_k) * block_k, hi + 1, block_k):
+            j1 = min(j0 + block_k, lk)
+            yield k0 + j0, k0 + j1, k0 + j0, k0 + j1
+        return
     if spec.hstu is not None:
         lo, hi, classify = _hstu_bounds(spec, call, b, row0, row1)
-    else:
-        lo, hi, classify = _window_bounds(spec, lq, lk, row0, row1)
+        lo, hi = max(lo, 0), min(hi, lk - 1)
+        cut = row0 if spec.hstu.causal and lo < row0 <= hi else hi + 1  # the diagonal starts a chunk
+        for a, z in ((lo, cut - 1), (cut, hi)):
+            for j0 in range(a, z + 1, block_k):
+                j1 = min(j0 + block_k, z + 1)
+                full = classify(j0, j1 - 1) == FULL
+                yield k0 + j0, k0 + j1, (k0 + j1 if full else k0 + j0), k0 + j1
+        return
+    lo, hi, full_lo, full_hi = _window_bounds(spec, lq, lk, row0, row1)
     lo, hi = max(lo, 0), min(hi, lk - 1)
-    for j0 in range(lo, hi + 1, block_k):
-        j1 = min(j0 + block_k, hi + 1) - 1
-        yield blk.k0 + j0, blk.k0 + j1 + 1, classify(j0, j1)
+    if lo > hi:
+        return
+    f0, f1 = max(full_lo, lo), min(full_hi, hi)
+    if f0 > f1:  # no key every row sees
+        for j0 in range(lo, hi + 1, block_k):
+            j1 = min(j0 + block_k, hi + 1)
+            yield k0 + j0, k0 + j1, k0 + j0, k0 + j1
+    elif hi - lo < block_k:  # one chunk: masked columns are the edges [lo, f0) and (f1, hi]
+        p0 = lo if lo < f0 else f1 + 1
+        p1 = hi + 1 if f1 < hi else f0
+        if p1 <= p0:  # both edges empty: every pair allowed
+            p0 = p1 = hi + 1
+        yield k0 + lo, k0 + hi + 1, k0 + p0, k0 + p1
+    else:
+        for a, z, full in ((lo, f0 - 1, False), (f0, f1, True), (f1 + 1, hi, False)):
+            for j0 in range(a, z + 1, block_k):
+                j1 = min(j0 + block_k, z + 1)
+                yield k0 + j0, k0 + j1, (k0 + j1 if full else k0 + j0), k0 + j1
 
 
-def _window_bounds(spec: Spec, lq: int, lk: int, row0: int, row1: int):
-    """Rows row0..row1 see keys in [lo(row), hi(row)], both bounds increasing with the row."""
+def _window_bounds(spec: Spec, lq: int, lk: int, row0: int, row1: int) -> tuple[int, int, int, int]:
+    """Rows row0..row1 see keys in [lo(row), hi(row)], both bounds increasing with the row: the
+    keys some row sees, [lo(row0), hi(row1)], and the keys every row sees, [lo(row1), hi(row0)]."""
     left, right = spec.window
     shift = lk - lq
 
@@ -159,10 +202,21 @@ def _window_bounds(spec: Spec, lq: int, lk: int, row0: int, row1: int):
     def hi(i):
         return i + shift + right if right >= 0 else INF
 
-    def classify(j0, j1):
-        return FULL if j0 >= lo(row1) and j1 <= hi(row0) else PARTIAL
+    return lo(row0), hi(row1), lo(row1), hi(row0)
 
-    return lo(row0), hi(row1), classify
+
+@functools.lru_cache(maxsize=64)
+def window_tile_mask(left: int, right: int, m: int, n: int, offset: int, device: torch.device) -> torch.Tensor:
+    """(m, n) bool mask of a one-sequence tile of a causal/window mask whose key 0 sits ``offset``
+    positions after its query row 0 (bottom-right aligned positions). Tiles of a call mostly share
+    a few offsets, so the masks are cached; callers must not modify them."""
+    d = torch.arange(n, device=device).view(1, -1) - torch.arange(m, device=device).view(-1, 1) + offset
+    ok = torch.ones(m, n, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= d >= -left
+    if right >= 0:
+        ok &= d <= right
+    return ok
 
 
 def _hstu_bounds(spec: Spec, call: Call, b: int, row0: int, row1: int):

@@ -140,12 +140,6 @@ def test_triton_backend_is_not_faked_on_cpu(monkeypatch):
         oa.attention(q, k, v, backend="triton")
 
 
-def test_quantized_precision_is_not_faked():
-    q = k = v = torch.randn(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="precision='int8'"):
-        oa.attention(q, k, v, precision="int8")
-
-
 def test_sigmoid_default_bias_is_per_sequence():
     """-ln(Nk) of each sequence: a varlen batch equals its sequences run one at a time."""
     gen = torch.Generator().manual_seed(8)

@@ -99,3 +99,15 @@ def test_a_nan_upstream_gradient_follows_the_rule():
     for g, w in zip(got, want):
         assert torch.equal(g.isnan(), w.isnan()) and torch.allclose(g, w, rtol=1e-9, atol=1e-11, equal_nan=True)
     assert got[2][0, 11:].isfinite().all() and got[2][1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_one_tensor_in_three_roles(backend):
+    """attention(x, x, x): autograd adds the three roles' gradients (the reference's rule wrapper
+    once gave every role the summed gradient: 3x)."""
+    gen = torch.Generator().manual_seed(6)
+    x = rand((1, 13, 2, 8), torch.float64, gen).requires_grad_()
+    (got,) = torch.autograd.grad(oa.attention(x, x, x, causal=True, backend=backend).sum(), x)
+    roles = [x.detach().clone().requires_grad_() for _ in range(3)]
+    want = sum(torch.autograd.grad(oa.reference.attention(*roles, causal=True).sum(), roles))
+    assert max_err(got, want) < 1e-12

@@ -116,3 +116,20 @@ def test_second_derivatives(small_tiles, score):
         return oa.attention(q, k, v, score=score, causal=True, softcap=3.0, backend="torch")
 
     assert torch.autograd.gradgradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7)
+
+
+def test_a_forked_child_gets_its_own_workers(two_threads):
+    """After fork (DataLoader workers), the child must not wait for the parent's threads."""
+    import multiprocessing as mp
+
+    torch_threads.run(lambda _, i: None, range(4))  # the parent's pool exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_child_attention).get(timeout=60)
+
+
+def _child_attention():
+    q = torch.randn(1, 600, 2, 16)
+    torch.set_num_threads(2)
+    out = oa.attention(q, q, q, score="sigmoid", backend="torch")
+    return bool(torch.isfinite(out).all())

@@ -47,10 +47,10 @@ def resolve(backend: str, spec: Spec, call: Call) -> str:
 
 
 def run(spec: Spec, call: Call, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ..quant import calibrate
+    from ..quant.calibrate import active, dispatch
 
-    if calibrate.active():  # a calibration plan is being recorded or applied: it decides per call site
-        return calibrate.dispatch(spec, call, backend, _run)
+    if active():  # a calibration plan is being recorded or applied: it decides per call site
+        return dispatch(spec, call, backend, _run)
     return _run(spec, call, backend)
 
 

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..spec import Call, Spec
-from . import torch_tiled
+from . import torch_threads, torch_tiled
 
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -91,7 +91,9 @@ class _FusedAttention(torch.autograd.Function):
         spec, call = ctx.spec, ctx.call
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None or not torch_tiled._all_finite(dout) or torch.is_grad_enabled():
+        with torch_threads.caller_on_one_thread(q.device):  # a small check: no OpenMP barrier for it
+            finite = torch_tiled._all_finite(dout)
+        if dlse is not None or not finite or torch.is_grad_enabled():
             # lse's own gradient, a NaN/Inf upstream or a second derivative: the tiled backward
             dq, dk, dv = torch_tiled.backward(spec, call, out, lse_ours, dout, dlse)
             return dq, dk, dv, None, None, None, None
@@ -104,12 +106,13 @@ def attention(spec: Spec, call: Call) -> Optional[tuple[torch.Tensor, torch.Tens
     """(out (B, Nq, Hq, D), lse (B, Hq, Nq) float32 / float64) in the caller's layout, or None
     when this call must take the tiled path after all (non-finite inputs)."""
     mask, empty_rows = call.attn_mask, None
-    if mask is not None:
-        empty_rows = _mask_rows(mask)
-        if empty_rows is None:
+    with torch_threads.caller_on_one_thread(call.q.device):  # small checks: no OpenMP barrier for them
+        if mask is not None:
+            empty_rows = _mask_rows(mask)
+            if empty_rows is None:
+                return None
+            if not bool(empty_rows.any()):
+                empty_rows = None
+        if not torch_tiled._all_finite(call.q, call.k, call.v):
             return None
-        if not bool(empty_rows.any()):
-            empty_rows = None
-    if not torch_tiled._all_finite(call.q, call.k, call.v):
-        return None
     return _FusedAttention.apply(call.q, call.k, call.v, spec, call, mask, empty_rows)

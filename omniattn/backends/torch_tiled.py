@@ -34,15 +34,16 @@ import torch.nn.functional as F
 from .. import reference
 from ..hstu.relative_bias import bucketize
 from ..spec import Call, Spec
-from ..tiling import FULL, QueryBlock, chunk_mask, key_chunks, query_blocks, token_meta
+from ..tiling import QueryBlock, chunk_mask, key_chunks, query_blocks, token_meta, window_tile_mask
 from . import torch_threads
 
-# Tiles of BLOCK_Q query rows (times the G query heads of one KV head) by BLOCK_K keys, with
-# BLOCK_K such that a tile holds about TILE_ELEMS floats (512 KiB): a few tiles (scores, dP)
-# stay in one core's L2 cache, and each op is large enough that Python's overhead between ops
-# is a small share. Short sequences put several heads in one tile instead.
-BLOCK_Q = 128
-TILE_ELEMS = 1 << 17
+# Tiles of BLOCK_Q query rows (times the G query heads of a KV head, times the KV heads computed
+# together) by up to 2048 keys, about TILE_ELEMS floats (8 MiB). Measured on a 2-core Xeon
+# (N=1024, H=8, D=64, sigmoid forward on one core): 8-head tiles 22 ms, 1-head tiles 27 ms.
+# Smaller tiles run each op faster from cache, but every op also costs Python dispatch and, with
+# two worker threads, a turn at the GIL; big tiles make each of the ~5 ops per tile large.
+BLOCK_Q = 256
+TILE_ELEMS = 1 << 21
 MIN_BLOCK_K = 64
 _empty = torch.empty  # allocation of outputs every row of which the kernel writes
 
@@ -109,9 +110,15 @@ class _Plan:
     silu_scale: float
     mask4: Optional[torch.Tensor] = None  # attn_mask as a 4-D view (B|1, Hq|1, Nq|1, Nk|1)
     mask_has_bad: bool = False  # a float mask holding NaN or +inf (non-finite inputs)
+    # quantized emulation (omniattn.quant.emulate): P of each tile as the FP8 product sees it, applied
+    # where the kernel converts P (softmax P relative to the running max; SiLU's P before its 1/n)
+    p_round: Optional[object] = None
 
     @classmethod
-    def build(cls, spec: Spec, call: Call) -> "_Plan":
+    def build(cls, spec: Spec, call: Call, key_tiles: Optional[int] = None) -> "_Plan":
+        """``key_tiles``: visit keys in chunks on the grid of that many keys from each sequence's
+        start, the Triton kernel's key tiles (the quantized emulation needs the kernel's running
+        maxima); by default chunks follow the mask (FULL/PARTIAL) and TILE_ELEMS."""
         if call.attn_mask is not None and not call.dense:
             raise ValueError("attn_mask: only dense (batch, seqlen, heads, dim) calls take an explicit mask; "
                              "for packed sequences express the mask through cu_seqlens, causal and window")
@@ -120,11 +127,11 @@ class _Plan:
         blocks = query_blocks(call, BLOCK_Q)
         g = call.heads_q // call.k.shape[-2]
         rows = g * min(BLOCK_Q, max(call.max_q, 1))
-        bk = _block_k(rows)
-        chunks = [list(key_chunks(spec, call, blk, bk)) for blk in blocks]
-        work = [(blk.q1 - blk.q0) * sum(c1 - c0 for c0, c1, _ in ch) for blk, ch in zip(blocks, chunks)]
+        bk = _block_k(rows) if key_tiles is None else key_tiles
+        chunks = [list(key_chunks(spec, call, blk, bk, aligned=key_tiles is not None)) for blk in blocks]
+        work = [(blk.q1 - blk.q0) * sum(c[1] - c[0] for c in ch) for blk, ch in zip(blocks, chunks)]
         order = sorted(range(len(blocks)), key=lambda i: -work[i])
-        # KV heads per tile: one, unless the tiles are small (short sequences)
+        # KV heads per forward tile: as many as fit TILE_ELEMS (all of them for short sequences)
         heads_per_tile = max(1, min(call.k.shape[-2], TILE_ELEMS // (rows * min(bk, max(call.max_k, 1)))))
         dev = call.q.device
         row_bias = None
@@ -203,15 +210,37 @@ def _rows_to_tile(x: torch.Tensor, blk: QueryBlock, hd: _Heads) -> torch.Tensor:
 
 @dataclass
 class _Tile:
-    """What a tile's scores need besides Q.K: the allowed pairs (None: all of them; else a bool
-    broadcastable to (nh, G, m, n)), the float mask added to the scores, and (non-finite mode)
-    the pairs whose mask entry is NaN or +inf."""
+    """What a tile's scores need besides Q.K: which pairs are allowed, as a bool broadcastable to
+    (nh, G, m, b - a) for the key columns [a, b) of the chunk that may hold disallowed pairs
+    (None: all pairs allowed), the float mask added to the scores, and (non-finite mode) the
+    pairs whose mask entry is NaN or +inf."""
 
     c0: int
     c1: int
     allowed: Optional[torch.Tensor]
+    a: int = 0
+    b: int = 0
     bias: Optional[torch.Tensor] = None
     bad: Optional[torch.Tensor] = None
+
+    def fill(self, x: torch.Tensor, value: float, inplace: bool) -> torch.Tensor:
+        """x (nh, G, m, n) with the disallowed pairs set to value (only columns [a, b) are read)."""
+        if self.allowed is None:
+            return x
+        if inplace:
+            x[..., self.a : self.b].masked_fill_(~self.allowed, value)
+            return x
+        return x.masked_fill(~self.full(x.shape), value)
+
+    def full(self, shape, device=None) -> torch.Tensor:
+        """The allowed pairs of the whole chunk, expanded to ``shape`` (nh, G, m, n)."""
+        if self.allowed is None:
+            return torch.ones((), dtype=torch.bool, device=device).expand(shape)
+        if (self.a, self.b) == (0, shape[-1]):
+            return self.allowed.expand(shape)
+        out = torch.ones(shape, dtype=torch.bool, device=self.allowed.device)
+        out[..., self.a : self.b] = self.allowed
+        return out
 
 
 def _mask_tile(p: _Plan, blk: QueryBlock, c0: int, c1: int) -> torch.Tensor:
@@ -232,23 +261,33 @@ def _mask_tile(p: _Plan, blk: QueryBlock, c0: int, c1: int) -> torch.Tensor:
     return m4[seq.view(-1, 1), :, rows.view(-1, 1), cols.view(1, -1)].permute(2, 0, 1)
 
 
-def _tile(p: _Plan, blk: QueryBlock, c0: int, c1: int, kind: str, hd: _Heads) -> _Tile:
-    allowed = None if kind == FULL else chunk_mask(p.spec, p.meta, blk.q0, blk.q1, c0, c1, blk.single)
+def _tile(p: _Plan, blk: QueryBlock, chunk: tuple, hd: _Heads) -> _Tile:
+    c0, c1, p0, p1 = chunk
+    if p.mask4 is not None and p1 > p0:  # the explicit mask covers the whole chunk: so does its structure
+        p0, p1 = c0, c1
+    allowed = None
+    if p1 > p0:
+        if blk.single and p.spec.hstu is None:  # a causal/window tile: one of a few cached masks
+            b = blk.b0
+            offset = (p0 - blk.k0) - (blk.r0 + p.call.lens_k[b] - p.call.lens_q[b])
+            allowed = window_tile_mask(*p.spec.window, blk.q1 - blk.q0, p1 - p0, offset, p.call.q.device)
+        else:
+            allowed = chunk_mask(p.spec, p.meta, blk.q0, blk.q1, p0, p1, blk.single)
     if p.mask4 is None:
-        return _Tile(c0, c1, allowed)
+        return _Tile(c0, c1, allowed, p0 - c0, p1 - c0)
     mt = _mask_tile(p, blk, c0, c1)
     if mt.shape[0] > 1:  # per head: (nh, G, m|1, n|1)
         mt = mt.view(hd.hkv, hd.g, *mt.shape[1:])[hd.h0 : hd.h1]
     else:
         mt = mt.unsqueeze(0)
     if mt.dtype == torch.bool:
-        return _Tile(c0, c1, mt if allowed is None else allowed & mt)
+        return _Tile(c0, c1, mt if allowed is None else allowed & mt, 0, c1 - c0)
     ok = mt != -math.inf  # a -inf entry is a disallowed pair
     bias, bad = mt.to(p.cdtype), None
     if p.mask_has_bad:
         bad = bias.isnan() | (bias == math.inf)
         bias = bias.masked_fill(bad, 0.0)
-    return _Tile(c0, c1, ok if allowed is None else allowed & ok, bias, bad)
+    return _Tile(c0, c1, ok if allowed is None else allowed & ok, 0, c1 - c0, bias, bad)
 
 
 def _scores(p: _Plan, qt, kt, blk: QueryBlock, tile: _Tile, hd: _Heads, pos_w, ts_w, out=None, tanh_out=None):
@@ -308,6 +347,17 @@ def _dropped(p: _Plan, rows: torch.Tensor, tile: _Tile) -> torch.Tensor:
     return ~reference.dropout_keep_from_rows(rows, j, p.spec.dropout_p)
 
 
+# exp of inputs below about -88 (where it underflows) or of -inf takes a slow path in PyTorch's
+# vectorised CPU exp, 15-60x slower than other inputs; masked tiles and packed blocks are full of
+# -inf. Inputs are floored first (exp(-87) = 1.6e-38, below any rounding of a sum of terms <= 1);
+# disallowed pairs are then set to exact zeros by their mask.
+_EXP_FLOOR = -87.0
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(min=_EXP_FLOOR).exp_()
+
+
 def _activate(p: _Plan, s: torch.Tensor) -> torch.Tensor:
     """Pointwise score function of a (nh, G, m, n) tile in place, without SiLU's 1/n (applied to
     the block's sum) and with sigmoid's bias already in the scores."""
@@ -321,16 +371,12 @@ def _activate_with_grad(p: _Plan, s: torch.Tensor, dp: torch.Tensor, scr: Option
         pt = s.sigmoid_() if scr is not None else s.sigmoid()
         return pt, torch.ops.aten.sigmoid_backward(dp, pt) if scr is None else \
             torch.ops.aten.sigmoid_backward.grad_input(dp, pt, grad_input=dp)
-    if scr is None:
-        return F.silu(s), torch.ops.aten.silu_backward(dp, s)
+    if scr is None:  # recorded by autograd: silu_backward has no derivative, so spelled out
+        sig = torch.sigmoid(s)
+        act = s * sig
+        return act, dp * (sig + act * (1 - sig))  # silu'(s) = sig + s sig (1 - sig)
     pt = torch.ops.aten.silu.out(s, out=scr.get("p", s.shape, s))
     return pt, torch.ops.aten.silu_backward.grad_input(dp, s, grad_input=dp)
-
-
-def _allowed_full(tile: _Tile, hd: _Heads, m: int, n: int, device) -> torch.Tensor:
-    if tile.allowed is None:
-        return torch.ones(hd.n, hd.g, m, n, dtype=torch.bool, device=device)
-    return tile.allowed.expand(hd.n, hd.g, m, n)
 
 
 # ------------------------------------------------------------------------------ forward
@@ -345,59 +391,64 @@ def _forward(p: _Plan, q, k, v, pos_w, ts_w):
     softmax = spec.score == "softmax"
     out = _empty(tq, hq, dv, dtype=p.call.q.dtype, device=q.device)
     lse = _empty(hq, tq, dtype=cd, device=q.device) if softmax else q.new_empty(0, dtype=cd)
-    kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk): a view; chunks of it are matmul operands as they are
+    # views: a transposing copy of K costs more than the matmuls gain from contiguous panels
+    kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk)
     vt_all = v.transpose(0, 1)  # (Hkv, Tk, Dv)
     # SiLU's 1/n and dropout's 1/(1-p) scale every term of a row alike: applied once to its sum
     post = (p.silu_scale if spec.score == "silu" else 1.0) / (1.0 - spec.dropout_p)
-    # few query blocks: split the heads too, so that every thread has work
-    heads = _head_ranges(hkv, hq // hkv, 1 if len(p.blocks) >= 4 else 4)
+    heads = _head_ranges(hkv, hq // hkv, -(-hkv // p.heads_per_tile))
+    row_bias = p.row_bias.view(-1, 1).expand(-1, hq) if p.row_bias is not None else None
 
-    def block(_, task):
+    def block(scr: _Scratch, task):
         bi, hd = task
         blk, chunks = p.blocks[bi], p.chunks[bi]
         m = blk.q1 - blk.q0
-        qt = _q_tile(q, blk, hd) * spec.scale  # (nh, G*m, D)
+        qt = _q_tile(q, blk, hd) * spec.scale  # (nh, G*m, D); never in place: it may be a view of q
         gm = qt.shape[1]
         acc = torch.zeros(hd.n, gm, dv, dtype=cd, device=q.device)
         rows = _dropout_rows(p, blk, hd)
-        row_add = _rows_to_tile(p.row_bias.view(-1, 1).expand(-1, hq), blk, hd) if p.row_bias is not None else None
+        bias_t = _rows_to_tile(row_bias, blk, hd).view(hd.n, hd.g, m, 1) if row_bias is not None else None
         if softmax:
             m_i = torch.full((hd.n, gm, 1), -math.inf, dtype=cd, device=q.device)
             l_i = torch.zeros_like(m_i)
-        for c0, c1, kind in chunks:
+        for chunk in chunks:
+            c0, c1 = chunk[0], chunk[1]
             n = c1 - c0
-            tile = _tile(p, blk, c0, c1, kind, hd)
-            s, _ = _scores(p, qt, kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, pos_w, ts_w, row_add)
+            tile = _tile(p, blk, chunk, hd)
+            s, _ = _scores(p, qt, kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, pos_w, ts_w,
+                           out=scr.get("s", (hd.n, gm, n), qt))
             if softmax:
-                if tile.allowed is not None:
-                    s = s.masked_fill_(~tile.allowed, -math.inf)
-                s = s.view(hd.n, gm, n)
+                s = tile.fill(s, -math.inf, True).view(hd.n, gm, n)
                 m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
                 # rows with nothing allowed yet keep max -inf; subtract 0 so exp gives 0, not NaN
                 m_use = m_new.masked_fill(m_new == -math.inf, 0.0)
                 alpha = torch.exp(m_i - m_use)
-                pt = s.sub_(m_use).exp_()
+                pt = _exp_(s.sub_(m_use))
+                if tile.allowed is not None:  # exact zeros again (_exp_ floors -inf)
+                    pt = tile.fill(pt.view(hd.n, hd.g, m, n), 0.0, True).view(hd.n, gm, n)
                 l_i.mul_(alpha).add_(pt.sum(-1, keepdim=True))
                 acc.mul_(alpha)
                 m_i = m_new
             else:
-                pt = _activate(p, s)
-                if tile.allowed is not None:
-                    pt = pt.masked_fill_(~tile.allowed, 0.0)
+                if bias_t is not None:
+                    s.add_(bias_t)
+                pt = tile.fill(_activate(p, s), 0.0, True)
             if rows is not None:
-                pt = pt.view(hd.n, hd.g, m, n).masked_fill_(_dropped(p, rows, tile), 0.0)
+                pt.view(hd.n, hd.g, m, n).masked_fill_(_dropped(p, rows, tile), 0.0)
+            if p.p_round is not None:
+                pt = p.p_round(pt)
             acc.baddbmm_(pt.view(hd.n, gm, n), vt_all[hd.h0 : hd.h1, c0:c1])
         if softmax:
             # an empty row has l = 0 exactly; any other l is >= 1 (or NaN, which must stay NaN)
             empty = l_i == 0
-            acc = torch.where(empty, 0.0, acc / l_i.masked_fill(empty, 1.0) * post)
+            acc = torch.where(empty, 0.0, acc.div_(l_i.masked_fill(empty, 1.0)).mul_(post))
             tile_lse = torch.where(empty, -math.inf, m_i + torch.log(l_i))
             lse[hd.q, blk.q0 : blk.q1] = _q_untile(tile_lse, m).squeeze(-1).t()
         elif post != 1.0:
             acc.mul_(post)
         out[blk.q0 : blk.q1, hd.q] = _q_untile(acc, m)
 
-    torch_threads.run(block, [(bi, hd) for bi in p.order for hd in heads], device=q.device)
+    torch_threads.run(block, [(bi, hd) for bi in p.order for hd in heads], _Scratch, device=q.device)
     return out, lse
 
 
@@ -411,9 +462,10 @@ def _forward_nan(p: _Plan, bq, bk, bv, out, lse) -> None:
         bq_t = _rows_to_tile(bq, blk, hd).view(hkv, hd.g, m, 1)
         bad_rows = torch.zeros(hkv, hd.g, m, dtype=torch.bool, device=bq.device)
         bad_v = torch.zeros(hkv, hd.g * m, fv.shape[2], dtype=p.cdtype, device=bq.device)
-        for c0, c1, kind in chunks:
-            tile = _tile(p, blk, c0, c1, kind, hd)
-            allowed = _allowed_full(tile, hd, m, c1 - c0, bq.device)
+        for chunk in chunks:
+            c0, c1 = chunk[0], chunk[1]
+            tile = _tile(p, blk, chunk, hd)
+            allowed = tile.full((hkv, hd.g, m, c1 - c0), bq.device)
             scores = bq_t | bk[c0:c1].t().view(hkv, 1, 1, -1)
             if tile.bad is not None:
                 scores = scores | tile.bad
@@ -444,24 +496,25 @@ def _backward_tasks(p: _Plan, hkv: int, g: int, split: bool) -> tuple[list, int]
 
     dK and dV of a key add up contributions of every query block that sees it. Each piece owns
     the heads it computes, so pieces of different heads never write to the same place; when
-    there are few heads, the query blocks are also split into ranges with a dK/dV sum each,
-    added in order at the end. The split depends on the problem only, never on the thread count
-    or on which thread ran what: results are bit-identical however many threads run them."""
+    there are few head groups, the query blocks are also split into ranges with a dK/dV sum
+    each, added in order at the end. The split depends on the problem only, never on the thread
+    count or on which thread ran what: results are bit-identical however many threads run them."""
     blocks = list(range(len(p.blocks)))
     if not split:
         return [_BackwardTask(_Heads(0, hkv, hkv, g), blocks, 0, 0)], 1
-    heads = _head_ranges(hkv, g, 8)
-    parts = max(1, min(len(blocks), 8 // len(heads)))
-    work = [(blk.q1 - blk.q0) * sum(c1 - c0 for c0, c1, _ in ch) for blk, ch in zip(p.blocks, p.chunks)]
-    ranges, total, acc, start = [], sum(work), 0, 0
-    for i, w in enumerate(work):  # contiguous ranges of about equal work
+    # up to 4 groups of KV heads; fewer than 4 KV heads (MQA, GQA): query-block ranges too,
+    # each with its own dK/dV sum
+    heads = _head_ranges(hkv, g, min(hkv, 4))
+    parts = max(1, min(len(blocks), -(-4 // len(heads))))
+    ranges, total, acc, start = [], sum(p.work), 0, 0
+    for i, w in enumerate(p.work):  # contiguous ranges of about equal work
         acc += w
         if acc * parts >= total * (len(ranges) + 1) and len(ranges) < parts - 1:
             ranges.append(blocks[start : i + 1])
             start = i + 1
     ranges.append(blocks[start:])
     ranges = [r for r in ranges if r]
-    tasks = [_BackwardTask(hd, r, i, sum(work[b] for b in r) * hd.n) for hd in heads for i, r in enumerate(ranges)]
+    tasks = [_BackwardTask(hd, r, i, sum(p.work[b] for b in r) * hd.n) for hd in heads for i, r in enumerate(ranges)]
     tasks.sort(key=lambda t: -t.work)
     return tasks, max(1, len(ranges))
 
@@ -474,7 +527,6 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
     spec, cd = p.spec, p.cdtype
     hq, hkv = q.shape[1], k.shape[1]
     g = hq // hkv
-    softmax = spec.score == "softmax"
     inplace = not torch.is_grad_enabled()
     dev = q.device
     dq = _empty(q.shape, dtype=cd, device=dev)
@@ -486,89 +538,110 @@ def _backward(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
     dts = torch.zeros((len(tasks),) + ts_w.shape, dtype=torch.float64, device=dev) if ts_w is not None else None
     # SiLU's 1/n and dropout's 1/(1-p) multiply P where it meets V: fold them into dO once
     post = (p.silu_scale if spec.score == "silu" else 1.0) / (1.0 - spec.dropout_p)
-    if softmax:
+    rows = dict(delta=None, neg_lse=None, bias=None)
+    if spec.score == "softmax":
         # delta_i = sum_j p_ij dp_ij = dO_i . O_i; a gradient on lse enters as -dlse (dlse/ds = p)
         delta = (dout * out).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(cd).t()
-        neg_lse = -torch.where(torch.isinf(lse), 0.0, lse).t()  # (Tq, Hq); empty rows: their s are all -inf
-    kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk)
-    k_all = k.transpose(0, 1)  # (Hkv, Tk, D)
-    vt_all = v.permute(1, 2, 0)  # (Hkv, Dv, Tk)
-    grads_out = {}
+        rows["delta"] = delta - dlse.to(cd).t() if dlse is not None else delta
+        rows["neg_lse"] = -torch.where(torch.isinf(lse), 0.0, lse).t()  # (Tq, Hq); empty rows: s all -inf
+    elif p.row_bias is not None:
+        rows["bias"] = p.row_bias.view(-1, 1).expand(-1, hq)
+    ops = _BackwardOps(p, q, k, v, dout, rows, pos_w, ts_w, post, inplace)
+    found = {}
 
-    def run_task(_, ti):
+    def run_task(scr: Optional[_Scratch], ti: int) -> None:
         t = tasks[ti]
         hd = t.hd
         dk_acc, dv_acc = dk_parts[t.part, hd.h0 : hd.h1], dv_parts[t.part, hd.h0 : hd.h1]
         for bi in t.blocks:
-            dk_acc, dv_acc = _backward_block(bi, hd, dk_acc, dv_acc, ti)
+            dq_blk, dk_acc, dv_acc = ops.block(bi, hd, dk_acc, dv_acc, dpos[ti] if dpos is not None else None,
+                                               dts[ti] if dts is not None else None, scr)
+            blk = p.blocks[bi]
+            dq[blk.q0 : blk.q1, hd.q] = dq_blk
         if not inplace:
-            grads_out["dk"], grads_out["dv"] = dk_acc, dv_acc
+            found["dk"], found["dv"] = dk_acc, dv_acc
 
-    def _backward_block(bi, hd, dk_acc, dv_acc, ti):
-        blk, chunks = p.blocks[bi], p.chunks[bi]
-        m = blk.q1 - blk.q0
-        qt = _q_tile(q, blk, hd) * spec.scale
-        gm = qt.shape[1]
-        do = _q_tile(dout, blk, hd)  # (nh, G*m, Dv)
-        do = do * post if post != 1.0 else do
-        dqt = torch.zeros_like(qt)
-        rows = _dropout_rows(p, blk, hd)
-        if softmax:
-            row_add = _rows_to_tile(neg_lse, blk, hd)
-            delta_t = _rows_to_tile(delta, blk, hd)
-        else:
-            row_add = _rows_to_tile(p.row_bias.view(-1, 1).expand(-1, hq), blk, hd) if p.row_bias is not None else None
-        for c0, c1, kind in chunks:
-            n = c1 - c0
-            tile = _tile(p, blk, c0, c1, kind, hd)
-            s, tanh = _scores(p, qt, kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, pos_w, ts_w, row_add)
-            dp = torch.bmm(do, vt_all[hd.h0 : hd.h1, :, c0:c1])  # (nh, G*m, n)
-            drop = _dropped(p, rows, tile) if rows is not None else None
-            if drop is not None:
-                dp = dp.view(hd.n, hd.g, m, n).masked_fill(drop, 0.0).view(hd.n, gm, n)
-            if softmax:
-                if tile.allowed is not None:
-                    s = s.masked_fill_(~tile.allowed, -math.inf) if inplace else s.masked_fill(~tile.allowed, -math.inf)
-                pt = (s.exp_() if inplace else s.exp()).view(hd.n, gm, n)  # P = exp(s - lse)
-                ds = dp.sub_(delta_t).mul_(pt) if inplace else (dp - delta_t) * pt
-            else:
-                pt, dact = _activate_with_grad(p, s, inplace)
-                pt, dact = pt.view(hd.n, gm, n), dact.view(hd.n, gm, n)
-                ds = dp.mul_(dact) if inplace else dp * dact
-            if tile.allowed is not None:  # exact zeros, whatever a disallowed pair computed
-                mask = ~tile.allowed.expand(hd.n, hd.g, m, n).reshape(hd.n, gm, n)
-                ds = ds.masked_fill_(mask, 0.0) if inplace else ds.masked_fill(mask, 0.0)
-                if not softmax:
-                    pt = pt.masked_fill_(mask, 0.0) if inplace else pt.masked_fill(mask, 0.0)
-            if drop is not None:
-                pt = pt.view(hd.n, hd.g, m, n).masked_fill(drop, 0.0).view(hd.n, gm, n)
-            dv_acc = _add_into(dv_acc, c0, c1, pt.transpose(1, 2), do, inplace)
-            if dpos is not None:
-                _, rel, bucket = _rab_tile(p, blk, c0, c1, pos_w, ts_w)
-                gr = ds.view(hd.n * hd.g, m, n).double()
-                if dpos.shape[1] == 1:
-                    dpos[ti].index_add_(1, rel.flatten(), gr.sum(0, keepdim=True).reshape(1, -1))
-                    dts[ti].index_add_(1, bucket.flatten(), gr.sum(0, keepdim=True).reshape(1, -1))
-                else:
-                    dpos[ti, hd.q].index_add_(1, rel.flatten(), gr.reshape(gr.shape[0], -1))
-                    dts[ti, hd.q].index_add_(1, bucket.flatten(), gr.reshape(gr.shape[0], -1))
-            if tanh is not None:
-                ds = ds * (1 - tanh * tanh).view(hd.n, gm, n)
-            dqt = dqt.baddbmm_(ds, k_all[hd.h0 : hd.h1, c0:c1]) if inplace else torch.baddbmm(dqt, ds, k_all[hd.h0 : hd.h1, c0:c1])
-            dk_acc = _add_into(dk_acc, c0, c1, ds.transpose(1, 2), qt, inplace)
-        dq[blk.q0 : blk.q1, hd.q] = _q_untile(dqt * spec.scale, m)
-        return dk_acc, dv_acc
-
-    torch_threads.run(run_task, range(len(tasks)), device=dev, threads=None if inplace else 1)
+    torch_threads.run(run_task, range(len(tasks)), _Scratch if inplace else (lambda: None), device=dev,
+                      threads=None if inplace else 1)
     if inplace:
         dk, dv = dk_parts.sum(0) if parts > 1 else dk_parts[0], dv_parts.sum(0) if parts > 1 else dv_parts[0]
     else:
-        dk, dv = grads_out["dk"], grads_out["dv"]
+        dk, dv = found["dk"], found["dv"]
     grads = [dq.to(p.call.q.dtype), dk.transpose(0, 1).to(p.call.k.dtype), dv.transpose(0, 1).to(p.call.v.dtype)]
     grads += [dpos.sum(0).to(pos_w.dtype), dts.sum(0).to(ts_w.dtype)] if pos_w is not None else [None, None]
     return grads
+
+
+class _BackwardOps:
+    """The backward pass of one query block for some heads: recompute each tile's scores and P,
+    then dV += P^T dO, dS = P (dP - delta) (softmax) or dP f'(s), dQ += dS K, dK += dS^T Q.
+    With ``inplace`` the tiles live in the thread's scratch buffers; without it (double
+    backward) every op is out of place so autograd can record it."""
+
+    def __init__(self, p: _Plan, q, k, v, dout, rows: dict, pos_w, ts_w, post: float, inplace: bool):
+        self.p, self.q, self.dout, self.rows, self.pos_w, self.ts_w = p, q, dout, rows, pos_w, ts_w
+        self.post, self.inplace = post, inplace
+        self.kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk), views (see _forward)
+        self.k_all = k.transpose(0, 1)  # (Hkv, Tk, D)
+        self.vt_all = v.permute(1, 2, 0)  # (Hkv, Dv, Tk)
+
+    def block(self, bi: int, hd: _Heads, dk_acc, dv_acc, dpos, dts, scr: Optional[_Scratch]):
+        p, ip = self.p, self.inplace
+        spec = p.spec
+        softmax = spec.score == "softmax"
+        blk, chunks = p.blocks[bi], p.chunks[bi]
+        m = blk.q1 - blk.q0
+        qt = _q_tile(self.q, blk, hd) * spec.scale
+        gm = qt.shape[1]
+        do = _q_tile(self.dout, blk, hd)  # (nh, G*m, Dv)
+        do = do * self.post if self.post != 1.0 else do
+        dqt = torch.zeros_like(qt)
+        drop_rows = _dropout_rows(p, blk, hd)
+        row_add = self.rows["neg_lse"] if softmax else self.rows["bias"]
+        row_add = _rows_to_tile(row_add, blk, hd).view(hd.n, hd.g, m, 1) if row_add is not None else None
+        delta_t = _rows_to_tile(self.rows["delta"], blk, hd) if softmax else None
+        for chunk in chunks:
+            c0, c1 = chunk[0], chunk[1]
+            n = c1 - c0
+            shape4 = (hd.n, hd.g, m, n)
+            tile = _tile(p, blk, chunk, hd)
+            s, tanh = _scores(p, qt, self.kt_all[hd.h0 : hd.h1, :, c0:c1], blk, tile, hd, self.pos_w, self.ts_w,
+                              out=scr.get("s", (hd.n, gm, n), qt) if ip else None,
+                              tanh_out=scr.get("tanh", (hd.n, gm, n), qt) if ip else None)
+            if row_add is not None:  # softmax: s - lse, so that P = exp(s); sigmoid: its bias
+                s = s.add_(row_add) if ip else s + row_add
+            dp = torch.bmm(do, self.vt_all[hd.h0 : hd.h1, :, c0:c1], out=scr.get("dp", (hd.n, gm, n), qt) if ip else None)
+            dp = dp.view(shape4)
+            drop = _dropped(p, drop_rows, tile) if drop_rows is not None else None
+            if drop is not None:
+                dp = dp.masked_fill_(drop, 0.0) if ip else dp.masked_fill(drop, 0.0)
+            if softmax:  # P = exp(s - lse); disallowed pairs are zeroed below with dS
+                pt = _exp_(s) if ip else s.exp()
+                ds = dp.sub_(delta_t.view(hd.n, hd.g, m, 1)).mul_(pt) if ip else (dp - delta_t.view(hd.n, hd.g, m, 1)) * pt
+            else:
+                pt, ds = _activate_with_grad(p, s, dp, scr if ip else None)
+            ds = tile.fill(ds, 0.0, ip)  # exact zeros, whatever a disallowed pair computed
+            pt = tile.fill(pt, 0.0, ip)
+            if drop is not None:
+                pt = pt.masked_fill_(drop, 0.0) if ip else pt.masked_fill(drop, 0.0)
+            pt, ds = pt.reshape(hd.n, gm, n), ds.reshape(hd.n, gm, n)
+            dv_acc = _add_into(dv_acc, c0, c1, pt.transpose(1, 2), do, ip)
+            if dpos is not None:
+                _, rel, bucket = _rab_tile(p, blk, c0, c1, self.pos_w, self.ts_w)
+                gr = ds.reshape(hd.n * hd.g, m * n).double()
+                if dpos.shape[0] == 1:
+                    gr = gr.sum(0, keepdim=True)
+                    dpos.index_add_(1, rel.flatten(), gr)
+                    dts.index_add_(1, bucket.flatten(), gr)
+                else:
+                    dpos[hd.q].index_add_(1, rel.flatten(), gr)
+                    dts[hd.q].index_add_(1, bucket.flatten(), gr)
+            if tanh is not None:  # d(c tanh(x/c))/dx = 1 - tanh^2
+                ds = ds.sub_(tanh.mul_(tanh).mul_(ds)) if ip else ds * (1 - tanh * tanh)
+            k_chunk = self.k_all[hd.h0 : hd.h1, c0:c1]
+            dqt = dqt.baddbmm_(ds, k_chunk) if ip else torch.baddbmm(dqt, ds, k_chunk)
+            dk_acc = _add_into(dk_acc, c0, c1, ds.transpose(1, 2), qt, ip)
+        return _q_untile(dqt * spec.scale, m), dk_acc, dv_acc
 
 
 def _add_into(acc: torch.Tensor, c0: int, c1: int, a: torch.Tensor, b: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -598,10 +671,11 @@ def _backward_nan(p: _Plan, bq, bk, bv, bdo, bad_delta, bad_lse, grads) -> None:
         rows_lse = _rows_to_tile(bad_lse, blk, hd).view(hkv, g, m, 1) if softmax else None
         bq_t = _rows_to_tile(bq, blk, hd).view(hkv, g, m, 1)
         do_t = _q_tile(bdo.to(cd), blk, hd)  # (Hkv, G*m, Dv)
-        for c0, c1, kind in chunks:
+        for chunk in chunks:
+            c0, c1 = chunk[0], chunk[1]
             n = c1 - c0
-            tile = _tile(p, blk, c0, c1, kind, hd)
-            allowed = _allowed_full(tile, hd, m, n, bq.device)
+            tile = _tile(p, blk, chunk, hd)
+            allowed = tile.full((hkv, g, m, n), bq.device)
             if softmax:
                 bad_p = allowed & rows_lse
             else:
@@ -663,7 +737,8 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, pos_w, ts_w = ctx.saved_tensors
-        return (*_backward_any(ctx.plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w), None)
+        with torch_threads.caller_on_one_thread(q.device):
+            return (*_backward_any(ctx.plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w), None)
 
 
 def _backward_any(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
@@ -696,13 +771,18 @@ def _backward_any(p: _Plan, q, k, v, out, lse, dout, dlse, pos_w, ts_w):
     return grads
 
 
-def attention(spec: Spec, call: Call) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Packed output (Tq, Hq, Dv) in the inputs' dtype and, for softmax, lse (Hq, Tq)."""
+def attention(spec: Spec, call: Call, p_round=None, key_tiles: Optional[int] = None
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Packed output (Tq, Hq, Dv) in the inputs' dtype and, for softmax, lse (Hq, Tq).
+    ``p_round``, ``key_tiles``: the quantized emulation's rounding of P (forward only) on the
+    kernel's key tiles (see _Plan.build)."""
     q, k, v = call.packed()
-    plan = _Plan.build(spec, call)
     pos_w = call.rab.pos_w if call.rab is not None else None
     ts_w = call.rab.ts_w if call.rab is not None else None
-    out, lse = _TiledAttention.apply(q, k, v, pos_w, ts_w, plan)
+    with torch_threads.caller_on_one_thread(q.device):
+        plan = _Plan.build(spec, call, key_tiles)
+        plan.p_round = p_round
+        out, lse = _TiledAttention.apply(q, k, v, pos_w, ts_w, plan)
     return out, (lse if spec.score == "softmax" else None)
 
 
@@ -716,6 +796,11 @@ def backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torch.Tens
              dlse: Optional[torch.Tensor] = None):
     """(dq, dk, dv) in the caller's layout from out, lse (softmax), dout and dlse in the caller's
     layout: the tiled backward of any call without a relative bias."""
+    with torch_threads.caller_on_one_thread(call.q.device):
+        return _backward_call(spec, call, out, lse, dout, dlse)
+
+
+def _backward_call(spec: Spec, call: Call, out, lse, dout, dlse):
     q, k, v = call.packed()
     plan = _Plan.build(spec, call)
     if call.dense:

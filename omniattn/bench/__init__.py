@@ -19,9 +19,24 @@ from .suites import SUITES, Case, default_suite
 __all__ = ["run_bench", "SUITES", "Case", "IMPLS", "table", "plot", "write_json", "device_name", "default_suite"]
 
 
+# The precision each peer computes at, for the op name of its rows in quantized cases.
+_PEER_PRECISION = {"sageattention": "int8"}
+
+
+def _op_name(case: Case, impl: str) -> str:
+    """DESIGN.md: "<score>-<precision>" for quantized rows (the baselines of a quantized case keep
+    the plain name: they compute exactly, on the same outlier-key inputs)."""
+    precision = case.options.get("precision")
+    if impl == "omniattn" and precision:
+        return f"{case.op}-{precision}"
+    if impl in _PEER_PRECISION:
+        return f"{case.op}-{_PEER_PRECISION[impl]}"
+    return case.op
+
+
 def _row(case: Case, impl: str, ms: Optional[float], err: Optional[float], peak: Optional[float], **extra) -> dict:
     row = {
-        "op": case.op,
+        "op": _op_name(case, impl),
         "impl": impl,
         "mode": case.mode,
         "dtype": case.dtype,
@@ -66,11 +81,16 @@ def run_bench(cases: list[Case], device: torch.device, only: Optional[list[str]]
                 bar.update(f"{case.label()} {impl.name}")
             try:
                 runner = impl.build(case, x)
+                child = getattr(runner, "result", None)  # a peer timed in its own process
+                if child is not None:
+                    rows.append(_row(case, impl.name, child["ms"], None, None, process="child", **(extra or {})))
+                    continue
                 err = ref.error(runner, case, dout)
+                info = ref.similarity(runner, case) if case.options.get("precision") else {}
                 fn = step(runner, case, dout)
-                ms = time_ms(fn, device, runner.leaves)
+                ms, spread = time_ms(fn, device, runner.leaves, spread=True)
+                info.update(spread)
                 peak = peak_memory_mb(fn, device, runner.leaves)
-                info = {}
                 if impl.name == "omniattn":
                     from ..backends import resolve_for_tensor
 

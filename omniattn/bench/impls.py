@@ -49,7 +49,11 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
             x.hstu = _hstu_extras(case, device, total)
         return x
     b, n = case.batch, case.seqlen
-    return Inputs(rnd(b, n, case.heads, case.head_dim), rnd(b, n, case.hkv, case.head_dim), rnd(b, n, case.hkv, case.head_dim))
+    k = rnd(b, n, case.hkv, case.head_dim)
+    if case.options.get("precision"):  # a per-channel key offset of std 3, as real LLM keys have (ANCHORS.md)
+        with torch.no_grad():
+            k += 3 * torch.randn(case.head_dim, generator=gen, device=device, dtype=dt)
+    return Inputs(rnd(b, n, case.heads, case.head_dim), k, rnd(b, n, case.hkv, case.head_dim))
 
 
 def _hstu_extras(case: Case, device, total: int) -> dict:
@@ -107,10 +111,12 @@ class Impl:
 
 
 def _omniattn(case: Case, x: Inputs) -> Runner:
+    precision = case.options.get("precision", "exact")
     if case.op == "hstu":
         kw = hstu_kwargs(case, x)
-        return Runner(lambda: oa.hstu_attention(x.q, x.k, x.v, x.cu, case.seqlen, **kw), x.leaves)
-    kw = dict(score_kwargs(case), causal=case.causal)
+        return Runner(lambda: oa.hstu_attention(x.q, x.k, x.v, x.cu, case.seqlen, precision=precision, **kw),
+                      x.leaves)
+    kw = dict(score_kwargs(case), causal=case.causal, precision=precision)
     if x.cu is not None:
         return Runner(lambda: oa.attention_varlen(x.q, x.k, x.v, x.cu, x.cu, case.seqlen, case.seqlen, **kw), x.leaves)
     return Runner(lambda: oa.attention(x.q, x.k, x.v, **kw), x.leaves)
@@ -309,6 +315,9 @@ def _mask_fits(case: Case, device: torch.device):
     return case.batch * case.seqlen**2 <= (4 << 30), "mask does not fit"
 
 
+# what a quantized case is timed against: exact bf16 kernels and SageAttention
+QUANT_BASELINES = ("omniattn", "sdpa-cudnn", "sdpa-flash", "sageattention")
+
 IMPLS = [
     Impl("omniattn", ("softmax", "sigmoid", "silu", "hstu"), _omniattn),
     Impl("sdpa-masked", ("hstu",), _hstu_sdpa, _mask_fits),
@@ -322,8 +331,13 @@ IMPLS = [
 
 
 def impls_for(case: Case, device: torch.device, only: Optional[list[str]] = None) -> list[Impl]:
+    from .peers import PEER_IMPLS
+
     out = []
-    for impl in IMPLS:
+    for impl in IMPLS + PEER_IMPLS:
+        precision = case.options.get("precision")
+        if precision and impl.name != "omniattn" and (impl.name not in QUANT_BASELINES or precision != "int8"):
+            continue  # baselines once per shape, in its INT8 case
         if case.op not in impl.ops or (only and impl.name not in only):
             continue
         ok, _ = impl.usable(case, device)

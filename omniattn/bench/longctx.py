@@ -153,11 +153,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write DESIGN.md's results format here")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--contexts", help="comma-separated prefill context lengths (default: 128K, 512K, 1M)")
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
     rows = link_rows(dev)
     if not args.skip_prefill:
-        rows += prefill_rows(dev)
+        contexts = tuple(int(c) for c in args.contexts.split(",")) if args.contexts else PREFILL_CONTEXTS
+        rows += prefill_rows(dev, contexts)
         if args.json:
             write_json(args.json, device_name(dev), rows)
     if not args.skip_decode:

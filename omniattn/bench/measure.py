@@ -16,6 +16,7 @@ from ..accuracy import max_err
 from .impls import Inputs, Runner, hstu_kwargs, score_kwargs
 from .suites import Case
 
+GPU_REPEATS = 5  # independent timings per row on GPUs: their median is reported, min and max beside it
 ROWS_CHECKED = 256  # query rows compared with the float64 reference (the last ones: they see the most keys)
 
 
@@ -47,13 +48,21 @@ def step(runner: Runner, case: Case, dout: torch.Tensor) -> Callable:
     return fwdbwd
 
 
-def time_ms(fn: Callable, device: torch.device, leaves: list) -> float:
+def time_ms(fn: Callable, device: torch.device, leaves: list, spread: bool = False):
     """Median milliseconds: triton.testing.do_bench on GPUs; on CPUs a warm-up run, then repeated
-    wall-clock runs for about a second (at least two)."""
+    wall-clock runs for about a second (at least two). ``spread``: also return {"ms_min", "ms_max"}
+    over GPU_REPEATS independent do_bench medians (the run-to-run spread a reader should expect),
+    the reported time being the median of those."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=leaves, return_mode="median"))
+        if not spread:
+            return float(do_bench(fn, warmup=25, rep=100, grad_to_none=leaves, return_mode="median"))
+        runs = sorted(float(do_bench(fn, warmup=10 if i else 25, rep=40, grad_to_none=leaves, return_mode="median"))
+                      for i in range(GPU_REPEATS))
+        return runs[len(runs) // 2], {"ms_min": round(runs[0], 4), "ms_max": round(runs[-1], 4)}
+    if spread:
+        return time_ms(fn, device, leaves), {}
     fn()
     times, start = [], time.perf_counter()
     while len(times) < 2 or (time.perf_counter() - start < 1.0 and len(times) < 20):
@@ -157,6 +166,15 @@ class ReferenceRows:
         if case.mode == "fwdbwd":
             (dq,) = torch.autograd.grad(out, q, dout[:n].double())
             self.dq = dq[self.rows]
+
+    def similarity(self, runner: Runner, case: Case) -> dict:
+        """Cosine similarity and relative L1 error of the checked output rows (quantized cases)."""
+        with torch.no_grad():
+            got = self._first(runner.fn(), case).double().flatten()
+        want = self.out.double().flatten()
+        cos = float(got @ want / (got.norm() * want.norm()).clamp(min=1e-300))
+        rel_l1 = float((got - want).abs().sum() / want.abs().sum().clamp(min=1e-300))
+        return {"cos": float(f"{cos:.7f}"), "rel_l1": float(f"{rel_l1:.3g}")}
 
     def _first(self, t: torch.Tensor, case: Case) -> torch.Tensor:
         return t[self.rows] if case.lens else t[0, self.rows]

@@ -95,34 +95,61 @@ def jagged_lengths(batch: int, max_len: int, seed: int, low: float = 0.5) -> tup
 
 
 def gpu_full() -> list[Case]:
-    """The Triton issue's matrix: bf16, H=16, D=128, 16k tokens in three shapes, causal or not,
-    forward and forward+backward, plus varlen rows with GQA (32 query / 8 key-value heads)."""
-    cases = _grid(("softmax", "sigmoid", "silu"), [(4, 4096), (16, 1024), (1, 16384)], 16, 128, "bf16")
+    """The kernel template's matrix (bf16, H=16, D=128, 16k tokens in three shapes): softmax forward
+    and forward+backward, causal or not; sigmoid and SiLU beside it; varlen GQA (32 query / 8
+    key-value heads) with short and long sequences; head dims 64 and 256."""
+    cases = _grid(("softmax",), [(4, 4096), (16, 1024), (1, 16384)], 16, 128, "bf16")
+    cases += _grid(("sigmoid", "silu"), [(4, 4096)], 16, 128, "bf16", modes=("fwd",))
+    cases += _grid(("sigmoid", "silu"), [(1, 16384)], 16, 128, "bf16", causals=(False,), modes=("fwd",))
+    cases += _grid(("sigmoid", "silu"), [(4, 4096)], 16, 128, "bf16", causals=(False,), modes=("fwdbwd",))
     for n, b in ((1024, 16), (4096, 4)):
         lens = jagged_lengths(b, n, seed=n)
-        for op in ("softmax", "sigmoid", "silu"):
-            for mode in ("fwd", "fwdbwd"):
-                cases.append(Case(op, b, n, 32, 128, True, mode, "bf16", kv_heads=8, lens=lens))
+        for mode in ("fwd", "fwdbwd"):
+            cases.append(Case("softmax", b, n, 32, 128, True, mode, "bf16", kv_heads=8, lens=lens))
+    cases += [Case("softmax", 4, 4096, 16, d, False, "fwd", "bf16") for d in (64, 256)]
     return cases
+
+
+HSTU_VARIANTS = ((("rab", False), ("targets", 0)), (("rab", False), ("targets", 20)), (("rab", True), ("targets", 0)),
+                 (("rab", True), ("targets", 20)))
 
 
 def hstu() -> list[Case]:
     """The HSTU issue's matrix: jagged lengths uniform in [0.9N, N], causal, H=4, D=128, bf16,
-    (B, N) in {(64, 1024), (32, 4096)}; no bias, the relative bias, the bias and 20 targets."""
+    (B, N) in {(64, 1024), (32, 4096)}; no bias, 20 targets, the relative bias, both."""
     cases = []
     for b, n in ((64, 1024), (32, 4096)):
         lens = jagged_lengths(b, n, seed=n + 1, low=0.9)
-        for extra in ((("rab", False), ("targets", 0)), (("rab", True), ("targets", 0)), (("rab", True), ("targets", 20))):
+        for extra in HSTU_VARIANTS:
             for mode in ("fwd", "fwdbwd"):
                 cases.append(Case("hstu", b, n, 4, 128, True, mode, "bf16", lens=lens, extra=extra))
     return cases
 
 
+QUANT_PRECISIONS = ("int8", "int8-fp8", "fp8", "int4-fp8")
+
+
+def quant() -> list[Case]:
+    """The quantization issue's matrix, forward, inputs with a per-channel key offset of std 3,
+    quantization time included: INT8 softmax at the kernel suite's shapes, every precision at
+    4x4096, sigmoid and SiLU quantized, D=64, HSTU INT8 at (32, 4096)."""
+    q = lambda p: (("precision", p),)  # noqa: E731
+    cases = [Case("softmax", b, n, 16, 128, c, "fwd", "bf16", extra=q("int8"))
+             for b, n, c in ((4, 4096, False), (4, 4096, True), (1, 16384, False), (16, 1024, False))]
+    cases += [Case("softmax", 4, 4096, 16, 128, False, "fwd", "bf16", extra=q(p)) for p in QUANT_PRECISIONS[1:]]
+    cases += [Case(op, 4, 4096, 16, 128, False, "fwd", "bf16", extra=q(p)) for op in ("sigmoid", "silu")
+              for p in ("int8", "int8-fp8")]
+    cases.append(Case("softmax", 4, 4096, 16, 64, False, "fwd", "bf16", extra=q("int8")))
+    lens = jagged_lengths(32, 4096, seed=4097, low=0.9)
+    cases.append(Case("hstu", 32, 4096, 4, 128, True, "fwd", "bf16", lens=lens, extra=q("int8")))
+    return cases
+
+
 def gpu_all() -> list[Case]:
-    return gpu_full() + hstu()
+    return gpu_full() + hstu() + quant()
 
 
-SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "hstu": hstu, "smoke": smoke}
+SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "hstu": hstu, "quant": quant, "smoke": smoke}
 
 
 def default_suite(device: torch.device) -> str:

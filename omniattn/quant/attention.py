@@ -75,7 +75,7 @@ def _triton(spec: Spec, call: Call, precision: str, cfg):
         from ..backends.triton import schedule
 
         extras = extras._replace(tiles_fwd=schedule.tile_list(call.lens_q, call.lens_k, tiles.block_m, p.causal, True,
-                                                              call.q.device))
+                                                              call.heads_q, call.q.device))
     with torch.no_grad():
         out, lse = launch.forward(call.q, call.k, call.v, extras, call.max_q, call.max_k, p, quant=qz)
     return out, (lse if spec.score == "softmax" else None)

@@ -26,9 +26,10 @@ import torch
 
 from .config import QUANTIZED
 
-# Fastest first, as measured on the H100 (benchmarks/results/h100.json, quantized rows): the
-# candidates a plan prefers when several meet the bar.
-SPEED_ORDER = ("int8-fp8", "fp8", "int4-fp8", "int8")
+# Fastest first, as measured on the H100 (benchmarks/NOTES.md, quantized rows at 4x4096: INT8 Q.K
+# with bf16 P.V ran faster than the FP8 P.V variants in this kernel): the candidates a plan prefers
+# when several meet the bar.
+SPEED_ORDER = ("int8", "fp8", "int8-fp8", "int4-fp8")
 
 _STATE: dict = {"mode": None}  # "record" | "apply" | None; a plain global, so torch.compile guards on it
 

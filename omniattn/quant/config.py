@@ -30,10 +30,12 @@ class QuantConfig:
     """How quantized precisions quantize (SageAttention2's options).
 
     granularity: tokens sharing one scale. ``"per_block"``: the kernel's tile (BLOCK_M query rows,
-        BLOCK_N keys), so a tile needs one scale product; ``"per_warp"``: 16 query rows (one warp's
-        MMA fragment), keys per block; ``"per_thread"``: every token its own scale. SageAttention2's
-        per-thread groups follow the MMA register layout, which Triton does not expose: one scale
-        per token is at least as fine.
+        BLOCK_N keys); ``"per_warp"``: 16 query rows (one warp's MMA fragment), keys per block;
+        ``"per_thread"`` (default): every token its own scale. SageAttention2's per-thread groups
+        follow the MMA register layout, which Triton does not expose: one scale per token is at
+        least as fine. The kernel multiplies each tile by the outer product of its row and column
+        scales whatever the grouping, so the finest costs nothing there; on outlier-key inputs it
+        is what brings INT8 to cosine >= 0.9999 and relative L1 <= 0.01 (per block: 0.013).
     smooth_k: subtract K's mean over the tokens of each sequence before quantizing. Exact for
         softmax (a per-row constant); for sigmoid and SiLU the row term q . mean(K) is added back
         in float32, so the function is unchanged.
@@ -44,7 +46,7 @@ class QuantConfig:
         accumulator through all tiles (faster, less accurate).
     """
 
-    granularity: str = "per_block"
+    granularity: str = "per_thread"
     smooth_k: bool = True
     smooth_q: bool = False
     pv_accum: str = "fp32+fp32"
@@ -82,12 +84,13 @@ def gpu_precisions(device: torch.device) -> tuple[str, ...]:
 
 
 def resolve(precision: str, device: torch.device, backend: str) -> str:
-    """``"auto"``: the fastest precision this device runs that met omniattn's accuracy bar (cosine
-    >= 0.9999 on outlier-key inputs, benchmarks/NOTES.md): INT8 Q.K with FP8 P.V where FP8 tensor
-    cores exist, else INT8; exact on CPUs (the emulation is for studying accuracy, not speed)."""
+    """``"auto"``: the fastest precision this GPU runs that meets omniattn's accuracy bar (cosine
+    >= 0.9999 and relative L1 <= 0.01 on outlier-key inputs): INT8 Q.K with 16-bit P.V. The FP8
+    P.V precisions miss the bar on those inputs (e4m3 keeps 3 mantissa bits: cosine ~0.9993,
+    relative L1 ~0.037, benchmarks/NOTES.md) and INT4 more so. Exact on CPUs (the emulation is
+    for studying accuracy, not speed)."""
     if precision != "auto":
         return precision
     if device.type != "cuda" or backend == "torch":
         return "exact"
-    available = gpu_precisions(device)
-    return "int8-fp8" if "int8-fp8" in available else ("int8" if available else "exact")
+    return "int8" if "int8" in gpu_precisions(device) else "exact"

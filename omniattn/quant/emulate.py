@@ -42,7 +42,8 @@ def emulate(spec: Spec, call: Call, precision: str, cfg: QuantConfig, block_m: i
         k = torch.cat([k, torch.ones_like(k[..., :1])], -1)
     emu_call = replace(call, q=q, k=k, v=v)
     p_round = _p_rounding(spec, call) if qz.pv_fp8 else None
-    out, lse = torch_tiled.attention(replace(spec, precision="exact", quant=None), emu_call, p_round=p_round)
+    out, lse = torch_tiled.attention(replace(spec, precision="exact", quant=None), emu_call, p_round=p_round,
+                                     key_tiles=block_n)
     out = out.to(call.q.dtype)
     return call.unpack(out), (call.unpack_lse(lse) if lse is not None else None)
 
@@ -80,9 +81,8 @@ def _dequantized_v(qz, call: Call) -> torch.Tensor:
 
 
 def _p_rounding(spec: Spec, call: Call):
-    """P as the kernel feeds it to the FP8 product: softmax and sigmoid P (<= 1) scaled by 448,
-    SiLU's P before its 1/n (the tiled backend's P carries the 1/n: divide it out and back)."""
+    """P as the kernel feeds it to the FP8 product: softmax and sigmoid P (<= 1) scaled by 448;
+    SiLU's P as it is (the tiled backend, like the kernel, applies SiLU's 1/n to the sum)."""
     if spec.score == "silu":
-        norm = spec.silu_norm if spec.silu_norm is not None else float(max(call.max_k, 1))
-        return lambda p: to_e4m3(p * norm).float() / norm
-    return lambda p: to_e4m3(p * FP8_MAX).float() / FP8_MAX
+        return lambda p: to_e4m3(p).to(p.dtype)
+    return lambda p: to_e4m3(p * FP8_MAX).to(p.dtype) / FP8_MAX

@@ -104,8 +104,8 @@ def launch_params(spec: Spec, call: Call):
     """The launcher's scalars (launch.Params) and optional tensors (launch.Extras), including the
     varlen tile schedules of the forward, dQ and dK/dV kernels."""
     from . import schedule
-    from .configs import bwd_dkdv_config, bwd_dq_config, fwd_config
-    from .launch import Extras
+    from .configs import bwd_dkdv_config, bwd_dq_config
+    from .launch import Extras, forward_config
 
     check_inputs(call)
     p = _params(spec, call)
@@ -115,17 +115,19 @@ def launch_params(spec: Spec, call: Call):
         dims = max(call.q.shape[-1], call.v.shape[-1])
         size = call.q.element_size()
         dev, lq, lk = call.q.device, call.lens_q, call.lens_k
-        fwd = fwd_config(dims, size, p.score, p.causal).block_m
+        fwd = forward_config(dims, size, p, call.max_q).block_m
         dq = bwd_dq_config(dims, size, rab is not None).block_m
         dkdv = bwd_dkdv_config(dims, size, p.causal).block_n
-        tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, dev),
-                 schedule.tile_list(lq, lk, dq, p.causal, True, dev),
-                 schedule.tile_list(lk, lq, dkdv, p.causal, False, dev))
+        hq, hkv = call.q.shape[-2], call.k.shape[-2]
+        tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, hq, dev),
+                 schedule.tile_list(lq, lk, dq, p.causal, True, hq, dev),
+                 schedule.tile_list(lk, lq, dkdv, p.causal, False, hkv, dev))
     extras = Extras(
         cu_q=None if call.dense else call.cu_q, cu_k=None if call.dense else call.cu_k, alibi=call.alibi,
         num_targets=call.num_targets, pos_w=rab.pos_w if rab else None, ts_w=rab.ts_w if rab else None,
         timestamps=rab.timestamps if rab else None, attn_mask=call.attn_mask,
         tiles_fwd=tiles[0], tiles_dq=tiles[1], tiles_dkdv=tiles[2],
+        lens_host=torch.tensor([call.lens_q, call.lens_k], dtype=torch.int64) if rab is not None else None,
     )
     return p, extras
 
@@ -135,6 +137,5 @@ def attention(spec: Spec, call: Call):
     from ... import _ops  # registers the custom ops on first use
 
     p, extras = launch_params(spec, call)
-    out, lse = torch.ops.omniattn.attention_fwd(*_ops.forward_args(call.q, call.k, call.v, extras, call.max_q,
-                                                                   call.max_k, p))
+    out, lse = _ops.attention(*_ops.forward_args(call.q, call.k, call.v, extras, call.max_q, call.max_k, p))
     return out, (lse if spec.score == "softmax" else None)

@@ -29,6 +29,7 @@ from .common import (
     sigmoid,
     split_range,
     time_bucket_tile,
+    wide,
 )
 
 
@@ -121,6 +122,7 @@ def _dkdv_tiles(
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
     BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [start, end); tiles are transposed: [BN, BM]."""
     jj = offs_n[:, None]
@@ -129,9 +131,10 @@ def _dkdv_tiles(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         ii = offs_m[None, :]
         row_ok = offs_m < lq
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+        rows = wide(offs_m, INT64_OFFSETS)
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :],
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_dv[None, :],
                      mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         if SCORE == SOFTMAX:
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)[None, :]
@@ -177,14 +180,14 @@ def attn_bwd_dkdv_kernel(
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    if TILE_LIST:  # (tile, kv head), kv heads fastest; TILES holds (sequence, key tile), heaviest first
-        pid = tl.program_id(0)
-        hk = pid % n_kv_heads
-        b = tl.load(TILES + 2 * (pid // n_kv_heads))
-        pid_n = tl.load(TILES + 2 * (pid // n_kv_heads) + 1)
+    if TILE_LIST:  # TILES: (sequence, kv head, key tile) triples (schedule.tile_list)
+        entry = TILES + 3 * tl.program_id(0)
+        b = tl.load(entry)
+        hk = tl.load(entry + 1)
+        pid_n = tl.load(entry + 2)
     else:
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -252,7 +255,8 @@ def attn_bwd_dkdv_kernel(
                     HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
                     HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
                     BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
-                    HAS_DROPOUT=HAS_DROPOUT, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION)
+                    HAS_DROPOUT=HAS_DROPOUT, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION,
+                    INT64_OFFSETS=INT64_OFFSETS)
     dk = dk * scale
     out_mask = col_ok[:, None]
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkt + offs_d[None, :],
@@ -334,7 +338,7 @@ def _dq_tiles(
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
     BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [start, end); rab gradients reduced here."""
     ii = offs_m[:, None]
@@ -343,9 +347,10 @@ def _dq_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
         col_ok = offs_n < lk
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+        rows = wide(offs_n, INT64_OFFSETS)
+        k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :],
                     mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
                     mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         rab = 0.0
         t_key = 0
@@ -388,7 +393,7 @@ def attn_bwd_dq_kernel(
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
 ):
     pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group,
@@ -458,7 +463,7 @@ def attn_bwd_dq_kernel(
             HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
             BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, REL_PAD=REL_PAD,
-            TS_PAD=TS_PAD)
+            TS_PAD=TS_PAD, INT64_OFFSETS=INT64_OFFSETS)
     if HAS_RAB:
         tl.store(PART_TS + pid * TS_PAD + tl.arange(0, TS_PAD), acc_ts)
         if HAS_TARGETS and not HSTU_CAUSAL:  # history rows that saw target keys: s = tgt_start - i + m0 + BM - 1

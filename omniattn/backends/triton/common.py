@@ -50,6 +50,15 @@ FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
+def wide(offsets, INT64_OFFSETS: tl.constexpr):
+    """Token offsets for address arithmetic: 32-bit unless the host saw a sequence whose
+    offsets times strides reach 2^31 elements (64-bit everywhere costs registers and spills)."""
+    if INT64_OFFSETS:
+        return offsets.to(tl.int64)
+    return offsets
+
+
+@triton.jit
 def round_half_even(x):
     """rint for |x| < 2^22 in plain float32 adds (no libdevice: the interpreter has none)."""
     return (x + 12582912.0) - 12582912.0
@@ -275,14 +284,13 @@ def query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group, REVERSE
 
     Without a tile list the grid is (query tiles, batch x heads); REVERSE (causal-like masks):
     later query tiles see more keys, so they are launched first. With TILE_LIST the grid is 1-D
-    over (tile, head) with heads fastest, and TILES holds the real (sequence, query tile) pairs
-    of a varlen batch, heaviest first (the host sorts them): no program is spent on padding."""
+    and TILES holds the real programs
+    of a varlen batch as (sequence, head, tile) triples (schedule.tile_list): no program is spent on padding."""
     if TILE_LIST:
-        pid = tl.program_id(0)
-        t = pid // n_heads
-        h = pid % n_heads
-        b = tl.load(TILES + 2 * t)
-        pid_m = tl.load(TILES + 2 * t + 1)
+        entry = TILES + 3 * tl.program_id(0)
+        b = tl.load(entry)
+        h = tl.load(entry + 1)
+        pid_m = tl.load(entry + 2)
     else:
         pid_m = tl.program_id(0)
         if REVERSE:

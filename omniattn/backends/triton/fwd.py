@@ -40,15 +40,16 @@ from .common import (
     split_range,
     to_fp8,
     unpack_int4,
+    wide,
 )
 
 
 @triton.jit
-def _qk_tile_quantized(q, q_hi, k_base, stride_kt, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base, stride_kst, qm,
-                       qm_hi, sq, QK_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr):
-    """q.k of one key tile from quantized Q and K, dequantized to float32 (before ``scale``)."""
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
+def _qk_tile_quantized(q, q_hi, k_rows, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base, stride_kst, qm, qm_hi, sq,
+                       QK_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr):
+    """q.k of one key tile (k_rows: pointers to its rows) from quantized Q and K, dequantized to
+    float32 (before ``scale``)."""
+    k = tl.load(k_rows + offs_d[None, :], mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
     if QK_MODE == QK_INT4:  # two int8 products over the low and high channel halves
         k_lo, k_hi = unpack_int4(k)
         qk = tl.dot(q, tl.trans(k_lo), out_dtype=tl.int32) + tl.dot(q_hi, tl.trans(k_hi), out_dtype=tl.int32)
@@ -81,7 +82,7 @@ def _fwd_tiles(
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
-    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate key tiles [start, end) into (acc, m_i, l_i)."""
     ii = offs_m[:, None]
@@ -89,17 +90,18 @@ def _fwd_tiles(
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
+        rows = wide(offs_n, INT64_OFFSETS)
         if MASKED:
             kv_ok = offs_n[:, None] < lk
         else:
             kv_ok = offs_n[:, None] >= 0  # unmasked tiles lie inside the sequence
         if QK_MODE == QK_EXACT:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
-            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+            k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :],
                         mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         else:
-            qk = _qk_tile_quantized(q, q_hi, k_base, stride_kt, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base,
-                                    stride_kst, qm, qm_hi, sq, QK_MODE, SMOOTH_Q)
+            qk = _qk_tile_quantized(q, q_hi, k_base + rows[:, None] * stride_kt, offs_n, offs_d, kv_ok, lk, head_dim,
+                                    KS, ks_base, stride_kst, qm, qm_hi, sq, QK_MODE, SMOOTH_Q)
         if HAS_ROW_BIAS:  # q . mean(K), removed by K's smoothing: restored for sigmoid, SiLU and the lse
             qk += row_bias[:, None]
         if HAS_MODS:
@@ -153,7 +155,7 @@ def _fwd_tiles(
         if PV_FP8:
             # V^T tiles [Dv, BN] (K-major for the FP8 MMA); P scaled into e4m3's range (softmax and
             # sigmoid P <= 1 -> x448); the two-level accumulator adds each tile's product in float32
-            vt = tl.load(v_base + offs_dv[:, None] * stride_vt + offs_n[None, :],
+            vt = tl.load(v_base + offs_dv[:, None] * stride_vt + rows[None, :],
                          mask=tl.trans(kv_ok) & (offs_dv[:, None] < head_dim_v), other=0.0)
             if SCORE == SILU:
                 p8 = to_fp8(p, EXACT_FP8_ROUNDING)
@@ -164,7 +166,7 @@ def _fwd_tiles(
             else:
                 acc = tl.dot(p8, tl.trans(vt), acc)
         else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :],
+            v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
                         mask=kv_ok & (offs_dv[None, :] < head_dim_v), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
@@ -189,7 +191,7 @@ def attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
     STORE_LSE: tl.constexpr, FAST_MATH: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
-    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr,
+    HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -209,7 +211,7 @@ def attn_fwd_kernel(
         v_base = V + b64 * stride_vb + hk * stride_vh + k_start
     else:
         v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
-    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q_ptrs = q_base + wide(offs_m, INT64_OFFSETS)[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     q_hi = q
     sq = 0.0
@@ -273,7 +275,7 @@ def attn_fwd_kernel(
             BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
-            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING)
+            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS)
 
     if PV_FP8:  # undo V's per-channel scale and P's x448 (SiLU: its 1/n)
         vs = tl.load(VS + b64 * stride_vsb + hk * stride_vsh + offs_dv, mask=offs_dv < head_dim_v, other=0.0)
@@ -287,5 +289,6 @@ def attn_fwd_kernel(
         if STORE_LSE:
             lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
             tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
-    o_ptrs = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
+    o_ptrs = (O + b64 * stride_ob + q_start * stride_ot + h * stride_oh + wide(offs_m, INT64_OFFSETS)[:, None] * stride_ot
+              + offs_dv[None, :])
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, None] & (offs_dv[None, :] < head_dim_v))

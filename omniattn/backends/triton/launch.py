@@ -12,14 +12,21 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel, rab_grad_reduce_kernel
+from . import bwd, fwd
 from .configs import PREPROCESS_BLOCK_M, bwd_dkdv_config, bwd_dq_config, fwd_config, interpreting, quant_fwd_config
-from .fwd import attn_fwd_kernel
+from .launcher import FastLaunch
+
+attn_fwd_kernel = FastLaunch(fwd.attn_fwd_kernel)
+attn_bwd_preprocess_kernel = FastLaunch(bwd.attn_bwd_preprocess_kernel)
+attn_bwd_dkdv_kernel = FastLaunch(bwd.attn_bwd_dkdv_kernel)
+attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
+rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "silu": 2}
-# Time buckets by threshold comparisons on tiles that span few buckets (common.time_bucket_tile):
-# OMNIATTN_RAB_FAST=0 keeps the float32 log of every pair (fewer registers); chosen by measurement.
-_RAB_FAST = os.environ.get("OMNIATTN_RAB_FAST", "1") == "1"
+# Time buckets by threshold comparisons on tiles that span few buckets (common.time_bucket_tile),
+# OMNIATTN_RAB_FAST=1, or the float32 log of every pair (default: measured faster on the H100, the
+# two branches' live tiles cost more registers than the log saves; benchmarks/NOTES.md).
+_RAB_FAST = os.environ.get("OMNIATTN_RAB_FAST", "0") == "1"
 
 
 class Params(NamedTuple):
@@ -73,6 +80,7 @@ class Extras(NamedTuple):
     tiles_fwd: Optional[torch.Tensor] = None  # varlen schedules: (tiles, 2) int32 (sequence, tile)
     tiles_dq: Optional[torch.Tensor] = None
     tiles_dkdv: Optional[torch.Tensor] = None
+    lens_host: Optional[torch.Tensor] = None  # (2, B) int64 on the CPU: query and key lengths (relative bias)
 
 
 class Quantized(NamedTuple):
@@ -128,6 +136,13 @@ def _mask_strides(m: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
         return 0, 0, 0, 0
     m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
     return tuple(0 if m.shape[i] == 1 else m.stride(i) for i in range(4))
+
+
+def _needs_int64(max_len: int, *tensors) -> bool:
+    """Whether token offsets inside one sequence times the token stride can reach 2^31 elements
+    (the kernels then compute addresses in 64 bits; else in 32, which spills less)."""
+    stride = max(t.stride(-3) for t in tensors)
+    return (max_len + 512) * stride + max(t.stride(-2) * t.shape[-2] for t in tensors) >= 2**31
 
 
 def block_dim(d: int) -> int:
@@ -215,6 +230,7 @@ class _Launch:
             FAST_MATH=q.dtype != torch.float32 and q.is_cuda and not interpreting(),
             BLOCK_D=block_dim(self.d),
             BLOCK_DV=block_dim(self.dv),
+            INT64_OFFSETS=_needs_int64(max(max_q, max_k), q, k, v),
         )
         # dropout: keep a pair iff its hash >= threshold (DESIGN.md), kept values scaled by 1/(1-p)
         threshold = min(int(p.dropout_p * 2**32), 2**32 - 1)
@@ -232,8 +248,13 @@ class _Launch:
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
         if tiles is not None:
-            return (tiles.shape[0] * self.hq,), tiles, True
+            return (tiles.shape[0],), tiles, True
         return (triton.cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
+
+
+def forward_config(head_dim: int, dtype_bytes: int, p: Params, max_q: int):
+    """The forward kernel's tiles for this call (configs.fwd_config)."""
+    return fwd_config(head_dim, dtype_bytes, p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048)
 
 
 _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HAS_ROW_BIAS=False,
@@ -247,7 +268,7 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     dev = q.device
     out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
     lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    cfg = fwd_config(max(L.d, L.dv), q.element_size(), p.score, p.causal)
+    cfg = forward_config(max(L.d, L.dv), q.element_size(), p, max_q)
     meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
     scale_strides = (0,) * 8
     if quant is not None:  # the tiles the quantization groups were aligned to
@@ -303,7 +324,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         lse = delta = _dummy(dev, torch.float32)
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
     if x.tiles_dkdv is not None:
-        grid, tiles, tile_list = (x.tiles_dkdv.shape[0] * L.hkv,), x.tiles_dkdv, True
+        grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
     else:
         grid, tiles, tile_list = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
     if grid[0] * (grid[1] if len(grid) > 1 else 1):
@@ -320,7 +341,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     rel_pad = triton.next_power_of_2(cfg.block_m + cfg.block_n - 1)
     ts_pad = triton.next_power_of_2(p.num_buckets + 1) if L.has_rab else 16
     if L.has_rab:
-        strips = _RabStrips(L, cfg, tiles if tile_list else None, n_programs, rel_pad)
+        strips = _RabStrips(L, cfg, tile_list, n_programs, rel_pad)
         part_pos = torch.zeros(strips.total, dtype=torch.float32, device=dev)
         part_ts = torch.zeros(n_programs, ts_pad, dtype=torch.float32, device=dev)
         strip_start = strips.start_of_program
@@ -347,18 +368,32 @@ class _RabStrips:
     Program p (query tile m0 of sequence b, head h) owns a strip of floats in one flat buffer; its
     index s holds the gradient of pos_w[C + s - (m0 + BM - 1)], for s below the end of the last key
     tile it visits plus REL_PAD (bwd._rab_grads). Nothing else writes it, so the sums are
-    deterministic; rab_grad_reduce_kernel adds the strips of each head in program order."""
+    deterministic; rab_grad_reduce_kernel adds the strips of each head in program order. The
+    layout depends only on the lengths and tiles: computed on the host once per layout and kept
+    on the device (no host-device sync per call)."""
 
-    def __init__(self, L: _Launch, cfg, tiles: Optional[torch.Tensor], n_programs: int, rel_pad: int):
-        dev = L.cu_q.device
+    _CACHE: dict = {}
+
+    def __init__(self, L: _Launch, cfg, tile_list: bool, n_programs: int, rel_pad: int):
         self.L = L
-        hq, bm, bn = L.hq, cfg.block_m, cfg.block_n
-        lens_q, lens_k = _host_lens(L)
-        if tiles is not None:  # 1-D grid: program = tile * Hq + head
-            t = tiles.cpu().long()
-            b = t[:, 0].repeat_interleave(hq)
-            mt = t[:, 1].repeat_interleave(hq)
-            head = torch.arange(hq).repeat(t.shape[0])
+        self.hr = L.pos_w.shape[0]
+        lens_q, lens_k = L.x.lens_host[0], L.x.lens_host[1]  # host copies: no device sync here
+        key = (tuple(lens_q.tolist()), tuple(lens_k.tolist()), L.hq, self.hr, cfg.block_m, cfg.block_n, rel_pad,
+               tile_list, L.p.causal, bool(L.p.hstu_causal) and L.p.contextual == 0, L.max_q, str(L.cu_q.device))
+        if key not in self._CACHE:
+            if len(self._CACHE) >= 32:
+                self._CACHE.pop(next(iter(self._CACHE)))
+            self._CACHE[key] = self._layout(L, cfg, tile_list, rel_pad, lens_q, lens_k)
+        self.total, self.start_of_program, self.meta, self.n_live, self.by_head = self._CACHE[key]
+
+    def _layout(self, L: _Launch, cfg, tile_list: bool, rel_pad: int, lens_q, lens_k):
+        hq, bm, bn, hr = L.hq, cfg.block_m, cfg.block_n, self.hr
+        if tile_list:  # 1-D grid over (sequence, head, tile) triples: the same schedule, built on the host
+            from .schedule import tile_list as schedule
+
+            t = schedule(tuple(lens_q.tolist()), tuple(lens_k.tolist()), bm, L.p.causal, True, hq,
+                         torch.device("cpu")).long()
+            b, head, mt = t[:, 0], t[:, 1], t[:, 2]
         else:  # 2-D grid (query tiles, batch x heads); causal launches the last tile first
             n_m = triton.cdiv(L.max_q, bm)
             pid_m = torch.arange(n_m).repeat(L.batch * hq)
@@ -371,9 +406,6 @@ class _RabStrips:
         reach = torch.minimum(m0 + bm, lk) if causal else lk  # keys the program may visit
         length = torch.where((m0 < lq) & (reach > 0), ((reach - 1) // bn) * bn + rel_pad, 0)
         start = torch.cumsum(length, 0) - length
-        self.total = max(int(length.sum()), 1)
-        self.start_of_program = start.to(dev)
-        hr = L.pos_w.shape[0]
         head_r = head if hr > 1 else torch.zeros_like(head)
         live = torch.nonzero(length > 0).flatten()
         order = live[torch.argsort(head_r[live], stable=True)]  # by head, then program order
@@ -381,9 +413,10 @@ class _RabStrips:
         ends = torch.cumsum(counts, 0)
         ranges = torch.stack([ends - counts, ends], 1).flatten()
         table = torch.stack([start[order], length[order], m0[order], head_r[order]], 1).flatten()
-        self.n_live = order.numel()
-        self.meta = torch.cat([table, ranges]).to(torch.int64).to(dev)
-        self.head_r, self.hr = head_r, hr
+        dev = L.cu_q.device
+        by_head = torch.argsort(head_r, stable=True)
+        return (max(int(length.sum()), 1), start.to(dev), torch.cat([table, ranges]).to(torch.int64).to(dev),
+                order.numel(), by_head.to(dev))
 
     def reduce(self, part_pos, part_ts, block_m: int):
         L, hr = self.L, self.hr
@@ -393,16 +426,5 @@ class _RabStrips:
         rab_grad_reduce_kernel[(triton.cdiv(length, block), hr)](
             part_pos, self.meta, dpos, self.n_live, length, L.p.rab_center, BLOCK_M=block_m, BLOCK=block)
         nb1 = L.ts_w.shape[-1]
-        by_head = torch.argsort(self.head_r, stable=True).to(part_ts.device)
-        dts = part_ts[by_head, :nb1].view(hr, -1, nb1).sum(1)
+        dts = part_ts[self.by_head, :nb1].view(hr, -1, nb1).sum(1)
         return dpos, dts
-
-
-def _host_lens(L: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence lengths on the host (int64): dense calls from shapes; varlen from the offsets
-    (one small copy, remembered per offsets tensor as spec.py does)."""
-    if not L.varlen:
-        return (torch.full((L.batch,), L.seqlens[0], dtype=torch.int64),
-                torch.full((L.batch,), L.seqlens[1], dtype=torch.int64))
-    cu_q, cu_k = L.cu_q.cpu().long(), L.cu_k.cpu().long()
-    return cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]

@@ -1,0 +1,66 @@
+"""Kernel launches with Triton's per-call host work done once per specialization.
+
+``kernel[grid](*args, **constexprs)`` makes Triton bind ~100 arguments, specialize each, build a
+cache key (including ``str(options)``) and check globals on every call: for these kernels about as
+long as a short sequence's GPU time, which then bounds (and makes jittery) every benchmark of short
+sequences. FastLaunch keys the compiled kernel on what Triton specializes on (each tensor's dtype
+and 16-byte alignment; each int's value 1, divisibility by 16 and width; the constexprs) and calls
+the compiled kernel's launcher directly. The first call of a key goes through Triton as usual.
+OMNIATTN_FAST_LAUNCH=0 turns it off; the interpreter always takes Triton's path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .configs import interpreting
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or a is None or isinstance(a, float):
+        return type(a)
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
+    return type(a), a
+
+
+class FastLaunch:
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache: dict = {}
+        self._constexprs = None
+
+    @property
+    def constexprs(self) -> list:
+        """Names of the kernel's constexpr parameters, in signature order (they follow the runtime ones)."""
+        if self._constexprs is None:
+            self._constexprs = [p.name for p in self.fn.params if p.is_constexpr]
+        return self._constexprs
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        if interpreting() or os.environ.get("OMNIATTN_FAST_LAUNCH", "1") == "0":
+            return self.fn[grid](*args, **kwargs)
+        key = (tuple(kwargs.items()), tuple(map(_spec, args)))
+        kernel = self.cache.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*args, **kwargs)  # compiles if needed, and launches
+            kernel._init_handles()
+            self.cache[key] = kernel
+            return kernel
+        import triton
+        from triton import knobs
+
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        device = triton.runtime.driver.active.get_current_device()
+        stream = triton.runtime.driver.active.get_current_stream(device)
+        full = args + tuple(kwargs[name] for name in self.constexprs)
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None,
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+        return kernel
