@@ -16,7 +16,7 @@ from ..accuracy import max_err
 from .impls import Inputs, Runner, hstu_kwargs, score_kwargs
 from .suites import Case
 
-GPU_REPEATS = 5  # independent timings per row on GPUs: their median is reported, min and max beside it
+GPU_REPEATS = 3  # independent timings per row on GPUs: their median is reported, min and max beside it
 ROWS_CHECKED = 256  # query rows compared with the float64 reference (the last ones: they see the most keys)
 
 
@@ -58,7 +58,7 @@ def time_ms(fn: Callable, device: torch.device, leaves: list, spread: bool = Fal
 
         if not spread:
             return float(do_bench(fn, warmup=25, rep=100, grad_to_none=leaves, return_mode="median"))
-        runs = sorted(float(do_bench(fn, warmup=10 if i else 25, rep=40, grad_to_none=leaves, return_mode="median"))
+        runs = sorted(float(do_bench(fn, warmup=10 if i else 25, rep=30, grad_to_none=leaves, return_mode="median"))
                       for i in range(GPU_REPEATS))
         return runs[len(runs) // 2], {"ms_min": round(runs[0], 4), "ms_max": round(runs[-1], 4)}
     if spread:

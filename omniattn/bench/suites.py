@@ -146,7 +146,7 @@ def quant() -> list[Case]:
 
 
 def gpu_all() -> list[Case]:
-    return gpu_full() + hstu() + quant()
+    return hstu() + quant() + gpu_full()
 
 
 SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "hstu": hstu, "quant": quant, "smoke": smoke}
