@@ -103,6 +103,28 @@ def test_triton_quantized_attention_matches_the_emulation(kernel_tiles, precisio
     assert gap <= 0.01 * err + 1e-5, f"kernel vs emulation {gap:.2e}, emulation vs exact {err:.2e}"
 
 
+@pytest.mark.skipif(not triton_ok or DEVICE != "cpu", reason="interpreter comparison (GPU: tests/gpu)")
+@pytest.mark.parametrize("precision", ["int8", "int8-fp8"])
+def test_triton_quantized_varlen_and_hstu_match_the_emulation(kernel_tiles, precision):
+    gen = torch.Generator().manual_seed(7)
+    lens = [37, 5, 21]
+    cu = _cu(lens)
+    q, k, v = offset_keys((63, 4, 32), (63, 2, 32), gen, dtype=torch.float32)
+    kw = dict(causal=True, precision=precision)
+    got = oa.attention_varlen(q, k, v, cu, cu, 37, 37, backend="triton", **kw)
+    emu = oa.attention_varlen(q, k, v, cu, cu, 37, 37, backend="torch", **kw)
+    exact = oa.reference.attention_varlen(q, k, v, cu, cu, 37, 37, causal=True)
+    assert (got - emu).abs().max() <= 0.01 * (emu.double() - exact).abs().max() + 1e-5
+    hq = q.repeat(1, 1, 1)
+    kh = torch.cat([k, k], 1)
+    with torch.no_grad():
+        got = oa.hstu_attention(hq, kh, kh, cu, 40, num_targets=torch.tensor([2, 1, 3]), precision=precision,
+                                backend="triton")
+        emu = oa.hstu_attention(hq, kh, kh, cu, 40, num_targets=torch.tensor([2, 1, 3]), precision=precision,
+                                backend="torch")
+    assert (got - emu).abs().max() <= 1e-4 * max(emu.abs().max().item(), 1.0)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
 @pytest.mark.parametrize("layout", ["causal-gqa", "varlen"])

@@ -290,8 +290,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     grid, tiles, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
     if grid[0] * (grid[1] if len(grid) > 1 else 1) == 0:
         return out, lse
-    if quant is not None and quant.pv_fp8:  # V^T (sequences, Hkv, Dv, tokens): strides (b, h, channel)
-        v_strides = (v.stride(0), v.stride(2), v.stride(1))
+    if quant is not None and quant.pv_fp8:  # V^T: the kernel's (batch, "token", head) strides are (b, channel, h)
+        v_strides = (v.stride(0), v.stride(2), v.stride(1)) if v.dim() == 4 else (0, v.stride(1), v.stride(0))
     else:
         v_strides = _strides(v)
     attn_fwd_kernel[grid](
