@@ -31,48 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, SIGMOID, SOFTMAX, sigmoid, tanh
+from .common import LN2, LOG2E, SIGMOID, SOFTMAX, allowed, key_range, sigmoid, split_range, tanh
 from .configs import interpreting
-
-
-@triton.jit
-def _window_ok(ii, jj, nq, L, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Boolean tile: key jj visible from query ii (bottom-right aligned: query ii sits at ii + shift)."""
-    ok = (jj < L) & (ii < nq)
-    if HAS_LEFT:
-        ok = ok & (jj >= ii + shift - left)
-    if HAS_RIGHT:
-        ok = ok & (jj <= ii + shift + right)
-    return ok
-
-
-@triton.jit
-def _key_range(m0, m_last, L, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Keys queries m0..m_last may see, [lo, hi), and the part [full_lo, full_hi) all of them see."""
-    lo = m0 * 0
-    hi = L + lo
-    full_lo = lo
-    full_hi = hi
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + shift - left, 0)
-        full_lo = tl.maximum(m_last + shift - left, 0)
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + shift + right + 1, L)
-        full_hi = tl.minimum(m0 + shift + right + 1, L)
-    return lo, hi, full_lo, full_hi
-
-
-@triton.jit
-def _tile_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Tiles of BLOCK keys aligned to multiples of BLOCK covering [lo, hi): a masked head
-    [start, mid_lo), an unmasked middle [mid_lo, mid_hi) and a masked tail [mid_hi, hi)."""
-    start = (lo // BLOCK) * BLOCK
-    mid_lo = tl.cdiv(full_lo, BLOCK) * BLOCK
-    mid_hi = (full_hi // BLOCK) * BLOCK
-    empty = (mid_hi <= mid_lo) | (mid_lo < start)
-    mid_lo = tl.where(empty, start, mid_lo)
-    mid_hi = tl.where(empty, start, mid_hi)
-    return start, mid_lo, mid_hi
 
 
 @triton.jit
@@ -111,7 +71,7 @@ def _decode_tiles(
             if HAS_ALIBI:
                 s = s - slope * tl.abs(ii + shift - jj).to(tl.float32)
         if MASKED:
-            ok = _window_ok(ii, jj, nq, L, shift, left, right, HAS_LEFT, HAS_RIGHT)
+            ok = allowed(ii, jj, nq, L, shift, left, right, 0, 0, 0, 0, HAS_LEFT, HAS_RIGHT, False, False, False)
         if SCORE == SOFTMAX:
             if HAS_MODS:
                 s2 = s * LOG2E
@@ -186,8 +146,9 @@ def decode_kernel(
     # the keys these rows may see, then this split's share of them (whole tiles)
     m0 = r0 // group
     m_last = (tl.minimum(r0 + BLOCK_M, rows) - 1) // group
-    lo, hi, full_lo, full_hi = _key_range(m0, m_last, L, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-    start, mid_lo, mid_hi = _tile_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+    lo, hi, full_lo, full_hi = key_range(m0, m_last, nq, L, shift, window_left, window_right, 0, 0, 0, 0, HAS_LEFT,
+                                         HAS_RIGHT, False, False, False)
+    start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
     n_tiles = tl.maximum(tl.cdiv(hi - start, BLOCK_N), 0)
     per_split = tl.cdiv(n_tiles, num_splits)
     s0 = start + pid_s * per_split * BLOCK_N
