@@ -21,13 +21,13 @@ from .common import (
     key_range,
     modify_scores,
     next_timestamps,
-    query_program,
     query_range,
     rab_tile,
     sequence_bounds,
     sequence_constants,
     sigmoid,
     split_range,
+    tile_program,
     time_bucket_tile,
     wide,
 )
@@ -183,24 +183,13 @@ def attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    if TILE_LIST:  # TILES: (sequence, kv head, key tile) triples (schedule.tile_list)
-        entry = TILES + 3 * tl.program_id(0)
-        b = tl.load(entry)
-        hk = tl.load(entry + 1)
-        pid_n = tl.load(entry + 2)
-    else:
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_kv_heads
-        hk = pid_bh % n_kv_heads
-    q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    # TILES, if any: (sequence, kv head, key tile) triples (schedule.tile_list)
+    pid_n, b, hk, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_kv_heads,
+                                                          False, IS_VARLEN, TILE_LIST)
     n0 = pid_n * BLOCK_N
     if n0 >= lk:
         return
     b64 = b.to(tl.int64)
-    q_start = q_start.to(tl.int64)
-    k_start = k_start.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -396,8 +385,9 @@ def attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
 ):
-    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group,
-                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
+    pid_m, b, h, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads,
+                                                         HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
+    hk = h // group
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return

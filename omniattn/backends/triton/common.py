@@ -278,29 +278,45 @@ def sequence_bounds(CU, b, dense_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group, REVERSE: tl.constexpr,
-                  IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr):
-    """Who a program of the forward / dQ grid is: its query tile, batch entry, heads, sequences.
+def tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, REVERSE: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr):
+    """Who a program of a tiled grid is: its tile, batch entry, head and the two sequences.
 
-    Without a tile list the grid is (query tiles, batch x heads); REVERSE (causal-like masks):
-    later query tiles see more keys, so they are launched first. With TILE_LIST the grid is 1-D
-    and TILES holds the real programs
-    of a varlen batch as (sequence, head, tile) triples (schedule.tile_list): no program is spent on padding."""
+    The forward / dQ grids tile queries over query heads, the dK/dV grid tiles keys over KV heads
+    (n_heads is whichever the grid runs over). Without a tile list the grid is (tiles, batch x
+    heads); REVERSE (causal-like masks): later query tiles see more keys, so they are launched
+    first. With TILE_LIST the grid is 1-D and TILES holds the real programs of a varlen batch as
+    (sequence, head, tile) triples (schedule.tile_list): no program is spent on padding."""
     if TILE_LIST:
         entry = TILES + 3 * tl.program_id(0)
         b = tl.load(entry)
         h = tl.load(entry + 1)
-        pid_m = tl.load(entry + 2)
+        pid = tl.load(entry + 2)
     else:
-        pid_m = tl.program_id(0)
+        pid = tl.program_id(0)
         if REVERSE:
-            pid_m = tl.num_programs(0) - 1 - pid_m
+            pid = tl.num_programs(0) - 1 - pid
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)
-    return pid_m, b, h, h // group, q_start.to(tl.int64), lq, k_start.to(tl.int64), lk
+    return pid, b, h, q_start.to(tl.int64), lq, k_start.to(tl.int64), lk
+
+
+@triton.jit
+def online_softmax_tile(s2, m_i, l_i, acc, MAY_BE_EMPTY: tl.constexpr):
+    """One key tile of the online softmax in base 2: the tile's P against the new running max, with
+    the running sum and the accumulator rescaled to it. MAY_BE_EMPTY: masks can leave a row with
+    nothing allowed yet (max -inf); it subtracts 0 instead, so exp2 gives 0 rather than NaN."""
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s2 - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, SIGMOID, SOFTMAX, allowed, key_range, sigmoid, split_range, tanh
+from .common import LN2, LOG2E, SIGMOID, SOFTMAX, allowed, key_range, online_softmax_tile, sigmoid, split_range, tanh
 from .configs import interpreting
 
 
@@ -79,16 +79,7 @@ def _decode_tiles(
                 s2 = qk * (scale * LOG2E)
             if MASKED:
                 s2 = tl.where(ok, s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            if MASKED:  # a row with nothing allowed yet: subtract 0, so exp2 gives 0 rather than NaN
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            p = tl.exp2(s2 - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            p, m_i, l_i, acc = online_softmax_tile(s2, m_i, l_i, acc, MASKED)
         else:
             if not HAS_MODS:
                 s = qk * scale

@@ -33,11 +33,12 @@ from .common import (
     key_range,
     modify_scores,
     next_timestamps,
-    query_program,
+    online_softmax_tile,
     rab_tile,
     sequence_constants,
     sigmoid,
     split_range,
+    tile_program,
     to_fp8,
     unpack_int4,
     wide,
@@ -129,16 +130,7 @@ def _fwd_tiles(
                 s2 = qk * (scale * LOG2E)
             if MASKED or HAS_ATTN_MASK:
                 s2 = tl.where(ok, s2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            if MASKED or HAS_ATTN_MASK:  # a row with nothing allowed yet: subtract 0, so exp2 gives 0, not NaN
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            p = tl.exp2(s2 - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            p, m_i, l_i, acc = online_softmax_tile(s2, m_i, l_i, acc, MASKED or HAS_ATTN_MASK)
         else:  # sigmoid and SiLU: no running max or sum, just P = f(s)
             if not HAS_MODS:
                 s = qk * scale
@@ -195,8 +187,9 @@ def attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m, b, h, hk, q_start, lq, k_start, lk = query_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, group,
-                                                              HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
+    pid_m, b, h, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads,
+                                                         HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
+    hk = h // group
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
         return
