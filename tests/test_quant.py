@@ -4,7 +4,6 @@ attention on outlier-key inputs (cosine), and the errors a user can hit.
 
 Triton runs under TRITON_INTERPRET=1 on CI (fp8 and int8 products are exact there)."""
 
-import math
 
 import pytest
 import torch
@@ -149,7 +148,6 @@ def test_every_precision_and_score_is_accurate_on_outlier_keys(precision, score,
 
 def test_hstu_quantized_with_rab_and_targets():
     gen = torch.Generator().manual_seed(5)
-    lens = [60, 41]
     q, k, v = offset_keys((101, 2, 32), (101, 2, 32), gen, dtype=torch.float32, device="cpu")
     off = torch.tensor([0, 60, 101])
     rab = oa.hstu.RelativeBias(64, 32)

@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-from typing import Optional
 
 import torch
 
@@ -141,10 +140,6 @@ PEER_IMPLS = [
     Impl(GR, ("hstu",), _gr, _gr_usable),
     Impl("sageattention", ("softmax",), _sage, _sage_usable),
 ]
-
-
-def child_result(runner: Runner) -> Optional[dict]:
-    return getattr(runner, "result", None)
 
 
 if __name__ == "__main__":

@@ -178,26 +178,6 @@ def _transpose_v(v8: torch.Tensor, shape, dense: bool) -> torch.Tensor:
     return v8.permute(1, 2, 0).contiguous()
 
 
-def dequantize(qz: Quantized, dense: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 Q, K (smoothed, as the kernel multiplies them) and V of a quantized call, in the
-    caller's layout: the emulation's inputs."""
-    def values(x, scale):
-        if qz.qk_mode == 2:
-            x = unpack_int4(x)
-        return x.float() * scale.unsqueeze(-1)
-
-    q = values(qz.q, qz.q_scale)
-    k = values(qz.k, qz.k_scale)
-    if not qz.pv_fp8:
-        return q, k, qz.v.float()
-    v = qz.v.float()  # (B, Hkv, Dv, N) or (Hkv, Dv, T), scaled by 448 / amax
-    if dense:
-        v = v.permute(0, 3, 1, 2) * qz.v_scale.unsqueeze(1)
-    else:
-        v = v.permute(2, 0, 1)  # (T, Hkv, Dv): per-sequence scales applied by the caller
-    return q, k, v
-
-
 STATS_CHUNK = 256  # tokens per program of the K-mean / V-max pass
 
 

@@ -32,7 +32,6 @@ def test_quantized_bf16(precision, score, causal, d):
 
 def test_quantized_varlen_and_hstu():
     gen = torch.Generator().manual_seed(3)
-    lens = [700, 33, 1200]
     cu = torch.tensor([0, 700, 733, 1933], device=DEV, dtype=torch.int32)
     q, k, v = offset_keys((1933, 8, 128), (1933, 8, 128), gen, dtype=torch.bfloat16, device=DEV)
     got = oa.attention_varlen(q, k, v, cu, cu, 1200, 1200, causal=True, precision="int8-fp8")

@@ -17,9 +17,6 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
-    def with_blocks(self, block_m: int, block_n: int) -> "TileConfig":
-        return TileConfig(block_m, block_n, self.num_warps, self.num_stages)
-
     def launch_kwargs(self) -> dict:
         if interpreting():
             return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n)
