@@ -159,3 +159,16 @@ def test_public_api_surface():
         import importlib
 
         importlib.reload(oa)
+
+
+def test_import_is_light_and_every_public_name_resolves():
+    # torch._dynamo (imported by torch.compiler.disable) costs ~1.4 s: not at `import omniattn`
+    import subprocess
+    import sys
+
+    code = ("import sys, omniattn; assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; "
+            "missing = [n for n in omniattn.__all__ if getattr(omniattn, n, None) is None]; "
+            "assert not missing, missing; from omniattn import distributed; "
+            "assert distributed.context_parallel_attention")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
