@@ -70,7 +70,9 @@ def test_thresholds_reproduce_the_reference_buckets():
 
     for nb, kind in ((128, "log"), (40, "sqrt")):
         thresh = launch.time_thresholds(nb, kind == "log", torch.device("cpu")).long()
-        dt = torch.cat([torch.arange(0, 3000), torch.randint(0, 1 << 31, (5000,)), thresh[:-1] - 1, thresh[:-1]])
-        dt = dt.clamp(min=0, max=(1 << 31) - 2)
+        reachable = thresh[thresh < (1 << 62)]
+        dt = torch.cat([torch.arange(0, 3000), torch.randint(0, 1 << 31, (5000,)), torch.randint(0, 1 << 60, (5000,)),
+                        reachable - 1, reachable]).clamp(min=0)
+        assert torch.all(thresh[nb + 1:] == 1 << 62)  # past the last bucket: unreachable
         by_count = (dt[:, None] >= thresh[None, 1:nb + 1]).sum(1)
         assert torch.equal(by_count, bucketize(dt, nb, kind))

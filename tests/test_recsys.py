@@ -15,6 +15,7 @@ from omniattn.nn import HSTULayer
 from omniattn.recsys import (HSTU, SASRec, Split, TrainConfig, Trainer, candidate_representations, load, movielens_1m,
                              movielens_20m, movielens_100k, popularity_metrics, synthetic)
 from omniattn.recsys.data import ML100K_MEMBER, make_batch
+from omniattn.hstu import RelativeBias
 from omniattn.recsys.train import metrics_from_ranks, ranks_of, stochastic_length
 
 from .helpers import max_err
@@ -145,12 +146,12 @@ def _small_hstu():
     return model, hist, times, torch.tensor([2, 3, 4, 5]) * 10**6
 
 
-def test_mfalcon_micro_batches_equal_each_candidate_alone():
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_mfalcon_micro_batches_equal_each_candidate_alone(use_kv_cache):
     model, hist, times, request = _small_hstu()
     cands = torch.randint(1, 41, (4, 9))
-    together = candidate_representations(model, hist, times, cands, request, micro_batch=9)
-    chunks = candidate_representations(model, hist, times, cands, request, micro_batch=4)
-    alone = candidate_representations(model, hist, times, cands, request, micro_batch=1)
+    run = lambda c: candidate_representations(model, hist, times, cands, request, micro_batch=c, use_kv_cache=use_kv_cache)
+    together, chunks, alone = run(9), run(4), run(1)
     assert max_err(together, alone) < 1e-12 and max_err(chunks, alone) < 1e-12
     # and equal to a plain forward pass of history + that one candidate as a target
     for i in range(4):
@@ -159,6 +160,28 @@ def test_mfalcon_micro_batches_equal_each_candidate_alone():
             with torch.no_grad():
                 full = model.encode(batch, num_targets=torch.ones(1, dtype=torch.long))[-1]
             assert max_err(full, alone[i, j]) < 1e-12
+
+
+def test_mfalcon_kv_cache_handles_empty_history_and_shared_or_per_head_bias():
+    """A user with no history attends to its own key only; a per-head bias reads each head's weights."""
+    torch.manual_seed(3)
+    model = HSTU(30, dim=12, num_blocks=2, num_heads=3, max_seq_len=16, dropout=0.0).double()
+    with torch.no_grad():
+        model.layers[1].rab = RelativeBias(16, 8, num_heads=3, dtype=torch.float64)
+        for layer in model.layers:
+            layer.rab.pos_w.normal_()
+            layer.rab.ts_w.normal_()
+    hist = [torch.randint(1, 31, (n,)) for n in (0, 15, 7)]
+    times = [torch.sort(torch.randint(0, 10**5, (len(h),))).values for h in hist]
+    request = torch.tensor([10**5, 2 * 10**5, 3 * 10**5])
+    cands = torch.randint(1, 31, (3, 5))
+    cached = candidate_representations(model, hist, times, cands, request, micro_batch=2)
+    for i in range(3):
+        for j in range(5):
+            batch = make_batch([torch.cat([hist[i], cands[i, j:j + 1]])], [torch.cat([times[i], request[i:i + 1]])])
+            with torch.no_grad():
+                full = model.encode(batch, num_targets=torch.ones(1, dtype=torch.long))[-1]
+            assert max_err(full, cached[i, j]) < 1e-12
 
 
 def test_mfalcon_check_can_fail():
@@ -214,3 +237,18 @@ def test_cli_train_checkpoint_resume_eval(tmp_path, capsys):
     assert [row["epoch"] for row in doc["history"]] == [1, 2]  # resumed, not restarted
     assert cli.main(["recsys", "eval", "--checkpoint", ckpt]) == 0
     assert "hstu" in capsys.readouterr().out
+
+
+def test_model_bench_runs_on_cpu_and_methods_agree():
+    """``omniattn.bench.hstu_model`` at toy sizes: every M-FALCON method scores the same candidates
+    alike (bf16 rounding apart) and the layer step reports the attention's share."""
+    from omniattn.bench import hstu_model
+
+    cpu = torch.device("cpu")
+    rows = hstu_model.mfalcon_rows(users=2, history=20, candidates=12, per_candidate=3, dev=cpu, dim=16, heads=2,
+                                   micro_batches=(5,))
+    assert [r["method"] for r in rows] == ["kv-cache", "kv-cache", "targets", "targets", "per-candidate"]
+    assert all(r["cand_per_s"] > 0 and r["max_err"] < 0.05 for r in rows)
+    steps = hstu_model.layer_step_rows(batch=3, n=40, dev=cpu, dim=16, heads=2, head_dim=8)
+    assert [r["rab"] for r in steps] == [False, True]
+    assert all(0 < r["attention_share"] and r["ms"] > 0 for r in steps)

@@ -1,8 +1,8 @@
 """Measure once, cache per problem class: host attention GB/s, host->device link GB/s, device attention GB/s.
 
-Each figure is KV bytes per second of the code that will run: the host figure times the PyTorch
-split-KV decode path on host memory, the device figure the decode kernel on device memory, the
-link figure a pinned host->device copy. A few tens of milliseconds, once per (device, shape,
+Each figure is KV bytes per second of the code that will run: the host figure times the host part
+of a cooperative step (``chunks.attend`` on the tiled PyTorch backend, over host memory), the
+device figure the decode kernel on device memory, the link figure a pinned host->device copy. A few tens of milliseconds, once per (device, shape,
 dtype, score) in a process; ``set_bandwidths`` or ``attention(..., bandwidths=...)`` override them.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import decode
-from .chunks import chunk_spec
+from .chunks import attend, chunk_spec
 from .plan import Bandwidths
 
 HOST_TOKENS = 16384
@@ -45,13 +45,24 @@ def _median_s(fn, reps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _attention_gbps(q, k, v, score: str, device_sync) -> float:
+def _kv_bytes(k, v) -> int:
+    return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+
+def _host_gbps(q, k, v, score: str) -> float:
+    """The host part of a decode step as ``schedule._host_part`` runs it (causal, bottom-right)."""
+    n = k.shape[1]
+    spec = chunk_spec(score, q.shape[-1] ** -0.5, True, -10.0, float(n))
+    return _kv_bytes(k, v) / _median_s(lambda: attend(spec, q, k, v, n, 0, backend="torch"), 3, lambda: None) / 1e9
+
+
+def _device_gbps(q, k, v, score: str, device_sync) -> float:
+    """The split-KV decode kernel over device memory."""
     spec = chunk_spec(score, q.shape[-1] ** -0.5, False, -10.0, float(k.shape[1]))
     lens = torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
     call = decode.KVCacheCall(q, k, v, lens, (k.shape[1],) * k.shape[0])
     secs = _median_s(lambda: decode.run(spec, call, "auto", out_dtype=torch.float32), 3, device_sync)
-    nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-    return nbytes / secs / 1e9
+    return _kv_bytes(k, v) / secs / 1e9
 
 
 def link_gbps(device: torch.device) -> float:
@@ -82,13 +93,13 @@ def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softma
 
     n = max(256, HOST_TOKENS // b)
     qh = rand((b, nq, hq, d), "cpu")
-    host = _attention_gbps(qh, rand((b, n, cache.num_kv_heads, d), "cpu"),
-                           rand((b, n, cache.num_kv_heads, cache.v_dim), "cpu"), score, lambda: None)
+    host = _host_gbps(qh, rand((b, n, cache.num_kv_heads, d), "cpu"), rand((b, n, cache.num_kv_heads, cache.v_dim), "cpu"),
+                      score)
     if device.type == "cuda":
         n = max(64, min(DEVICE_TOKENS // b, max_device_bytes // cache.bytes_per_token))
         qd = qh.to(device)
         sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
-        dev = _attention_gbps(qd, rand((b, n, cache.num_kv_heads, d), device),
+        dev = _device_gbps(qd, rand((b, n, cache.num_kv_heads, d), device),
                               rand((b, n, cache.num_kv_heads, cache.v_dim), device), score, sync)
         link = link_gbps(device)
     else:  # a CPU "device" (tests, CPU-only users): both sides run on the host

@@ -154,7 +154,27 @@ def time_span(t_rows, t_cols, rows_ok, cols_ok):
     c_max = tl.max(tl.where(cols_ok, t_cols, -big), 0)
     hi = tl.maximum(r_max - c_min, c_max - r_min)
     lo = tl.maximum(tl.maximum(r_min - c_max, c_min - r_max), 0)
-    return lo, hi, c_min
+    return lo, hi
+
+
+@triton.jit
+def tile_gaps(t_rows, t_cols, ROWS_FIRST: tl.constexpr):
+    """t_row - t_col of every pair of the tile (int64); ``ROWS_FIRST``: t_rows indexes axis 0."""
+    if ROWS_FIRST:
+        dt = t_rows[:, None] - t_cols[None, :]
+    else:
+        dt = t_rows[None, :] - t_cols[:, None]
+    return dt
+
+
+@triton.jit
+def bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG: tl.constexpr):
+    """(b_lo, b_hi): the tile's time buckets lie in [b_lo, b_hi]. Buckets are log-spaced, so tiles
+    away from the diagonal span few: where they span at most 4 (and ``RAB_FAST``), a pair's bucket
+    is b_lo plus three integer comparisons against TS_THRESH[b] (the smallest |dt| whose bucket is
+    >= b, found on the host with the reference's float32 maths: exact)."""
+    lo, hi = time_span(t_rows, t_cols, rows_ok, cols_ok)
+    return bucket_of(lo, num_buckets, BUCKET_LOG), bucket_of(hi, num_buckets, BUCKET_LOG)
 
 
 @triton.jit
@@ -162,31 +182,17 @@ def time_bucket_tile(
     t_rows, t_cols, rows_ok, cols_ok, TS_THRESH, num_buckets, ROWS_FIRST: tl.constexpr, BUCKET_LOG: tl.constexpr,
     RAB_FAST: tl.constexpr,
 ):
-    """Time buckets of a tile's pairs, cheaply where the tile allows it.
-
-    Buckets are log-spaced, so a tile away from the diagonal spans few of them: there the bucket is
-    the tile's first one plus three threshold comparisons (TS_THRESH[b]: the smallest |dt| whose
-    bucket is >= b, computed on the host with the reference's float32 maths), on int32
-    differences. Elsewhere (near the diagonal, or gaps beyond int32) it is the float32 log of
-    every pair. Returns (b_lo, b_hi, bucket): the tile's buckets lie in [b_lo, b_hi].
-    ``ROWS_FIRST``: t_rows indexes axis 0 of the tile (else axis 1). ``RAB_FAST``: use the
-    threshold path where it applies (it costs registers: both branches' tiles stay live)."""
-    lo, hi, base = time_span(t_rows, t_cols, rows_ok, cols_ok)
-    b_lo = bucket_of(lo, num_buckets, BUCKET_LOG)
-    b_hi = bucket_of(hi, num_buckets, BUCKET_LOG)
-    if ROWS_FIRST:
-        r = t_rows[:, None]
-        c = t_cols[None, :]
-    else:
-        r = t_rows[None, :]
-        c = t_cols[:, None]
-    if RAB_FAST and (b_hi - b_lo <= 3) & (hi < (1 << 31) - 1):
-        x = tl.abs((r - base).to(tl.int32) - (c - base).to(tl.int32))
+    """Time buckets of a tile's pairs: threshold comparisons where the tile spans few buckets
+    (``bucket_range``), else the float32 log of every pair. Returns (b_lo, b_hi, bucket)."""
+    b_lo, b_hi = bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG)
+    dt = tile_gaps(t_rows, t_cols, ROWS_FIRST)
+    if RAB_FAST and (b_hi - b_lo <= 3):
+        x = tl.abs(dt)
         bucket = (b_lo + (x >= tl.load(TS_THRESH + b_lo + 1)).to(tl.int32)
                   + (x >= tl.load(TS_THRESH + b_lo + 2)).to(tl.int32)
                   + (x >= tl.load(TS_THRESH + b_lo + 3)).to(tl.int32))
     else:
-        bucket = bucket_of(r - c, num_buckets, BUCKET_LOG)
+        bucket = bucket_of(dt, num_buckets, BUCKET_LOG)
     return b_lo, b_hi, bucket
 
 
@@ -199,16 +205,42 @@ def rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS: tl.constexpr):
 
 
 @triton.jit
+def gather_f32(ptrs, GPU_GATHER: tl.constexpr):
+    """Per-element float32 loads from a small table (every pointer in bounds). On a GPU, one plain
+    cached load each, as inline PTX: the software pipeliner turns a ``tl.load`` in the key loop into
+    4-byte cp.async copies through shared memory, which measured 10x slower than the whole
+    attention tile (benchmarks/NOTES.md). The interpreter has no PTX: ``tl.load`` there."""
+    if GPU_GATHER:
+        w = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        w = tl.load(ptrs)
+    return w
+
+
+@triton.jit
 def rab_tile(
     ii, jj, t_rows, t_cols, rows_ok, cols_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets, tgt_start, valid,
     ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr,
+    GPU_GATHER: tl.constexpr,
 ):
-    """HSTU's relative bias of a tile: pos_w[rel] + ts_w[bucket] (DESIGN.md); both tables are
-    small and stay in L1."""
-    _, _, bucket = time_bucket_tile(t_rows, t_cols, rows_ok, cols_ok, TS_THRESH, num_buckets, ROWS_FIRST, BUCKET_LOG,
-                                    RAB_FAST)
+    """HSTU's relative bias of a tile: pos_w[rel] + ts_w[bucket] (DESIGN.md). The position weight is
+    a gather along the tile's diagonals (neighbouring addresses), clamped into the table so pairs
+    outside the sequences (masked later) read in bounds. The time weight: where the tile spans few
+    buckets and ``RAB_FAST``, a select among their 4 weights (scalars) by threshold comparisons;
+    elsewhere a gather at the float32 log bucket."""
     rel = rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS)
-    return tl.load(ts_w + bucket, mask=valid, other=0.0) + tl.load(pos_w + rel, mask=valid, other=0.0)
+    pos = gather_f32(pos_w + tl.minimum(tl.maximum(rel, 0), 2 * rab_center), GPU_GATHER)
+    b_lo, b_hi = bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG)
+    dt = tile_gaps(t_rows, t_cols, ROWS_FIRST)
+    if RAB_FAST and (b_hi - b_lo <= 3):
+        x = tl.abs(dt)
+        w = tl.zeros(x.shape, tl.float32) + tl.load(ts_w + b_lo)
+        for k in tl.static_range(1, 4):  # thresholds past the last bucket are unreachable (2**62)
+            w = tl.where(x >= tl.load(TS_THRESH + b_lo + k), tl.load(ts_w + tl.minimum(b_lo + k, num_buckets)), w)
+    else:
+        w = gather_f32(ts_w + bucket_of(dt, num_buckets, BUCKET_LOG), GPU_GATHER)
+    return tl.where(valid, pos + w, 0.0)
 
 
 @triton.jit

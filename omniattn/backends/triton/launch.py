@@ -23,9 +23,10 @@ attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
 rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "silu": 2}
-# Time buckets by threshold comparisons on tiles that span few buckets (common.time_bucket_tile),
-# OMNIATTN_RAB_FAST=1, or the float32 log of every pair (default: measured faster on the H100, the
-# two branches' live tiles cost more registers than the log saves; benchmarks/NOTES.md).
+# Time weights by threshold comparisons on tiles that span few buckets (common.rab_tile),
+# OMNIATTN_RAB_FAST=1, or by a gather at the float32 log bucket of every pair (default: measured
+# as fast or faster on the H100 at (64, 1024) and (32, 4096), forward and backward, once the gathers
+# became plain loads; benchmarks/NOTES.md).
 _RAB_FAST = os.environ.get("OMNIATTN_RAB_FAST", "0") == "1"
 
 
@@ -153,7 +154,7 @@ _THRESHOLDS: dict = {}
 
 
 def time_thresholds(num_buckets: int, log: bool, device) -> torch.Tensor:
-    """TS_THRESH[b] = the smallest |dt| whose time bucket is >= b (int32, saturated), for
+    """TS_THRESH[b] = the smallest |dt| whose time bucket is >= b (int64; 2**62 where none is), for
     b = 0 .. num_buckets + 3. The bucket is monotone in |dt|, so comparing against these gives
     exactly the reference's float32 buckets with integer arithmetic (common.time_bucket_tile)."""
     key = (num_buckets, log, str(device))
@@ -169,7 +170,7 @@ def time_thresholds(num_buckets: int, log: bool, device) -> torch.Tensor:
             reached = bucketize(mid, num_buckets, "log" if log else "sqrt") >= want
             hi = torch.where(reached, mid, hi)
             lo = torch.where(reached, lo, mid + 1)
-        _THRESHOLDS[key] = hi.clamp(max=(1 << 31) - 1).to(torch.int32).to(device)
+        _THRESHOLDS[key] = hi.to(device)
     return _THRESHOLDS[key]
 
 
@@ -218,6 +219,7 @@ class _Launch:
             HAS_RAB=self.has_rab,
             BUCKET_LOG=bool(p.bucket_log),
             RAB_FAST=_RAB_FAST,
+            GPU_GATHER=q.is_cuda and not interpreting(),
             HAS_ATTN_MASK=has_mask,
             MASK_IS_BOOL=has_mask and x.attn_mask.dtype == torch.bool,
             HAS_DROPOUT=p.dropout_p > 0,
