@@ -18,7 +18,8 @@ Semantics kept from flash-attn (its C++ entry points, not only its docstrings):
   without dropout.
 - ``dropout_p > 0`` applies dropout whenever it is passed (flash-attn leaves train/eval to the
   caller), with omniattn's counter-based RNG seeded from torch's default generator.
-- ``deterministic`` is accepted and changes nothing (omniattn's backward does not depend on it).
+- ``deterministic`` is accepted and changes nothing: omniattn's backward is always deterministic (no
+  atomics; tests/gpu checks two backward passes for identical bits).
 
 ``flash_attn_with_kvcache`` appends ``k``/``v`` into the caller's cache IN PLACE at
 ``cache_seqlens`` (flash-attn's contract), paged through ``block_table`` or indexed by
