@@ -125,6 +125,12 @@ def main():
                dict(contextual_seq_len=2, max_attn_len=16, causal=False)):
         out = oa.hstu_attention(q, q, q, offsets, 160, backend="triton", **kw)
         out.sum().backward()
+    # 64-bit addressing (chosen per call for offsets reaching 2^31 elements): the same kernels with it forced
+    launch._needs_int64 = lambda *args: True
+    out = oa.attention(q[None], q[None], q[None], causal=True, backend="triton")
+    out.sum().backward()
+    out = oa.hstu_attention(q, q, q, offsets, 160, backend="triton", rab=rab, timestamps=torch.arange(256))
+    out.sum().backward()
     print(f"compiled {len(SEEN)} kernel variants for {TARGET} with triton {triton.__version__}")
 
 

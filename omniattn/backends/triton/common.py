@@ -53,9 +53,11 @@ FP8_MAX = tl.constexpr(448.0)
 def wide(offsets, INT64_OFFSETS: tl.constexpr):
     """Token offsets for address arithmetic: 32-bit unless the host saw a sequence whose
     offsets times strides reach 2^31 elements (64-bit everywhere costs registers and spills)."""
-    if INT64_OFFSETS:
-        return offsets.to(tl.int64)
-    return offsets
+    if INT64_OFFSETS:  # one return: Triton rejects returns of different types even under a constexpr
+        wide_offsets = offsets.to(tl.int64)
+    else:
+        wide_offsets = offsets
+    return wide_offsets
 
 
 @triton.jit
