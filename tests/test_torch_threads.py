@@ -133,3 +133,19 @@ def _child_attention():
     torch.set_num_threads(2)
     out = oa.attention(q, q, q, score="sigmoid", backend="torch")
     return bool(torch.isfinite(out).all())
+
+
+def test_thread_budget_is_per_thread_nests_and_restores():
+    """longctx's host part runs beside the device part with fewer workers: the cap must bind only
+    the thread that set it and come off afterwards."""
+    cpu = torch.device("cpu")
+    full = torch_threads.budget()
+    seen = {}
+    with torch_threads.thread_budget(1):
+        assert torch_threads.workers_for(cpu, 64) == 1
+        with torch_threads.thread_budget(5):  # never above the enclosing cap
+            assert torch_threads.budget() == 1
+        other = threading.Thread(target=lambda: seen.update(n=torch_threads.budget()))
+        other.start()
+        other.join()
+    assert seen["n"] == torch.get_num_threads() and torch_threads.budget() == full

@@ -130,6 +130,17 @@ def caller_on_one_thread(device: torch.device):
         _local.budget = None
 
 
+@contextlib.contextmanager
+def thread_budget(n: int):
+    """Tiled calls made by this thread use at most ``n`` workers (thread-local; nests)."""
+    before = getattr(_local, "budget", None)
+    _local.budget = max(1, min(n, budget()))
+    try:
+        yield
+    finally:
+        _local.budget = before
+
+
 def workers_for(device: torch.device, items: int) -> int:
     """How many threads a call with ``items`` independent pieces uses on ``device``."""
     if device.type != "cpu" or items < 1 or getattr(_local, "worker", False):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import decode
+from ..backends import torch_threads
 from .chunks import attend, chunk_spec
 from .plan import Bandwidths
 
@@ -45,15 +46,27 @@ def _median_s(fn, reps: int, sync) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def host_threads(beside_device: bool) -> int:
+    """Workers for the host part: all of the caller's threads, or, while a device part runs beside
+    it, two fewer. The thread driving the device (copies and launches, Python holding the GIL)
+    must not wait behind a busy core or a worker's turn at the GIL: with every core busy, a 1M
+    cooperative decode measured 59 ms against 45 ms streaming alone (benchmarks/NOTES.md)."""
+    n = torch.get_num_threads()
+    return max(1, n - 2) if beside_device else n
+
+
 def _kv_bytes(k, v) -> int:
     return k.numel() * k.element_size() + v.numel() * v.element_size()
 
 
-def _host_gbps(q, k, v, score: str) -> float:
-    """The host part of a decode step as ``schedule._host_part`` runs it (causal, bottom-right)."""
+def _host_gbps(q, k, v, score: str, threads: int) -> float:
+    """The host part of a decode step as ``schedule._host_part`` runs it (causal, bottom-right,
+    on ``threads`` workers)."""
     n = k.shape[1]
     spec = chunk_spec(score, q.shape[-1] ** -0.5, True, -10.0, float(n))
-    return _kv_bytes(k, v) / _median_s(lambda: attend(spec, q, k, v, n, 0, backend="torch"), 3, lambda: None) / 1e9
+    with torch_threads.thread_budget(threads):
+        secs = _median_s(lambda: attend(spec, q, k, v, n, 0, backend="torch"), 3, lambda: None)
+    return _kv_bytes(k, v) / secs / 1e9
 
 
 def _device_gbps(q, k, v, score: str, device_sync) -> float:
@@ -94,7 +107,7 @@ def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softma
     n = max(256, HOST_TOKENS // b)
     qh = rand((b, nq, hq, d), "cpu")
     host = _host_gbps(qh, rand((b, n, cache.num_kv_heads, d), "cpu"), rand((b, n, cache.num_kv_heads, cache.v_dim), "cpu"),
-                      score)
+                      score, host_threads(device.type == "cuda"))
     if device.type == "cuda":
         n = max(64, min(DEVICE_TOKENS // b, max_device_bytes // cache.bytes_per_token))
         qd = qh.to(device)

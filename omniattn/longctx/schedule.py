@@ -17,8 +17,9 @@ from typing import Optional, Union
 import torch
 
 from .. import decode, spec as _spec
+from ..backends import torch_threads
 from .cache import HostKVCache
-from .calibrate import calibrate
+from .calibrate import calibrate, host_threads
 from .chunks import Accumulator, attend, chunk_spec
 from .plan import Bandwidths, Split, cooperative_split, device_only_split, host_only_split, make_plan
 from .device import DeviceKV
@@ -209,11 +210,12 @@ def _device_part(q, cache, cspec, dev, plan, split: Split, acc: Accumulator) -> 
     kv.finish()
 
 
-def _host_part(q_host, cache, cspec, start: int, result: list) -> None:
+def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> None:
     """Keys [start, len) on the CPU (a background thread: torch ops release the GIL)."""
     try:
         k, v = cache._k[:, start : len(cache)], cache._v[:, start : len(cache)]
-        result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
+        with torch_threads.thread_budget(threads):
+            result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
     except BaseException as e:  # re-raised by the caller's thread
         result.append(e)
 
@@ -241,11 +243,12 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
     if split.host > 0:
         q_host = q.to("cpu")
         if on_device:
-            worker = threading.Thread(target=_host_part, args=(q_host, cache, cspec, split.device_end, host_result),
+            worker = threading.Thread(target=_host_part, args=(q_host, cache, cspec, split.device_end, host_result,
+                                                               host_threads(True)),
                                       daemon=True)
             worker.start()
         else:
-            _host_part(q_host, cache, cspec, split.device_end, host_result)
+            _host_part(q_host, cache, cspec, split.device_end, host_result, host_threads(False))
     if split.device_end > 0:
         qd = q.to(dev, non_blocking=True)
         _device_part(qd, cache, cspec, dev, plan, split, acc)
