@@ -206,10 +206,15 @@ def _check_heads_and_dims(q, k, v, token_axes: int) -> None:
 _checked_offsets: dict = {}
 
 
-def _remembered(t: torch.Tensor, tag: str, compute):
+def _cacheable(t: torch.Tensor) -> bool:
+    """CPU tensors are read without a sync, and cheaply: never remembered."""
+    return t.device.type != "cpu"
+
+
+def _remembered(t: torch.Tensor, tag, compute):
     """compute(t), remembered per (tensor object, _version, tag) for tensors on accelerators: what
     needs a device-to-host copy (a sync) or a conversion is done once per tensor, not per call."""
-    if t.device.type == "cpu":
+    if not _cacheable(t):
         return compute(t)
     key = (id(t), tag)
     hit = _checked_offsets.get(key)
@@ -231,13 +236,17 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, device: torch.device)
         raise ValueError(f"{name}: expected a 1-D tensor of B+1 offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
-    offsets = _remembered(cu, "tolist", lambda t: t.tolist())
+    # validated once per offsets tensor (and total): a model's layers share one (B=64: ~30 us a call)
+    return _remembered(cu, ("lengths", name, total), lambda t: _checked_lengths(name, t.tolist(), total))
+
+
+def _checked_lengths(name: str, offsets: list, total: int) -> tuple[int, ...]:
     if offsets[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {offsets[0]}")
     lens = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
-    for i, n in enumerate(lens):
-        if n < 0:
-            raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}]={offsets[i + 1]} < {name}[{i}]={offsets[i]}")
+    if min(lens, default=0) < 0:
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}]={offsets[i + 1]} < {name}[{i}]={offsets[i]}")
     if offsets[-1] != total:
         raise ValueError(f"{name}: must end at the number of tokens ({total}), got {offsets[-1]}")
     return lens
@@ -521,7 +530,11 @@ def _check_num_targets(num_targets, lens, contextual: int, device):
         raise ValueError(f"num_targets: expected shape ({len(lens)},) (one count per sequence), got {tuple(num_targets.shape)}")
     if num_targets.device != device:
         raise ValueError(f"num_targets: expected a tensor on {device}, got {num_targets.device}")
-    host = tuple(_remembered(num_targets, "tolist", lambda t: t.tolist()))
+    host = _remembered(num_targets, ("targets", lens, contextual), lambda t: _checked_targets(t.tolist(), lens, contextual))
+    return _remembered(num_targets, "int32", lambda t: t.to(torch.int32).contiguous()), host
+
+
+def _checked_targets(host: list, lens, contextual: int) -> tuple[int, ...]:
     for i, (t, n) in enumerate(zip(host, lens)):
         if t < 0 or t > n:
             raise ValueError(f"num_targets: sequence {i} has {n} tokens but num_targets[{i}]={t} (expected 0..{n})")
@@ -530,7 +543,7 @@ def _check_num_targets(num_targets, lens, contextual: int, device):
                 f"num_targets: sequence {i} has {n} tokens, {t} targets and contextual_seq_len={contextual}; "
                 "the contextual prefix must come before the targets"
             )
-    return _remembered(num_targets, "int32", lambda t: t.to(torch.int32).contiguous()), host
+    return tuple(host)
 
 
 def _check_rab(rab, timestamps, total: int, heads: int, lens, device) -> Optional[Rab]:

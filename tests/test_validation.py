@@ -155,3 +155,28 @@ def test_sdpa_gqa_needs_enable_gqa():
     q, k, v = (t.transpose(1, 2) for t in qkv())
     with pytest.raises(ValueError, match="enable_gqa=True"):
         oa.scaled_dot_product_attention(q, k, v)
+
+
+def test_remembered_offsets_are_revalidated_after_an_in_place_change(monkeypatch):
+    """GPU offsets are checked once per tensor (the check copies them to the host, a sync); an
+    in-place change (a new _version) or another tensor object must be checked again."""
+    from omniattn import spec
+
+    monkeypatch.setattr(spec, "_cacheable", lambda t: True)  # as for a GPU tensor
+    monkeypatch.setattr(spec, "_checked_offsets", {})
+    calls = []
+    real = spec._checked_lengths
+    monkeypatch.setattr(spec, "_checked_lengths", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10])
+    for _ in range(3):
+        oa.hstu_attention(q, q, q, cu, 8, backend="torch")
+    assert len(calls) == 1
+    cu[1] = 11  # now decreasing: the remembered check must not hide it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        oa.hstu_attention(q, q, q, cu, 8, backend="torch")
+    with pytest.raises(ValueError, match="end at the number of tokens"):
+        oa.hstu_attention(q, q, q, torch.tensor([0, 4, 9]), 8, backend="torch")
+    nt = torch.tensor([1, 7])  # 7 targets in a 6-token sequence
+    with pytest.raises(ValueError, match="num_targets"):
+        oa.hstu_attention(q, q, q, torch.tensor([0, 4, 10]), 8, num_targets=nt, backend="torch")
