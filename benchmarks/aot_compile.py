@@ -91,20 +91,44 @@ def resources(compiled) -> str:
     return f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} smem {shared // 1024}K"
 
 
+def install() -> None:
+    """Kernel launches become compiles; CPU tensors are accepted as if on the GPU target."""
+    for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
+                      (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
+        setattr(launch, name, Compiling(getattr(mod, name)))
+    tb.supported = lambda device, explicit=False: (True, "")
+    from omniattn import backends
+
+    backends.triton_supported = lambda device, explicit=False: (True, "")
+
+
+def hstu_long(int64: bool) -> None:
+    """HSTU with the relative bias on a sequence >= 2048 (128x64 tiles, forward and backward), with
+    64-bit addressing forced or not; prints one line per variant then the variant keys (tests/test_gpu_compile.py)."""
+    if int64:
+        launch._needs_int64 = lambda *args: True
+    n = 2100
+    offsets = torch.tensor([0, n, n + 50])
+    q = torch.randn(n + 50, 2, 128).to(torch.bfloat16).requires_grad_()
+    rab = oa.hstu.RelativeBias(n, 16)
+    out = oa.hstu_attention(q, q, q, offsets, n, backend="triton", rab=rab, timestamps=torch.arange(n + 50))
+    out.sum().backward()
+    for name, consts, _, _ in SEEN:
+        c = dict(consts)
+        print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="bf16 only")
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--scores", nargs="+", default=["softmax", "sigmoid", "silu"])
     parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
+    parser.add_argument("--hstu-long", choices=["int32", "int64"], help="only HSTU+bias on a long sequence")
     args = parser.parse_args()
-    for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
-                      (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
-        setattr(launch, name, Compiling(getattr(mod, name)))
-    tb.supported = lambda device, explicit=False: (True, "")  # CPU tensors, compiled for the GPU target
-    from omniattn import backends
-
-    backends.triton_supported = lambda device, explicit=False: (True, "")
+    install()
+    if args.hstu_long:
+        return hstu_long(args.hstu_long == "int64")
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     for dtype, score, causal, d in itertools.product(dtypes, args.scores, [False, True], args.dims):
