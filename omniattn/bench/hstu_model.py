@@ -16,32 +16,19 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from .measure import device_name
+from .measure import device_name, wall_seconds
 from .report import write_json
 
 DIM, HEADS, HEAD_DIM, LAYERS = 512, 4, 128, 4
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _seconds(fn, reps: int = 3) -> float:
-    """Median wall-clock seconds of ``fn`` (synchronised), after one warm-up call."""
+    """Median wall-clock seconds of ``fn``, after one warm-up call."""
     fn()
-    _sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return wall_seconds(fn, reps)[0]
 
 
 def _histories(users: int, length: int, num_items: int, gen: torch.Generator):

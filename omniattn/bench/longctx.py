@@ -14,34 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from .measure import device_name
+from .measure import device_name, wall_seconds
 from .report import write_json
 
 HQ, HKV, D = 32, 8, 128
 BUDGET = 2 << 30
 PREFILL_CONTEXTS = (131072, 524288, 1048576)
 DECODE_CONTEXT = 1048576
-
-
-def _sync():
-    torch.cuda.synchronize()
-
-
-def _time_s(fn, reps: int):
-    """Median seconds of ``reps`` calls, and the last call's result."""
-    times = []
-    for _ in range(reps):
-        _sync()
-        t0 = time.perf_counter()
-        result = fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
 
 
 def _host_cache(length: int, dev):
@@ -96,7 +78,7 @@ def _prefill_context(dev, n: int) -> list[dict]:
 
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    secs, out = _time_s(host_kv, reps)
+    secs, out = wall_seconds(host_kv, reps)
     peak = torch.cuda.max_memory_allocated() - base
     row = _base("longctx-prefill", "omniattn-hostkv", n, seqlen=n, ms=round(secs * 1e3, 2),
                 tflops=round(flops / secs / 1e12, 1), gbps=round(kv_bytes / secs / 1e9, 2), budget_bytes=BUDGET,
@@ -107,7 +89,7 @@ def _prefill_context(dev, n: int) -> list[dict]:
     cache.release_device()
     try:  # the same layer with K and V on the device (where it fits)
         k, v = cache.k.to(dev), cache.v.to(dev)
-        secs, ref = _time_s(lambda: oa.attention(q, k, v, causal=True), reps)
+        secs, ref = wall_seconds(lambda: oa.attention(q, k, v, causal=True), reps)
         err = (out[0, -256:].float() - ref[0, -256:].float()).abs().max().item()
         row["max_err_vs_gpu"] = float(f"{err:.3g}")
         gpu = _base("longctx-prefill", "omniattn-gpu", n, seqlen=n, ms=round(secs * 1e3, 2),
@@ -133,7 +115,7 @@ def decode_rows(dev, n=DECODE_CONTEXT, steps: int = 5) -> list[dict]:
         stats = {}
         fn = lambda: attention(q, cache, gpu_budget_bytes=BUDGET, bandwidths=bw, stats=stats, **kw)  # noqa: E731
         fn()  # loads the device mirror (kept between steps, as in a decode loop)
-        secs, _ = _time_s(fn, steps)
+        secs, _ = wall_seconds(fn, steps)
         row = _base("longctx-decode", impl, n, seqlen=1, ms=round(secs * 1e3, 2),
                     gbps=round(n * cache.bytes_per_token / secs / 1e9, 2), budget_bytes=BUDGET,
                     predicted_ms=None if stats.get("predicted_ms") is None else round(stats["predicted_ms"], 2),

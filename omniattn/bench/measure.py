@@ -32,6 +32,21 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def wall_seconds(fn: Callable, reps: int):
+    """Median wall-clock seconds of ``reps`` calls of ``fn`` (the device synchronised around each),
+    and the last call's result: for steps too long or too host-heavy for do_bench (model-level
+    and long-context rows)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times, result = [], None
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
 def step(runner: Runner, case: Case, dout: torch.Tensor) -> Callable:
     """What one timed iteration runs: the forward, or forward and backward."""
     if case.mode == "fwd":

@@ -210,8 +210,8 @@ def rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS: tl.constexpr):
 def gather_f32(ptrs, GPU_GATHER: tl.constexpr):
     """Per-element float32 loads from a small table (every pointer in bounds). On a GPU, one plain
     cached load each, as inline PTX: the software pipeliner turns a ``tl.load`` in the key loop into
-    4-byte cp.async copies through shared memory, which measured 10x slower than the whole
-    attention tile (benchmarks/NOTES.md). The interpreter has no PTX: ``tl.load`` there."""
+    4-byte cp.async copies through shared memory, which made the biased HSTU forward 3x slower
+    (benchmarks/NOTES.md). The interpreter has no PTX: ``tl.load`` there."""
     if GPU_GATHER:
         w = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs], dtype=tl.float32, is_pure=True,
                                       pack=1)
