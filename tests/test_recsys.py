@@ -15,6 +15,7 @@ from omniattn.nn import HSTULayer
 from omniattn.recsys import (HSTU, SASRec, Split, TrainConfig, Trainer, candidate_representations, load, movielens_1m,
                              movielens_20m, movielens_100k, popularity_metrics, synthetic)
 from omniattn.recsys.data import ML100K_MEMBER, make_batch
+from omniattn.backends.triton import supported as triton_supported
 from omniattn.hstu import RelativeBias
 from omniattn.recsys.train import metrics_from_ranks, ranks_of, stochastic_length
 
@@ -252,3 +253,26 @@ def test_model_bench_runs_on_cpu_and_methods_agree():
     steps = hstu_model.layer_step_rows(batch=3, n=40, dev=cpu, dim=16, heads=2, head_dim=8)
     assert [r["rab"] for r in steps] == [False, True]
     assert all(0 < r["attention_share"] and r["ms"] > 0 for r in steps)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not triton_supported(torch.device(DEVICE), explicit=True)[0],
+                    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+def test_mfalcon_kv_cache_on_the_triton_kernels():
+    """The cached path's cross attention (SiLU, float bias mask, -inf padding, silu_norm) on the
+    Triton kernels (the interpreter on CI; float32) against the targets path on the same kernels."""
+    torch.manual_seed(5)
+    model = HSTU(40, dim=16, num_blocks=2, num_heads=2, max_seq_len=32, dropout=0.0, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.rab.pos_w.normal_()
+            layer.rab.ts_w.normal_()
+    hist = [torch.randint(1, 41, (n,)) for n in (5, 19, 0)]
+    times = [torch.sort(torch.randint(0, 10**6, (len(h),))).values for h in hist]
+    request = torch.tensor([2, 3, 4]) * 10**6
+    cands = torch.randint(1, 41, (3, 6))
+    cached = candidate_representations(model, hist, times, cands, request, micro_batch=4)
+    targets = candidate_representations(model, hist, times, cands, request, micro_batch=6, use_kv_cache=False)
+    assert torch.isfinite(cached).all() and max_err(cached, targets) < 1e-4
