@@ -163,6 +163,17 @@ def test_mfalcon_micro_batches_equal_each_candidate_alone(use_kv_cache):
             assert max_err(full, alone[i, j]) < 1e-12
 
 
+def test_mfalcon_with_no_candidates_or_no_users_returns_empty():
+    model, hist, times, request = _small_hstu()
+    for use_kv_cache in (True, False):
+        none = candidate_representations(model, hist, times, torch.zeros(4, 0, dtype=torch.long), request,
+                                         use_kv_cache=use_kv_cache)
+        assert none.shape == (4, 0, 16)
+        nobody = candidate_representations(model, [], [], torch.zeros(0, 3, dtype=torch.long), request[:0],
+                                           use_kv_cache=use_kv_cache)
+        assert nobody.shape == (0, 3, 16)
+
+
 def test_mfalcon_kv_cache_handles_empty_history_and_shared_or_per_head_bias():
     """A user with no history attends to its own key only; a per-head bias reads each head's weights."""
     torch.manual_seed(3)

@@ -86,6 +86,8 @@ def candidate_representations(model: HSTU, histories: list, history_times: list,
     model.eval()
     device = model.item_emb.weight.device
     b, m = candidates.shape
+    if b == 0 or m == 0:  # nothing to score
+        return torch.empty(b, m, model.dim, device=device, dtype=model.item_emb.weight.dtype)
     c = min(micro_batch, m)
     keep = model.max_seq_len - (1 if use_kv_cache else c)
     if keep < 1:
