@@ -115,18 +115,17 @@ def _probs_and_dscores(
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads, drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
-    BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [start, end); tiles are transposed: [BN, BM]."""
     jj = offs_n[:, None]
-    cols_ok = offs_n < lk
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         ii = offs_m[None, :]
@@ -145,8 +144,8 @@ def _dkdv_tiles(
         rab = 0.0
         if HAS_RAB:
             t_next = next_timestamps(ts_base, offs_m, lq)
-            rab = rab_tile(ii, jj, t_next, t_key, row_ok, cols_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
-                           tgt_start, (ii < lq) & (jj < lk), False, HAS_TARGETS, BUCKET_LOG, RAB_FAST, GPU_GATHER)
+            rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+                           (ii < lq) & (jj < lk), False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         drop_row = 0
         if HAS_DROPOUT:
             drop_row = dropout_row_hash(drop_seed, drop_b, drop_h, n_heads, offs_m)[None, :]
@@ -168,7 +167,7 @@ def _dkdv_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -178,7 +177,7 @@ def attn_bwd_dkdv_kernel(
     SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -231,7 +230,7 @@ def attn_bwd_dkdv_kernel(
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
                 max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w,
-                TS_THRESH, rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
+                rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
                 n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)
@@ -243,7 +242,7 @@ def attn_bwd_dkdv_kernel(
                     MASKED=part != 2, BLOCK_M=BLOCK_M, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
                     HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
                     HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
-                    BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
+                    BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
                     HAS_DROPOUT=HAS_DROPOUT, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION,
                     INT64_OFFSETS=INT64_OFFSETS)
     dk = dk * scale
@@ -272,8 +271,8 @@ def _add_diagonal_sums(x, strip, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R
 
 @triton.jit
 def _rab_grads(
-    ds, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, TS_THRESH, num_buckets,
-    tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr,
+    ds, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, num_buckets,
+    tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
 ):
     """Add one tile's relative-bias gradients (dS, masked pairs 0) to the program's partials.
@@ -287,8 +286,7 @@ def _rab_grads(
     rows_ok = offs_m < lq
     cols_ok = offs_n < lk
     # buckets recomputed from the row/column timestamps rather than kept alive across the products
-    b_lo, b_hi, bucket = time_bucket_tile(t_next, t_key, rows_ok, cols_ok, TS_THRESH, num_buckets, True, BUCKET_LOG,
-                                          RAB_FAST)
+    b_lo, b_hi, bucket = time_bucket_tile(t_next, t_key, rows_ok, cols_ok, num_buckets, True, BUCKET_LOG)
     ts_idx = tl.arange(0, TS_PAD)
     for bk in range(b_lo, b_hi + 1):  # few buckets away from the diagonal (time_bucket_tile)
         acc_ts += tl.where(ts_idx == bk, tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0), 0.0)
@@ -320,18 +318,17 @@ def _rab_grads(
 def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale, m0, strip, acc_ts, acc_rows,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
-    BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [start, end); rab gradients reduced here."""
     ii = offs_m[:, None]
-    rows_ok = offs_m < lq
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
@@ -345,8 +342,8 @@ def _dq_tiles(
         t_key = 0
         if HAS_RAB:
             t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
-            rab = rab_tile(ii, jj, t_next, t_key, rows_ok, col_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
-                           tgt_start, (ii < lq) & (jj < lk), True, HAS_TARGETS, BUCKET_LOG, RAB_FAST, GPU_GATHER)
+            rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
+                           (ii < lq) & (jj < lk), True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         _, ds, dcap, ok = _probs_and_dscores(
@@ -358,8 +355,8 @@ def _dq_tiles(
         if HAS_RAB:
             g = tl.where(ok & (ii < lq) & (jj < lk), ds, 0.0)
             acc_ts, acc_rows = _rab_grads(g, ii, jj, offs_m, offs_n, m0, start_n, lq, lk, t_next, t_key, strip,
-                                          acc_ts, acc_rows, TS_THRESH, num_buckets, tgt_start, HAS_TARGETS,
-                                          HSTU_CAUSAL, BUCKET_LOG, RAB_FAST, BLOCK_M, BLOCK_N, REL_PAD, TS_PAD)
+                                          acc_ts, acc_rows, num_buckets, tgt_start, HAS_TARGETS,
+                                          HSTU_CAUSAL, BUCKET_LOG, BLOCK_M, BLOCK_N, REL_PAD, TS_PAD)
         if HAS_SOFTCAP:
             ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -369,7 +366,7 @@ def _dq_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
     PART_POS, PART_TS, STRIP_START,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -380,7 +377,7 @@ def attn_bwd_dq_kernel(
     SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
@@ -440,7 +437,7 @@ def attn_bwd_dq_kernel(
     start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             m0, strip)
     # constexprs go by keyword: inside a tuple they would become run-time values
@@ -451,7 +448,7 @@ def attn_bwd_dq_kernel(
             MASKED=part != 1, BLOCK_N=BLOCK_N, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
             HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
-            BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, REL_PAD=REL_PAD,
             TS_PAD=TS_PAD, INT64_OFFSETS=INT64_OFFSETS)
     if HAS_RAB:

@@ -170,32 +170,13 @@ def tile_gaps(t_rows, t_cols, ROWS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG: tl.constexpr):
-    """(b_lo, b_hi): the tile's time buckets lie in [b_lo, b_hi]. Buckets are log-spaced, so tiles
-    away from the diagonal span few: where they span at most 4 (and ``RAB_FAST``), a pair's bucket
-    is b_lo plus three integer comparisons against TS_THRESH[b] (the smallest |dt| whose bucket is
-    >= b, found on the host with the reference's float32 maths: exact)."""
+def time_bucket_tile(t_rows, t_cols, rows_ok, cols_ok, num_buckets, ROWS_FIRST: tl.constexpr, BUCKET_LOG: tl.constexpr):
+    """Time buckets of a tile's pairs (the float32 log of each gap, as the reference) and the range
+    [b_lo, b_hi] they lie in: log-spaced buckets make it narrow away from the diagonal, so the
+    backward's per-bucket sums loop over few buckets there. Returns (b_lo, b_hi, bucket)."""
     lo, hi = time_span(t_rows, t_cols, rows_ok, cols_ok)
-    return bucket_of(lo, num_buckets, BUCKET_LOG), bucket_of(hi, num_buckets, BUCKET_LOG)
-
-
-@triton.jit
-def time_bucket_tile(
-    t_rows, t_cols, rows_ok, cols_ok, TS_THRESH, num_buckets, ROWS_FIRST: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    RAB_FAST: tl.constexpr,
-):
-    """Time buckets of a tile's pairs: threshold comparisons where the tile spans few buckets
-    (``bucket_range``), else the float32 log of every pair. Returns (b_lo, b_hi, bucket)."""
-    b_lo, b_hi = bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG)
-    dt = tile_gaps(t_rows, t_cols, ROWS_FIRST)
-    if RAB_FAST and (b_hi - b_lo <= 3):
-        x = tl.abs(dt)
-        bucket = (b_lo + (x >= tl.load(TS_THRESH + b_lo + 1)).to(tl.int32)
-                  + (x >= tl.load(TS_THRESH + b_lo + 2)).to(tl.int32)
-                  + (x >= tl.load(TS_THRESH + b_lo + 3)).to(tl.int32))
-    else:
-        bucket = bucket_of(dt, num_buckets, BUCKET_LOG)
-    return b_lo, b_hi, bucket
+    bucket = bucket_of(tile_gaps(t_rows, t_cols, ROWS_FIRST), num_buckets, BUCKET_LOG)
+    return bucket_of(lo, num_buckets, BUCKET_LOG), bucket_of(hi, num_buckets, BUCKET_LOG), bucket
 
 
 @triton.jit
@@ -222,26 +203,17 @@ def gather_f32(ptrs, GPU_GATHER: tl.constexpr):
 
 @triton.jit
 def rab_tile(
-    ii, jj, t_rows, t_cols, rows_ok, cols_ok, pos_w, ts_w, TS_THRESH, rab_center, num_buckets, tgt_start, valid,
-    ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr,
-    GPU_GATHER: tl.constexpr,
+    ii, jj, t_rows, t_cols, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid,
+    ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
 ):
     """HSTU's relative bias of a tile: pos_w[rel] + ts_w[bucket] (DESIGN.md). The position weight is
     a gather along the tile's diagonals (neighbouring addresses), clamped into the table so pairs
-    outside the sequences (masked later) read in bounds. The time weight: where the tile spans few
-    buckets and ``RAB_FAST``, a select among their 4 weights (scalars) by threshold comparisons;
-    elsewhere a gather at the float32 log bucket."""
+    outside the sequences (masked later) read in bounds; the time weight a gather at the pair's
+    float32 log bucket. (Selecting among the few weights of tiles that span <= 4 buckets, by
+    integer comparisons, was measured no faster once these gathers were plain loads: NOTES.md.)"""
     rel = rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS)
     pos = gather_f32(pos_w + tl.minimum(tl.maximum(rel, 0), 2 * rab_center), GPU_GATHER)
-    b_lo, b_hi = bucket_range(t_rows, t_cols, rows_ok, cols_ok, num_buckets, BUCKET_LOG)
-    dt = tile_gaps(t_rows, t_cols, ROWS_FIRST)
-    if RAB_FAST and (b_hi - b_lo <= 3):
-        x = tl.abs(dt)
-        w = tl.zeros(x.shape, tl.float32) + tl.load(ts_w + b_lo)
-        for k in tl.static_range(1, 4):  # thresholds past the last bucket are unreachable (2**62)
-            w = tl.where(x >= tl.load(TS_THRESH + b_lo + k), tl.load(ts_w + tl.minimum(b_lo + k, num_buckets)), w)
-    else:
-        w = gather_f32(ts_w + bucket_of(dt, num_buckets, BUCKET_LOG), GPU_GATHER)
+    w = gather_f32(ts_w + bucket_of(tile_gaps(t_rows, t_cols, ROWS_FIRST), num_buckets, BUCKET_LOG), GPU_GATHER)
     return tl.where(valid, pos + w, 0.0)
 
 

@@ -74,20 +74,19 @@ def _fwd_tiles(
     acc, m_i, l_i, q, q_hi, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
     KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MAX_ATTN: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate key tiles [start, end) into (acc, m_i, l_i)."""
     ii = offs_m[:, None]
-    rows_ok = offs_m < lq
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
@@ -110,8 +109,8 @@ def _fwd_tiles(
             rab = 0.0
             if HAS_RAB:
                 t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
-                rab = rab_tile(ii, jj, t_next, t_key, rows_ok, offs_n < lk, pos_w, ts_w, TS_THRESH, rab_center,
-                               num_buckets, tgt_start, valid, True, HAS_TARGETS, BUCKET_LOG, RAB_FAST, GPU_GATHER)
+                rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid, True,
+                               HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
             s, _, mask_ok = modify_scores(qk * scale, ii, jj, shift, slope, softcap, rab,
                                           mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
                                           HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
@@ -167,7 +166,7 @@ def _fwd_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THRESH, TILES, MASK,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
     QS, KS, VS, RB, QM,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
@@ -179,7 +178,7 @@ def attn_fwd_kernel(
     SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, RAB_FAST: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
     STORE_LSE: tl.constexpr, FAST_MATH: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
@@ -254,7 +253,7 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THRESH,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias)
     # constexprs go by keyword: inside a tuple they would become run-time values
@@ -265,7 +264,7 @@ def attn_fwd_kernel(
             MASKED=part != 1, BLOCK_N=BLOCK_N, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
             HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
-            BUCKET_LOG=BUCKET_LOG, RAB_FAST=RAB_FAST, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
             EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS)

@@ -6,7 +6,6 @@ cu_seqlens. Only the last dimension must be contiguous.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,11 +22,6 @@ attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
 rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "silu": 2}
-# Time weights by threshold comparisons on tiles that span few buckets (common.rab_tile),
-# OMNIATTN_RAB_FAST=1, or by a gather at the float32 log bucket of every pair (default: measured
-# as fast or faster on the H100 at (64, 1024) and (32, 4096), forward and backward, once the gathers
-# became plain loads; benchmarks/NOTES.md).
-_RAB_FAST = os.environ.get("OMNIATTN_RAB_FAST", "0") == "1"
 
 
 class Params(NamedTuple):
@@ -150,30 +144,6 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-_THRESHOLDS: dict = {}
-
-
-def time_thresholds(num_buckets: int, log: bool, device) -> torch.Tensor:
-    """TS_THRESH[b] = the smallest |dt| whose time bucket is >= b (int64; 2**62 where none is), for
-    b = 0 .. num_buckets + 3. The bucket is monotone in |dt|, so comparing against these gives
-    exactly the reference's float32 buckets with integer arithmetic (common.time_bucket_tile)."""
-    key = (num_buckets, log, str(device))
-    if key not in _THRESHOLDS:
-        from ...hstu.relative_bias import bucketize
-
-        big = 1 << 62
-        lo = torch.zeros(num_buckets + 4, dtype=torch.int64)
-        hi = torch.full((num_buckets + 4,), big, dtype=torch.int64)
-        want = torch.arange(num_buckets + 4)
-        for _ in range(64):  # bisection on every threshold at once
-            mid = (lo + hi) // 2
-            reached = bucketize(mid, num_buckets, "log" if log else "sqrt") >= want
-            hi = torch.where(reached, mid, hi)
-            lo = torch.where(reached, lo, mid + 1)
-        _THRESHOLDS[key] = hi.to(device)
-    return _THRESHOLDS[key]
-
-
 class _Launch:
     """Arguments shared by all kernels of one call."""
 
@@ -196,7 +166,6 @@ class _Launch:
         self.pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
         self.ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
         self.ts = x.timestamps.contiguous() if x.timestamps is not None else _dummy(dev, i64)
-        self.thresholds = time_thresholds(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, i32)
         self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
         self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
         self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
@@ -218,7 +187,6 @@ class _Launch:
             HAS_ALIBI=x.alibi is not None,
             HAS_RAB=self.has_rab,
             BUCKET_LOG=bool(p.bucket_log),
-            RAB_FAST=_RAB_FAST,
             GPU_GATHER=q.is_cuda and not interpreting(),
             HAS_ATTN_MASK=has_mask,
             MASK_IS_BOOL=has_mask and x.attn_mask.dtype == torch.bool,
@@ -245,7 +213,7 @@ class _Launch:
         self.tune_len = triton.next_power_of_2(max(max_q, 64))
 
     def pointers(self):
-        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.thresholds)
+        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts)
 
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
