@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 
 import omniattn as oa  # noqa: E402
 from omniattn.backends import triton as tb  # noqa: E402
@@ -30,11 +31,6 @@ from omniattn.backends.triton import bwd, fwd, launch  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SEEN: dict = {}
-
-DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8", torch.uint8: "u8",
-          torch.float8_e4m3fn: "fp8e4nv"}
-
 
 class Compiling:
     """Stands in for kernel[grid]: compiles instead of launching."""
@@ -49,25 +45,29 @@ class Compiling:
         names = self.kernel.arg_names
         values = dict(zip(names, args))
         values.update(constexprs)
-        signature, consts = {}, {}
+        signature, consts, attrs = {}, {}, {}
         for i, name in enumerate(names):
-            value = values[name]
-            if self.kernel.params[i].is_constexpr:
+            value, param = values[name], self.kernel.params[i]
+            if param.is_constexpr:
                 signature[name] = "constexpr"
                 consts[name] = value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + DTYPES[value.dtype]
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                signature[name] = "i32" if abs(value) < 2**31 else "i64"
+                continue
+            # specialize as the JIT does on a GPU (16-aligned pointers and ints divisible by 16 become
+            # hints, ints equal to 1 constants), else the SASS differs from what runs: no vector loads
+            kind, hint = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                                not param.do_not_specialize_on_alignment)
+            if kind == "constexpr":
+                signature[name] = "constexpr"
+                consts[name] = hint
             else:
-                signature[name] = "fp32"
+                signature[name] = kind
+                if hint == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         key = (self.kernel.__name__, tuple(sorted((k, str(v)) for k, v in consts.items())), num_warps, num_stages)
         if key in SEEN:
             return
         start = time.time()
-        src = triton.compiler.ASTSource(fn=self.kernel, signature=signature, constexprs=consts)
+        src = triton.compiler.ASTSource(fn=self.kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
         SEEN[key] = compiled
         flags = ",".join(k for k, v in consts.items() if v is True)
@@ -118,6 +118,20 @@ def hstu_long(int64: bool) -> None:
         print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')}")
 
 
+def tma() -> None:
+    """The non-causal softmax forward with TMA descriptors (Hopper's path), dense and varlen, bf16
+    and fp16, with head dim 128 and 96 (zero-filled columns); prints the variant keys."""
+    launch._tma_ok = lambda *args: True
+    for dtype, d in ((torch.bfloat16, 128), (torch.float16, 96)):
+        q = torch.randn(2, 300, 4, d).to(dtype)
+        oa.attention(q, q, q, backend="triton")
+        offsets = torch.tensor([0, 100, 256])
+        oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, backend="triton")
+    for name, consts, _, _ in SEEN:
+        c = dict(consts)
+        print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} BLOCK_D={c.get('BLOCK_D')}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="bf16 only")
@@ -125,10 +139,13 @@ def main():
     parser.add_argument("--scores", nargs="+", default=["softmax", "sigmoid", "silu"])
     parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
     parser.add_argument("--hstu-long", choices=["int32", "int64"], help="only HSTU+bias on a long sequence")
+    parser.add_argument("--tma", action="store_true", help="only the forward's TMA variants")
     args = parser.parse_args()
     install()
     if args.hstu_long:
         return hstu_long(args.hstu_long == "int64")
+    if args.tma:
+        return tma()
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     for dtype, score, causal, d in itertools.product(dtypes, args.scores, [False, True], args.dims):

@@ -18,18 +18,31 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("addressing", ["int32", "int64"])
-def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
-    """Sequences >= 2048 take 128x64 tiles (non-square); the relative bias; 64-bit addressing."""
+def _compile(*args: str) -> list[list[str]]:
+    """Run benchmarks/aot_compile.py with ``args`` in a fresh process; the VARIANT lines it prints."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), "--hstu-long", addressing],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aot_compile.py"), *args],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    variants = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("VARIANT ")]
+    return [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("VARIANT ")]
+
+
+@pytest.mark.parametrize("addressing", ["int32", "int64"])
+def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
+    """Sequences >= 2048 take 128x64 tiles (non-square); the relative bias; 64-bit addressing."""
+    variants = _compile("--hstu-long", addressing)
     names = {v[0] for v in variants}
     assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= names
     assert ["attn_fwd_kernel", "128x64", f"INT64_OFFSETS={addressing == 'int64'}"] in variants
+
+
+def test_tma_forward_compiles_for_sm90():
+    """Hopper's forward loads K/V through tensor descriptors made in the kernel (dense and varlen,
+    a head dim below the tile's): the interpreter never takes that path."""
+    variants = _compile("--tma")
+    for varlen in ("False", "True"):
+        assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", "BLOCK_D=128"] in variants
