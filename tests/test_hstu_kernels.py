@@ -1,4 +1,4 @@
-"""HSTU's relative bias in the Triton kernels: time buckets by thresholds or by the float32 log,
+"""HSTU's relative bias in the Triton kernels: time buckets (every gap, gaps at the bucket edges),
 targets, causal or not, against the reference (outputs and every gradient, weights included).
 
 Runs under TRITON_INTERPRET=1 on CI (float32: the interpreter's bf16 is wrong)."""
@@ -6,8 +6,13 @@ Runs under TRITON_INTERPRET=1 on CI (float32: the interpreter's bf16 is wrong)."
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 import omniattn as oa
 from omniattn.backends.triton import supported
+from omniattn.backends.triton.common import time_bucket
+from omniattn.hstu.relative_bias import bucket_edges, bucketize
 
 from .helpers import check_outputs_and_grads, rand, varlen_problem
 
@@ -21,6 +26,10 @@ def _timestamps(kind: str, n: int, gen) -> torch.Tensor:
         return torch.randint(1, 40, (n,), generator=gen).cumsum(0)
     if kind == "unsorted":
         return torch.randint(0, 5000, (n,), generator=gen)
+    if kind == "edges":  # consecutive gaps at a bucket edge, one below or one above it
+        edges = bucket_edges(20, "log")[1:-1].double().round().long()
+        gaps = edges[torch.randint(0, 20, (n,), generator=gen)] + torch.randint(-1, 2, (n,), generator=gen)
+        return gaps.cumsum(0)
     if kind == "huge":  # gaps beyond int32: the float32 path must take over
         return torch.randint(0, 40, (n,), generator=gen).cumsum(0) * (1 << 33)
     return torch.full((n,), 7, dtype=torch.int64)  # "equal": every gap 0 -> bucket 0
@@ -31,6 +40,7 @@ CASES = [
     ("close", 64, "log", True, None, None),
     ("close", 64, "sqrt", True, [0, 3, 1], 2),
     ("unsorted", 20, "log", True, [2, 0, 5], None),
+    ("edges", 20, "log", False, None, None),
     ("huge", 128, "log", True, None, 2),
     ("equal", 8, "log", True, [1, 1, 1], None),
     ("close", 64, "log", False, [0, 4, 2], None),
@@ -60,3 +70,25 @@ def test_relative_bias_matches_reference(case):
         return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, 64, dtype=dtype, **kw)
 
     check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+
+
+@triton.jit
+def _bucket_kernel(DT, EDGES, OUT, n, num_buckets, BUCKET_LOG: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    dt = tl.load(DT + offs, mask=offs < n, other=0)
+    tl.store(OUT + offs, time_bucket(dt, EDGES, num_buckets, BUCKET_LOG, False), mask=offs < n)
+
+
+@pytest.mark.parametrize("bucketization,num_buckets", [("log", 128), ("log", 7), ("sqrt", 64)])
+def test_time_bucket_is_the_reference_bucket(bucketization, num_buckets):
+    """The kernels' bucket (estimate + one edge comparison) equals the reference's float32 maths on
+    every gap up to 4096, on random gaps of every size (negative too) and one either side of each edge."""
+    gen = torch.Generator().manual_seed(1234)
+    edges = bucket_edges(num_buckets, bucketization)
+    finite = edges[torch.isfinite(edges)].double().clamp(max=2.0**62).round().long()
+    dt = torch.cat([torch.arange(-5, 4096), torch.randint(-(2**62), 2**62, (4000,), generator=gen),
+                    (finite[:, None] + torch.arange(-2, 3)).flatten(), torch.tensor([2**63 - 1, -(2**63) + 1])])
+    out = torch.full_like(dt, -1, dtype=torch.int32).to(DEVICE)  # poisoned: unwritten entries fail
+    _bucket_kernel[(triton.cdiv(dt.numel(), 1024),)](dt.to(DEVICE), edges.to(DEVICE), out, dt.numel(), num_buckets,
+                                                      BUCKET_LOG=bucketization == "log", BLOCK=1024)
+    torch.testing.assert_close(out.cpu().long(), bucketize(dt, num_buckets, bucketization), rtol=0, atol=0)

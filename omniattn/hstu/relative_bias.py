@@ -73,6 +73,31 @@ class RelativeBias(nn.Module):
 
 def bucketize(dt: torch.Tensor, num_buckets: int, bucketization: str) -> torch.Tensor:
     """Time-gap bucket of ``dt`` (any shape), int64 in [0, num_buckets]; float32 maths as HSTU."""
-    x = dt.abs().to(torch.float32).clamp(min=1.0)
+    return _bucket_of_gap(dt.abs().to(torch.float32), num_buckets, bucketization)
+
+
+def _bucket_of_gap(x: torch.Tensor, num_buckets: int, bucketization: str) -> torch.Tensor:
+    x = x.clamp(min=1.0)
     x = torch.log(x) / 0.301 if bucketization == "log" else torch.sqrt(x)
     return x.floor().clamp(0, num_buckets).long()
+
+
+def bucket_edges(num_buckets: int, bucketization: str) -> torch.Tensor:
+    """(num_buckets + 2,) float32: entry c is the smallest float32 gap whose bucket (bucketize's
+    maths, run here) is >= c; -inf at 0 and +inf at num_buckets + 1. The Triton kernels find a
+    pair's bucket from a fast estimate and one comparison with these (common.time_bucket).
+
+    Found by bisection over the bit patterns of positive float32 (the bucket never decreases as
+    the gap grows), all edges at once."""
+    f32 = torch.float32
+    lo = torch.full((num_buckets,), 0x3F800000, dtype=torch.int64)  # 1.0: bucket 0
+    hi = torch.full((num_buckets,), 0x7F7FFFFF, dtype=torch.int64)  # the largest finite float32
+    want = torch.arange(1, num_buckets + 1)
+    top = _bucket_of_gap(hi.to(torch.int32).view(f32), num_buckets, bucketization)
+    while bool((hi - lo > 1).any()):  # invariant: bucket(lo) < want <= bucket(hi), where reachable
+        mid = (lo + hi) // 2
+        up = _bucket_of_gap(mid.to(torch.int32).view(f32), num_buckets, bucketization) >= want
+        hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+    edges = torch.where(top >= want, hi.to(torch.int32).view(f32), torch.tensor(float("inf")))
+    inf = torch.tensor([float("inf")])
+    return torch.cat([-inf, edges, inf])

@@ -28,7 +28,7 @@ from .common import (
     sigmoid,
     split_range,
     tile_program,
-    time_bucket_tile,
+    time_bucket_range,
     wide,
 )
 
@@ -115,7 +115,7 @@ def _probs_and_dscores(
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads, drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
@@ -144,8 +144,8 @@ def _dkdv_tiles(
         rab = 0.0
         if HAS_RAB:
             t_next = next_timestamps(ts_base, offs_m, lq)
-            rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
-                           (ii < lq) & (jj < lk), False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
+            rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+                              tgt_start, False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         drop_row = 0
         if HAS_DROPOUT:
             drop_row = dropout_row_hash(drop_seed, drop_b, drop_h, n_heads, offs_m)[None, :]
@@ -167,7 +167,7 @@ def _dkdv_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -229,7 +229,7 @@ def attn_bwd_dkdv_kernel(
         ts_w = TS_W + h * stride_ts_h
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-                max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w,
+                max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_THR,
                 rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
                 n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
@@ -254,28 +254,34 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _add_diagonal_sums(x, strip, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr,
-                       CHUNK: tl.constexpr):
-    """strip[d] += sum_i x[i, d - (BLOCK_M - 1) + i] for d in [0, REL_PAD): the sums of a [BM, BN]
-    tile along its diagonals (d = j - i + BLOCK_M - 1). Gathered CHUNK diagonals at a time, so
-    the gathered [BM, CHUNK] tile stays small in registers."""
+def _add_diagonal_sums(x, strip, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """strip[d] += sum_i x[i, d - (BLOCK_M - 1) + i] for d in [0, BM + BN - 1): the sums of a
+    [BM, BN] tile along its diagonals (d = j - i + BM - 1).
+
+    Row i is rotated left by i (one gather of the tile, no padding): column k then holds the pairs
+    with j - i = k - w * BN, w = (k + i) // BN the row's wrap count, so each diagonal is a masked
+    column sum, one per wrap count (2 for square tiles). Gathering the [BM, BM + BN - 1] band
+    instead costs (BM + BN - 1) / BN times the tile."""
     rows = tl.arange(0, BLOCK_M)[:, None]
-    for c in tl.static_range(REL_PAD // CHUNK):
-        d = c * CHUNK + tl.arange(0, CHUNK)
-        col = d[None, :] - (BLOCK_M - 1) + rows  # [BM, CHUNK]
-        inside = (col >= 0) & (col < BLOCK_N)
-        picked = tl.gather(x, tl.minimum(tl.maximum(col, 0), BLOCK_N - 1), 1)
-        sums = tl.sum(tl.where(inside, picked, 0.0), 0)
-        tl.store(strip + d, tl.load(strip + d) + sums)
+    k = tl.arange(0, BLOCK_N)
+    shifted = k[None, :] + rows  # [BM, BN]
+    rotated = tl.gather(x, shifted % BLOCK_N, 1)
+    wraps = shifted // BLOCK_N
+    for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):
+        sums = tl.sum(tl.where(wraps == w, rotated, 0.0), 0)
+        d = k - w * BLOCK_N + BLOCK_M - 1
+        ok = d >= 0  # d < 0 would need a row i >= BM: those sums are empty
+        tl.store(strip + d, tl.load(strip + d, mask=ok, other=0.0) + sums, mask=ok)
 
 
 @triton.jit
 def _rab_grads(
-    ds, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, num_buckets,
-    tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
+    ds, bucket, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, thresholds,
+    num_buckets, tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS_PAD: tl.constexpr,
 ):
-    """Add one tile's relative-bias gradients (dS, masked pairs 0) to the program's partials.
+    """Add one tile's relative-bias gradients (dS, masked pairs 0; the pairs' time buckets) to the
+    program's partials.
 
     Position weights: pair (i, j) feeds pos_w[C + p(j) - p(i)], p(x) = min(x, targets' start);
     the program's strip holds index s = p(j) - p(i) + m0 + BM - 1. Pairs of history rows and
@@ -285,10 +291,9 @@ def _rab_grads(
     Time buckets: per-bucket sums of dS into the register vector acc_ts."""
     rows_ok = offs_m < lq
     cols_ok = offs_n < lk
-    # buckets recomputed from the row/column timestamps rather than kept alive across the products
-    b_lo, b_hi, bucket = time_bucket_tile(t_next, t_key, rows_ok, cols_ok, num_buckets, True, BUCKET_LOG)
+    b_lo, b_hi = time_bucket_range(t_next, t_key, rows_ok, cols_ok, thresholds, num_buckets, BUCKET_LOG)
     ts_idx = tl.arange(0, TS_PAD)
-    for bk in range(b_lo, b_hi + 1):  # few buckets away from the diagonal (time_bucket_tile)
+    for bk in range(b_lo, b_hi + 1):  # few buckets away from the diagonal (time_bucket_range)
         acc_ts += tl.where(ts_idx == bk, tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0), 0.0)
 
     diag = ds
@@ -297,7 +302,7 @@ def _rab_grads(
         tgt_col = jj >= tgt_start
         diag = tl.where(tgt_row | tgt_col, 0.0, ds)
     tl.debug_barrier()  # the previous tile's stores overlap this tile's window (other threads)
-    _add_diagonal_sums(diag, strip + n0, BLOCK_M, BLOCK_N, REL_PAD, 32)
+    _add_diagonal_sums(diag, strip + n0, BLOCK_M, BLOCK_N)
     if HAS_TARGETS:
         # targets among themselves see only themselves: p(j) - p(i) = 0 -> s = m0 + BM - 1
         same = tl.sum(tl.sum(tl.where(tgt_row & tgt_col, ds, 0.0), 1), 0)
@@ -318,14 +323,14 @@ def _rab_grads(
 def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_thr, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale, m0, strip, acc_ts, acc_rows,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
     BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    BLOCK_N: tl.constexpr, TS_PAD: tl.constexpr, INT64_OFFSETS: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [start, end); rab gradients reduced here."""
     ii = offs_m[:, None]
@@ -340,10 +345,11 @@ def _dq_tiles(
                     mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         rab = 0.0
         t_key = 0
+        bucket = 0
         if HAS_RAB:
             t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
-            rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start,
-                           (ii < lq) & (jj < lk), True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
+            rab, bucket = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+                                   tgt_start, True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         _, ds, dcap, ok = _probs_and_dscores(
@@ -354,9 +360,9 @@ def _dq_tiles(
             HAS_SOFTCAP, HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, HAS_DROPOUT, HAS_MODS, FAST_MATH)
         if HAS_RAB:
             g = tl.where(ok & (ii < lq) & (jj < lk), ds, 0.0)
-            acc_ts, acc_rows = _rab_grads(g, ii, jj, offs_m, offs_n, m0, start_n, lq, lk, t_next, t_key, strip,
-                                          acc_ts, acc_rows, num_buckets, tgt_start, HAS_TARGETS,
-                                          HSTU_CAUSAL, BUCKET_LOG, BLOCK_M, BLOCK_N, REL_PAD, TS_PAD)
+            acc_ts, acc_rows = _rab_grads(g, bucket, ii, jj, offs_m, offs_n, m0, start_n, lq, lk, t_next, t_key,
+                                          strip, acc_ts, acc_rows, ts_thr, num_buckets, tgt_start, HAS_TARGETS,
+                                          HSTU_CAUSAL, BUCKET_LOG, BLOCK_M, BLOCK_N, TS_PAD)
         if HAS_SOFTCAP:
             ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -366,7 +372,7 @@ def _dq_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
     PART_POS, PART_TS, STRIP_START,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -380,7 +386,7 @@ def attn_bwd_dq_kernel(
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, REL_PAD: tl.constexpr, TS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TS_PAD: tl.constexpr,
 ):
     pid_m, b, h, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads,
                                                          HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
@@ -437,7 +443,7 @@ def attn_bwd_dq_kernel(
     start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THR,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             m0, strip)
     # constexprs go by keyword: inside a tuple they would become run-time values
@@ -449,7 +455,7 @@ def attn_bwd_dq_kernel(
             HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
             HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
             BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
-            HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, REL_PAD=REL_PAD,
+            HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
             TS_PAD=TS_PAD, INT64_OFFSETS=INT64_OFFSETS)
     if HAS_RAB:
         tl.store(PART_TS + pid * TS_PAD + tl.arange(0, TS_PAD), acc_ts)

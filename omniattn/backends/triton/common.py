@@ -13,6 +13,7 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+LOG2_TO_BUCKET = tl.constexpr(0.6931471805599453 / 0.301)  # log2(x) -> ln(x) / 0.301, HSTU's log buckets
 
 SOFTMAX = tl.constexpr(0)
 SIGMOID = tl.constexpr(1)
@@ -136,14 +137,32 @@ def allowed(
 
 
 @triton.jit
-def bucket_of(dt, num_buckets, BUCKET_LOG: tl.constexpr):
-    """HSTU's time bucket of |dt| (any shape, int64 or float): float32 maths as the reference."""
-    x = tl.maximum(tl.abs(dt).to(tl.float32), 1.0)
-    if BUCKET_LOG:
-        raw = tl.log(x) / 0.301
+def approx_log2(x, GPU_ASM: tl.constexpr):
+    """log2(x), approximate (MUFU.LG2 on a GPU): only ever an estimate that time_bucket corrects."""
+    if GPU_ASM:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
     else:
-        raw = tl.sqrt(x)
-    return tl.minimum(tl.maximum(tl.floor(raw), 0.0), num_buckets * 1.0).to(tl.int32)
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def time_bucket(dt, thresholds, num_buckets, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr):
+    """HSTU's time bucket of |dt| (int64, any shape), exactly as the reference's float32 maths.
+
+    A one-instruction estimate of ln(x)/0.301 (or sqrt(x)) is within 1e-4 of the reference's value,
+    so its nearest integer c is the one bucket edge the pair can be near: the bucket is c, or c - 1
+    when x lies below the edge. ``thresholds[c]`` (launch.bucket_thresholds) is the smallest float32
+    x whose reference bucket is >= c, -inf / +inf at 0 / num_buckets + 1: one comparison replaces
+    the exact log, a division and the clamps (about 25 instructions per pair)."""
+    x = tl.maximum(tl.abs(dt.to(tl.float32)), 1.0)
+    if BUCKET_LOG:
+        estimate = approx_log2(x, GPU_GATHER) * LOG2_TO_BUCKET
+    else:
+        estimate = tl.sqrt(x)
+    edge = tl.minimum(estimate + 0.5, num_buckets + 1.0).to(tl.int32)  # clamped before the conversion
+    return edge - (x < gather_f32(thresholds + edge, GPU_GATHER)).to(tl.int32)
 
 
 @triton.jit
@@ -170,21 +189,13 @@ def tile_gaps(t_rows, t_cols, ROWS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def time_bucket_tile(t_rows, t_cols, rows_ok, cols_ok, num_buckets, ROWS_FIRST: tl.constexpr, BUCKET_LOG: tl.constexpr):
-    """Time buckets of a tile's pairs (the float32 log of each gap, as the reference) and the range
-    [b_lo, b_hi] they lie in: log-spaced buckets make it narrow away from the diagonal, so the
-    backward's per-bucket sums loop over few buckets there. Returns (b_lo, b_hi, bucket)."""
+def time_bucket_range(t_rows, t_cols, rows_ok, cols_ok, thresholds, num_buckets, BUCKET_LOG: tl.constexpr):
+    """[b_lo, b_hi]: the time buckets a tile's pairs lie in, from its row and column timestamps.
+    Log-spaced buckets make it narrow away from the diagonal, so the backward's per-bucket sums
+    loop over few buckets there. (Two scalars: plain loads, the inline-PTX gather takes tensors.)"""
     lo, hi = time_span(t_rows, t_cols, rows_ok, cols_ok)
-    bucket = bucket_of(tile_gaps(t_rows, t_cols, ROWS_FIRST), num_buckets, BUCKET_LOG)
-    return bucket_of(lo, num_buckets, BUCKET_LOG), bucket_of(hi, num_buckets, BUCKET_LOG), bucket
-
-
-@triton.jit
-def rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS: tl.constexpr):
-    """Index into the position weights: targets share one position (tgt_start), as they share one id."""
-    if HAS_TARGETS:
-        return rab_center + tl.minimum(jj, tgt_start) - tl.minimum(ii, tgt_start)
-    return rab_center + jj - ii
+    return (time_bucket(lo, thresholds, num_buckets, BUCKET_LOG, False),
+            time_bucket(hi, thresholds, num_buckets, BUCKET_LOG, False))
 
 
 @triton.jit
@@ -203,18 +214,24 @@ def gather_f32(ptrs, GPU_GATHER: tl.constexpr):
 
 @triton.jit
 def rab_tile(
-    ii, jj, t_rows, t_cols, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid,
+    ii, jj, lq, lk, t_rows, t_cols, pos_w, ts_w, thresholds, rab_center, num_buckets, tgt_start,
     ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
 ):
-    """HSTU's relative bias of a tile: pos_w[rel] + ts_w[bucket] (DESIGN.md). The position weight is
-    a gather along the tile's diagonals (neighbouring addresses), clamped into the table so pairs
-    outside the sequences (masked later) read in bounds; the time weight a gather at the pair's
-    float32 log bucket. (Selecting among the few weights of tiles that span <= 4 buckets, by
-    integer comparisons, was measured no faster once these gathers were plain loads: NOTES.md.)"""
-    rel = rab_position(ii, jj, rab_center, tgt_start, HAS_TARGETS)
-    pos = gather_f32(pos_w + tl.minimum(tl.maximum(rel, 0), 2 * rab_center), GPU_GATHER)
-    w = gather_f32(ts_w + bucket_of(tile_gaps(t_rows, t_cols, ROWS_FIRST), num_buckets, BUCKET_LOG), GPU_GATHER)
-    return tl.where(valid, pos + w, 0.0)
+    """HSTU's relative bias of a tile: pos_w[C + p(j) - p(i)] + ts_w[bucket] (DESIGN.md), with
+    p(x) = min(x, targets' start) (targets share one position, as they share one id).
+
+    Positions are clamped per row and per column into the sequence (sequences are no longer than
+    the table's M = C + 1, so every pair then indexes inside it: no per-pair clamp), and the row
+    part of the address is formed once per row: a pair costs one add and one plain load. Pairs
+    outside the sequence get some in-table weight; the callers mask them."""
+    pi = tl.minimum(ii, lq - 1)
+    pj = tl.minimum(jj, lk - 1)
+    if HAS_TARGETS:
+        pi = tl.minimum(pi, tgt_start)
+        pj = tl.minimum(pj, tgt_start)
+    pos = gather_f32((pos_w + rab_center - pi) + pj, GPU_GATHER)
+    bucket = time_bucket(tile_gaps(t_rows, t_cols, ROWS_FIRST), thresholds, num_buckets, BUCKET_LOG, GPU_GATHER)
+    return pos + gather_f32(ts_w + bucket, GPU_GATHER), bucket
 
 
 @triton.jit

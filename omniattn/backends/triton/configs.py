@@ -44,11 +44,14 @@ def _pinned(kind: str) -> TileConfig | None:
     return _override(kind) or (INTERPRETER if interpreting() else None)
 
 
-def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool, hstu_long: bool = False) -> TileConfig:
+def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool, hstu_long: bool = False,
+               tma: bool = False) -> TileConfig:
     """H100, bf16, D=128 sweeps (benchmarks/NOTES.md): softmax 128x64 w8 (128x128 causal); the
     pointwise scores, with no row statistics to keep, prefer 64x64 w4, except HSTU's jagged
     batches of long sequences (>= 2048), where 128x64 w8 measured 1.5x faster (324 vs 219 TFLOPS
-    at 32 x <= 4096)."""
+    at 32 x <= 4096). ``tma`` (non-causal softmax loading K/V by TMA on Hopper): 128x64 w4 s2,
+    3-6% faster than the pointer loads' best on the H200 (the copies hold no registers, so one
+    warpgroup keeps the 128-row tile)."""
     if pinned := _pinned("fwd"):
         return pinned
     if dtype_bytes > 2 or head_dim > 128:
@@ -59,6 +62,8 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool, hstu_l
         return TileConfig(128, 64, 8, 3)
     if score != 0:
         return TileConfig(64, 64, 4, 3)
+    if tma and not causal:
+        return TileConfig(128, 64, 4, 2)
     return TileConfig(128, 128, 8, 3) if causal else TileConfig(128, 64, 8, 3)
 
 
@@ -83,9 +88,12 @@ def bwd_dkdv_config(head_dim: int, dtype_bytes: int, causal: bool) -> TileConfig
 
 
 def bwd_dq_config(head_dim: int, dtype_bytes: int, rab: bool = False) -> TileConfig:
+    """With the relative bias the dQ kernel also reduces the bias gradients per tile and runs at
+    2 blocks of 4 warps per SM (255 registers): 64x32 measured 1.2-1.3x faster than 64x64 (H200,
+    HSTU (64, 1024) and (32, 4096), benchmarks/NOTES.md)."""
     if pinned := _pinned("dq"):
         return pinned
-    return TileConfig(64, 32, 4, 2) if dtype_bytes > 2 or head_dim > 128 else TileConfig(64, 64, 4, 2)
+    return TileConfig(64, 32, 4, 2) if dtype_bytes > 2 or head_dim > 128 or rab else TileConfig(64, 64, 4, 2)
 
 
 PREPROCESS_BLOCK_M = 64

@@ -71,10 +71,10 @@ def _qk_tile_quantized(q, q_hi, k_rows, offs_n, offs_d, kv_ok, lk, head_dim, KS,
 
 @triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, q, q_hi, k_base, v_base, stride_kt, stride_vt, start, end,
+    acc, m_i, l_i, q, q_hi, k_base, v_base, stride_kt, stride_vt, k_desc, v_desc, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_thr, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
     KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -84,8 +84,11 @@ def _fwd_tiles(
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Accumulate key tiles [start, end) into (acc, m_i, l_i)."""
+    """Accumulate key tiles [start, end) into (acc, m_i, l_i). ``USE_TMA``: K and V tiles come by
+    TMA from the descriptors (Hopper; rows past the sequence arrive as zeros, like the masked
+    loads; the copies hold no registers)."""
     ii = offs_m[:, None]
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -95,7 +98,9 @@ def _fwd_tiles(
             kv_ok = offs_n[:, None] < lk
         else:
             kv_ok = offs_n[:, None] >= 0  # unmasked tiles lie inside the sequence
-        if QK_MODE == QK_EXACT:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
+        if USE_TMA:
+            qk = tl.dot(q, tl.trans(k_desc.load([start_n, 0])), input_precision=DOT_PRECISION)  # [BM, BN]
+        elif QK_MODE == QK_EXACT:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
             k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :],
                         mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
@@ -109,8 +114,8 @@ def _fwd_tiles(
             rab = 0.0
             if HAS_RAB:
                 t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
-                rab = rab_tile(ii, jj, t_next, t_key, pos_w, ts_w, rab_center, num_buckets, tgt_start, valid, True,
-                               HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
+                rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets, tgt_start,
+                               True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
             s, _, mask_ok = modify_scores(qk * scale, ii, jj, shift, slope, softcap, rab,
                                           mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
                                           HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
@@ -157,8 +162,11 @@ def _fwd_tiles(
             else:
                 acc = tl.dot(p8, tl.trans(vt), acc)
         else:
-            v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
-                        mask=kv_ok & (offs_dv[None, :] < head_dim_v), other=0.0)
+            if USE_TMA:
+                v = v_desc.load([start_n, 0])
+            else:
+                v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :],
+                            mask=kv_ok & (offs_dv[None, :] < head_dim_v), other=0.0)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -166,7 +174,7 @@ def _fwd_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TILES, MASK,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
     QS, KS, VS, RB, QM,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
@@ -184,7 +192,7 @@ def attn_fwd_kernel(
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m, b, h, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads,
                                                          HAS_RIGHT or HSTU_CAUSAL, IS_VARLEN, TILE_LIST)
@@ -253,11 +261,18 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THR,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias)
+    k_desc = k_base
+    v_desc = v_base
+    if USE_TMA:  # per program: the descriptor's bounds are this sequence's keys
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[lk, head_dim], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[lk, head_dim_v], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
     # constexprs go by keyword: inside a tuple they would become run-time values
-    tiles = (q, q_hi, k_base, v_base, stride_kt, stride_vt)
+    tiles = (q, q_hi, k_base, v_base, stride_kt, stride_vt, k_desc, v_desc)
     for part in tl.static_range(3):  # masked head, unmasked middle, masked tail
         acc, m_i, l_i = _fwd_tiles(
             acc, m_i, l_i, *tiles, (start, mid_lo, mid_hi)[part], (mid_lo, mid_hi, hi)[part], *args,
@@ -267,7 +282,7 @@ def attn_fwd_kernel(
             BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
-            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS)
+            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS, USE_TMA=USE_TMA)
 
     if PV_FP8:  # undo V's per-channel scale and P's x448 (SiLU: its 1/n)
         vs = tl.load(VS + b64 * stride_vsb + hk * stride_vsh + offs_dv, mask=offs_dv < head_dim_v, other=0.0)

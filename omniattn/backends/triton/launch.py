@@ -6,6 +6,7 @@ cu_seqlens. Only the last dimension must be contiguous.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -108,6 +109,19 @@ def _dummy(device, dtype) -> torch.Tensor:
     return _DUMMIES[key]
 
 
+_EDGES: dict = {}
+
+
+def _bucket_edges(num_buckets: int, log: bool, device) -> torch.Tensor:
+    """The time-bucket edges the kernels compare with (hstu.relative_bias.bucket_edges), on ``device``."""
+    key = (num_buckets, log, str(device))
+    if key not in _EDGES:
+        from ...hstu.relative_bias import bucket_edges
+
+        _EDGES[key] = bucket_edges(num_buckets, "log" if log else "sqrt").to(device)
+    return _EDGES[key]
+
+
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -166,6 +180,7 @@ class _Launch:
         self.pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
         self.ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
         self.ts = x.timestamps.contiguous() if x.timestamps is not None else _dummy(dev, i64)
+        self.ts_thr = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, f32)
         self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
         self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
         self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
@@ -213,7 +228,7 @@ class _Launch:
         self.tune_len = triton.next_power_of_2(max(max_q, 64))
 
     def pointers(self):
-        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts)
+        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_thr)
 
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
@@ -222,9 +237,37 @@ class _Launch:
         return (triton.cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
 
 
-def forward_config(head_dim: int, dtype_bytes: int, p: Params, max_q: int):
+def forward_config(head_dim: int, dtype_bytes: int, p: Params, max_q: int, tma: bool = False):
     """The forward kernel's tiles for this call (configs.fwd_config)."""
-    return fwd_config(head_dim, dtype_bytes, p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048)
+    return fwd_config(head_dim, dtype_bytes, p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048, tma=tma)
+
+
+def _tma_ok(q, k, v) -> bool:
+    """Whether the forward loads K and V by TMA (tensor descriptors made in the kernel): Hopper,
+    16-bit inputs whose rows start on 16 bytes (descriptor rule). OMNIATTN_TMA=0 turns it off."""
+    if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if os.environ.get("OMNIATTN_TMA", "1") == "0":
+        return False
+    from . import _capability
+
+    if _capability(q.device.index if q.device.index is not None else 0)[0] != 9:
+        return False
+    for t in (k, v):  # the base of every (sequence, head) and every row stride: multiples of 16 bytes
+        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-made tensor descriptors need scratch memory from Triton's allocator: ours (PyTorch's
+    caching allocator, so CUDA graphs capture it) unless the caller has set one."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HAS_ROW_BIAS=False,
@@ -238,7 +281,9 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     dev = q.device
     out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
     lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    cfg = forward_config(max(L.d, L.dv), q.element_size(), p, max_q)
+    # TMA where it measured faster: the non-causal softmax forward (configs.fwd_config)
+    tma = quant is None and p.score == 0 and not p.causal and _tma_ok(q, k, v)
+    cfg = forward_config(max(L.d, L.dv), q.element_size(), p, max_q, tma)
     meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
     scale_strides = (0,) * 8
     if quant is not None:  # the tiles the quantization groups were aligned to
@@ -257,6 +302,7 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
                     EXACT_FP8_ROUNDING=interpreting(), BLOCK_D=block_dim(q.shape[-1]))
     else:
         meta.update(_NO_QUANT)
+    meta.update(USE_TMA=tma)
     grid, tiles, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
     if grid[0] * (grid[1] if len(grid) > 1 else 1) == 0:
         return out, lse
@@ -308,10 +354,10 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
     grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
     n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-    rel_pad = triton.next_power_of_2(cfg.block_m + cfg.block_n - 1)
+    diagonals = cfg.block_m + cfg.block_n - 1  # a tile's relative positions (bwd._add_diagonal_sums)
     ts_pad = triton.next_power_of_2(p.num_buckets + 1) if L.has_rab else 16
     if L.has_rab:
-        strips = _RabStrips(L, cfg, tile_list, n_programs, rel_pad)
+        strips = _RabStrips(L, cfg, tile_list, n_programs, diagonals)
         part_pos = torch.zeros(strips.total, dtype=torch.float32, device=dev)
         part_ts = torch.zeros(n_programs, ts_pad, dtype=torch.float32, device=dev)
         strip_start = strips.start_of_program
@@ -324,7 +370,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
             *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            TILE_LIST=tile_list, REL_PAD=rel_pad, TS_PAD=ts_pad, **L.meta, **cfg.launch_kwargs(),
+            TILE_LIST=tile_list, TS_PAD=ts_pad, **L.meta, **cfg.launch_kwargs(),
         )
     if not L.has_rab:
         return dq, dk, dv, None, None
@@ -337,26 +383,26 @@ class _RabStrips:
 
     Program p (query tile m0 of sequence b, head h) owns a strip of floats in one flat buffer; its
     index s holds the gradient of pos_w[C + s - (m0 + BM - 1)], for s below the end of the last key
-    tile it visits plus REL_PAD (bwd._rab_grads). Nothing else writes it, so the sums are
+    tile it visits plus BM + BN - 1 (bwd._rab_grads). Nothing else writes it, so the sums are
     deterministic; rab_grad_reduce_kernel adds the strips of each head in program order. The
     layout depends only on the lengths and tiles: computed on the host once per layout and kept
     on the device (no host-device sync per call)."""
 
     _CACHE: dict = {}
 
-    def __init__(self, L: _Launch, cfg, tile_list: bool, n_programs: int, rel_pad: int):
+    def __init__(self, L: _Launch, cfg, tile_list: bool, n_programs: int, diagonals: int):
         self.L = L
         self.hr = L.pos_w.shape[0]
         lens_q, lens_k = L.x.lens_host[0], L.x.lens_host[1]  # host copies: no device sync here
-        key = (tuple(lens_q.tolist()), tuple(lens_k.tolist()), L.hq, self.hr, cfg.block_m, cfg.block_n, rel_pad,
+        key = (tuple(lens_q.tolist()), tuple(lens_k.tolist()), L.hq, self.hr, cfg.block_m, cfg.block_n, diagonals,
                tile_list, L.p.causal, bool(L.p.hstu_causal) and L.p.contextual == 0, L.max_q, str(L.cu_q.device))
         if key not in self._CACHE:
             if len(self._CACHE) >= 32:
                 self._CACHE.pop(next(iter(self._CACHE)))
-            self._CACHE[key] = self._layout(L, cfg, tile_list, rel_pad, lens_q, lens_k)
+            self._CACHE[key] = self._layout(L, cfg, tile_list, diagonals, lens_q, lens_k)
         self.total, self.start_of_program, self.meta, self.n_live, self.by_head = self._CACHE[key]
 
-    def _layout(self, L: _Launch, cfg, tile_list: bool, rel_pad: int, lens_q, lens_k):
+    def _layout(self, L: _Launch, cfg, tile_list: bool, diagonals: int, lens_q, lens_k):
         hq, bm, bn, hr = L.hq, cfg.block_m, cfg.block_n, self.hr
         if tile_list:  # 1-D grid over (sequence, head, tile) triples: the same schedule, built on the host
             from .schedule import tile_list as schedule
@@ -374,7 +420,7 @@ class _RabStrips:
         lq, lk = lens_q[b], lens_k[b]
         causal = bool(L.p.hstu_causal) and L.p.contextual == 0
         reach = torch.minimum(m0 + bm, lk) if causal else lk  # keys the program may visit
-        length = torch.where((m0 < lq) & (reach > 0), ((reach - 1) // bn) * bn + rel_pad, 0)
+        length = torch.where((m0 < lq) & (reach > 0), ((reach - 1) // bn) * bn + diagonals, 0)
         start = torch.cumsum(length, 0) - length
         head_r = head if hr > 1 else torch.zeros_like(head)
         live = torch.nonzero(length > 0).flatten()
