@@ -176,7 +176,7 @@ def _prefill(q, cache, cspec, dev, plan, stats) -> torch.Tensor:
                 acc[1].add(rows, o, lse)
             if i + 1 == len(items) or items[i + 1][0] != r0:
                 out[:, r0:r1].copy_(acc[1].out, non_blocking=True)
-        del parts  # else this call's output outlives the next call's allocation (two outputs at the peak)
+        parts = o = lse = None  # (the loop's names too) else this call's output outlives the next call's allocation
     kv.finish()
     if stats is not None:
         stats.update(resident_tokens=kv.resident, streamed_tokens=streamed, host_tokens=0,
@@ -208,7 +208,7 @@ def _device_part(q, cache, cspec, dev, plan, split: Split, acc: Accumulator) -> 
         kv.release(handles.pop(i))
         for rows, o, lse in parts:
             acc.add(rows, o, lse)
-        del parts  # freed before the next chunk's call allocates its own
+        parts = o = lse = None  # (the loop's names too) freed before the next chunk's call allocates its own
     kv.finish()
 
 
