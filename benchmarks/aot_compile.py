@@ -119,17 +119,20 @@ def hstu_long(int64: bool) -> None:
 
 
 def tma() -> None:
-    """The non-causal softmax forward with TMA descriptors (Hopper's path), dense and varlen, bf16
-    and fp16, with head dim 128 and 96 (zero-filled columns); prints the variant keys."""
+    """The non-causal forward with TMA descriptors (Hopper's path), softmax and sigmoid, dense and
+    varlen, bf16 and fp16, head dim 128 and 96 (zero-filled columns); prints the variant keys."""
     launch._tma_ok = lambda *args: True
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 96)):
         q = torch.randn(2, 300, 4, d).to(dtype)
         oa.attention(q, q, q, backend="triton")
+        oa.attention(q, q, q, score="sigmoid", backend="triton")
         offsets = torch.tensor([0, 100, 256])
-        oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, backend="triton")
+        for score in ("softmax", "sigmoid"):
+            oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
+                                backend="triton")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
-        print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} BLOCK_D={c.get('BLOCK_D')}")
+        print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} SCORE={c.get('SCORE')}")
 
 
 def main():

@@ -41,8 +41,9 @@ def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
 
 
 def test_tma_forward_compiles_for_sm90():
-    """Hopper's forward loads K/V through tensor descriptors made in the kernel (dense and varlen,
-    a head dim below the tile's): the interpreter never takes that path."""
+    """Hopper's forward loads K/V through tensor descriptors made in the kernel (softmax and
+    sigmoid, dense and varlen, a head dim below the tile's): the interpreter never takes that path."""
     variants = _compile("--tma")
     for varlen in ("False", "True"):
-        assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", "BLOCK_D=128"] in variants
+        for score in ("0", "1"):  # softmax, sigmoid
+            assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", f"SCORE={score}"] in variants

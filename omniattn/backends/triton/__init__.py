@@ -115,7 +115,7 @@ def launch_params(spec: Spec, call: Call):
         dims = max(call.q.shape[-1], call.v.shape[-1])
         size = call.q.element_size()
         dev, lq, lk = call.q.device, call.lens_q, call.lens_k
-        fwd = forward_config(dims, size, p, call.max_q).block_m
+        fwd = forward_config(call.q, call.k, call.v, p, call.max_q, spec.precision != "exact")[0].block_m
         dq = bwd_dq_config(dims, size, rab is not None).block_m
         dkdv = bwd_dkdv_config(dims, size, p.causal).block_n
         hq, hkv = call.q.shape[-2], call.k.shape[-2]

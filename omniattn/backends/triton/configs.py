@@ -49,9 +49,9 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool, hstu_l
     """H100, bf16, D=128 sweeps (benchmarks/NOTES.md): softmax 128x64 w8 (128x128 causal); the
     pointwise scores, with no row statistics to keep, prefer 64x64 w4, except HSTU's jagged
     batches of long sequences (>= 2048), where 128x64 w8 measured 1.5x faster (324 vs 219 TFLOPS
-    at 32 x <= 4096). ``tma`` (non-causal softmax loading K/V by TMA on Hopper): 128x64 w4 s2,
-    3-6% faster than the pointer loads' best on the H200 (the copies hold no registers, so one
-    warpgroup keeps the 128-row tile)."""
+    at 32 x <= 4096). ``tma`` (non-causal, K/V loaded by TMA on Hopper): 128x64 w4 s2 for every
+    score, 3-10% faster than the pointer loads' best on the H200 (the copies hold no registers,
+    so one warpgroup keeps the 128-row tile)."""
     if pinned := _pinned("fwd"):
         return pinned
     if dtype_bytes > 2 or head_dim > 128:
@@ -60,10 +60,10 @@ def fwd_config(head_dim: int, dtype_bytes: int, score: int, causal: bool, hstu_l
         return TileConfig(128, 64, 4, 3)
     if hstu_long:
         return TileConfig(128, 64, 8, 3)
-    if score != 0:
-        return TileConfig(64, 64, 4, 3)
     if tma and not causal:
         return TileConfig(128, 64, 4, 2)
+    if score != 0:
+        return TileConfig(64, 64, 4, 3)
     return TileConfig(128, 128, 8, 3) if causal else TileConfig(128, 64, 8, 3)
 
 

@@ -237,9 +237,15 @@ class _Launch:
         return (triton.cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
 
 
-def forward_config(head_dim: int, dtype_bytes: int, p: Params, max_q: int, tma: bool = False):
-    """The forward kernel's tiles for this call (configs.fwd_config)."""
-    return fwd_config(head_dim, dtype_bytes, p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048, tma=tma)
+def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False):
+    """The forward kernel's tiles for this call (configs.fwd_config) and whether it loads K/V by
+    TMA: non-causal calls of head dims above 64 where the GPU and the layout allow it (measured
+    faster there; benchmarks/NOTES.md). The varlen tile schedule is built from the same tiles."""
+    head_dim = max(q.shape[-1], v.shape[-1])
+    tma = not quantized and p.mask_kind == 0 and not p.causal and head_dim > 64 and _tma_ok(q, k, v)
+    cfg = fwd_config(head_dim, q.element_size(), p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048,
+                     tma=tma)
+    return cfg, tma
 
 
 def _tma_ok(q, k, v) -> bool:
@@ -254,7 +260,7 @@ def _tma_ok(q, k, v) -> bool:
     if _capability(q.device.index if q.device.index is not None else 0)[0] != 9:
         return False
     for t in (k, v):  # the base of every (sequence, head) and every row stride: multiples of 16 bytes
-        if t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
             return False
     _ensure_allocator()
     return True
@@ -276,14 +282,13 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
+    # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
+    cfg, tma = forward_config(q, k, v, p, max_q, quantized=quant is not None)
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     L = _Launch(q, k, v, x, max_q, max_k, p)
     dev = q.device
     out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
     lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    # TMA where it measured faster: the non-causal softmax forward (configs.fwd_config)
-    tma = quant is None and p.score == 0 and not p.causal and _tma_ok(q, k, v)
-    cfg = forward_config(max(L.d, L.dv), q.element_size(), p, max_q, tma)
     meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
     scale_strides = (0,) * 8
     if quant is not None:  # the tiles the quantization groups were aligned to
