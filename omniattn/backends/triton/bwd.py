@@ -115,7 +115,7 @@ def _probs_and_dscores(
 def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads, drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
@@ -144,7 +144,7 @@ def _dkdv_tiles(
         rab = 0.0
         if HAS_RAB:
             t_next = next_timestamps(ts_base, offs_m, lq)
-            rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+            rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                               tgt_start, False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         drop_row = 0
         if HAS_DROPOUT:
@@ -167,7 +167,7 @@ def _dkdv_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -229,7 +229,7 @@ def attn_bwd_dkdv_kernel(
         ts_w = TS_W + h * stride_ts_h
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-                max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_THR,
+                max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_EDGES,
                 rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
                 n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
@@ -276,7 +276,7 @@ def _add_diagonal_sums(x, strip, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _rab_grads(
-    ds, bucket, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, thresholds,
+    ds, bucket, ii, jj, offs_m, offs_n, m0, n0, lq, lk, t_next, t_key, strip, acc_ts, acc_rows, edges,
     num_buckets, tgt_start, HAS_TARGETS: tl.constexpr, HSTU_CAUSAL: tl.constexpr, BUCKET_LOG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS_PAD: tl.constexpr,
 ):
@@ -291,7 +291,7 @@ def _rab_grads(
     Time buckets: per-bucket sums of dS into the register vector acc_ts."""
     rows_ok = offs_m < lq
     cols_ok = offs_n < lk
-    b_lo, b_hi = time_bucket_range(t_next, t_key, rows_ok, cols_ok, thresholds, num_buckets, BUCKET_LOG)
+    b_lo, b_hi = time_bucket_range(t_next, t_key, rows_ok, cols_ok, edges, num_buckets, BUCKET_LOG)
     ts_idx = tl.arange(0, TS_PAD)
     for bk in range(b_lo, b_hi + 1):  # few buckets away from the diagonal (time_bucket_range)
         acc_ts += tl.where(ts_idx == bk, tl.sum(tl.sum(tl.where(bucket == bk, ds, 0.0), 1), 0), 0.0)
@@ -323,7 +323,7 @@ def _rab_grads(
 def _dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_edges, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale, m0, strip, acc_ts, acc_rows,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
@@ -348,7 +348,7 @@ def _dq_tiles(
         bucket = 0
         if HAS_RAB:
             t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
-            rab, bucket = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+            rab, bucket = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                                    tgt_start, True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
@@ -361,7 +361,7 @@ def _dq_tiles(
         if HAS_RAB:
             g = tl.where(ok & (ii < lq) & (jj < lk), ds, 0.0)
             acc_ts, acc_rows = _rab_grads(g, bucket, ii, jj, offs_m, offs_n, m0, start_n, lq, lk, t_next, t_key,
-                                          strip, acc_ts, acc_rows, ts_thr, num_buckets, tgt_start, HAS_TARGETS,
+                                          strip, acc_ts, acc_rows, ts_edges, num_buckets, tgt_start, HAS_TARGETS,
                                           HSTU_CAUSAL, BUCKET_LOG, BLOCK_M, BLOCK_N, TS_PAD)
         if HAS_SOFTCAP:
             ds = ds * dcap
@@ -372,7 +372,7 @@ def _dq_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK,
     PART_POS, PART_TS, STRIP_START,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -443,7 +443,7 @@ def attn_bwd_dq_kernel(
     start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THR,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_EDGES,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             m0, strip)
     # constexprs go by keyword: inside a tuple they would become run-time values

@@ -148,21 +148,21 @@ def approx_log2(x, GPU_ASM: tl.constexpr):
 
 
 @triton.jit
-def time_bucket(dt, thresholds, num_buckets, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr):
+def time_bucket(dt, edges, num_buckets, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr):
     """HSTU's time bucket of |dt| (int64, any shape), exactly as the reference's float32 maths.
 
     A one-instruction estimate of ln(x)/0.301 (or sqrt(x)) is within 1e-4 of the reference's value,
     so its nearest integer c is the one bucket edge the pair can be near: the bucket is c, or c - 1
-    when x lies below the edge. ``thresholds[c]`` (launch.bucket_thresholds) is the smallest float32
-    x whose reference bucket is >= c, -inf / +inf at 0 / num_buckets + 1: one comparison replaces
-    the exact log, a division and the clamps (about 25 instructions per pair)."""
+    when x lies below the edge. ``edges[c]`` (hstu.relative_bias.bucket_edges) is the smallest
+    float32 x whose reference bucket is >= c, -inf / +inf at 0 / num_buckets + 1: one comparison
+    replaces the exact log, a division and the clamps (about 25 instructions per pair)."""
     x = tl.maximum(tl.abs(dt.to(tl.float32)), 1.0)
     if BUCKET_LOG:
         estimate = approx_log2(x, GPU_GATHER) * LOG2_TO_BUCKET
     else:
         estimate = tl.sqrt(x)
     edge = tl.minimum(estimate + 0.5, num_buckets + 1.0).to(tl.int32)  # clamped before the conversion
-    return edge - (x < gather_f32(thresholds + edge, GPU_GATHER)).to(tl.int32)
+    return edge - (x < gather_f32(edges + edge, GPU_GATHER)).to(tl.int32)
 
 
 @triton.jit
@@ -189,13 +189,13 @@ def tile_gaps(t_rows, t_cols, ROWS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def time_bucket_range(t_rows, t_cols, rows_ok, cols_ok, thresholds, num_buckets, BUCKET_LOG: tl.constexpr):
+def time_bucket_range(t_rows, t_cols, rows_ok, cols_ok, edges, num_buckets, BUCKET_LOG: tl.constexpr):
     """[b_lo, b_hi]: the time buckets a tile's pairs lie in, from its row and column timestamps.
     Log-spaced buckets make it narrow away from the diagonal, so the backward's per-bucket sums
     loop over few buckets there. (Two scalars: plain loads, the inline-PTX gather takes tensors.)"""
     lo, hi = time_span(t_rows, t_cols, rows_ok, cols_ok)
-    return (time_bucket(lo, thresholds, num_buckets, BUCKET_LOG, False),
-            time_bucket(hi, thresholds, num_buckets, BUCKET_LOG, False))
+    return (time_bucket(lo, edges, num_buckets, BUCKET_LOG, False),
+            time_bucket(hi, edges, num_buckets, BUCKET_LOG, False))
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def gather_f32(ptrs, GPU_GATHER: tl.constexpr):
 
 @triton.jit
 def rab_tile(
-    ii, jj, lq, lk, t_rows, t_cols, pos_w, ts_w, thresholds, rab_center, num_buckets, tgt_start,
+    ii, jj, lq, lk, t_rows, t_cols, pos_w, ts_w, edges, rab_center, num_buckets, tgt_start,
     ROWS_FIRST: tl.constexpr, HAS_TARGETS: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
 ):
     """HSTU's relative bias of a tile: pos_w[C + p(j) - p(i)] + ts_w[bucket] (DESIGN.md), with
@@ -230,7 +230,7 @@ def rab_tile(
         pi = tl.minimum(pi, tgt_start)
         pj = tl.minimum(pj, tgt_start)
     pos = gather_f32((pos_w + rab_center - pi) + pj, GPU_GATHER)
-    bucket = time_bucket(tile_gaps(t_rows, t_cols, ROWS_FIRST), thresholds, num_buckets, BUCKET_LOG, GPU_GATHER)
+    bucket = time_bucket(tile_gaps(t_rows, t_cols, ROWS_FIRST), edges, num_buckets, BUCKET_LOG, GPU_GATHER)
     return pos + gather_f32(ts_w + bucket, GPU_GATHER), bucket
 
 

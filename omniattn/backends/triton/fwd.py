@@ -74,7 +74,7 @@ def _fwd_tiles(
     acc, m_i, l_i, q, q_hi, k_base, v_base, stride_kt, stride_vt, k_desc, v_desc, start, end,
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
-    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_thr, rab_center, num_buckets,
+    scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_edges, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
     KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -114,7 +114,7 @@ def _fwd_tiles(
             rab = 0.0
             if HAS_RAB:
                 t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
-                rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_thr, rab_center, num_buckets, tgt_start,
+                rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets, tgt_start,
                                True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
             s, _, mask_ok = modify_scores(qk * scale, ii, jj, shift, slope, softcap, rab,
                                           mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
@@ -174,7 +174,7 @@ def _fwd_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_THR, TILES, MASK,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK,
     QS, KS, VS, RB, QM,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
@@ -261,7 +261,7 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
-            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_THR,
+            max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_EDGES,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
             KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias)
     k_desc = k_base

@@ -180,7 +180,7 @@ class _Launch:
         self.pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
         self.ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
         self.ts = x.timestamps.contiguous() if x.timestamps is not None else _dummy(dev, i64)
-        self.ts_thr = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, f32)
+        self.ts_edges = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, f32)
         self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
         self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
         self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
@@ -228,7 +228,7 @@ class _Launch:
         self.tune_len = triton.next_power_of_2(max(max_q, 64))
 
     def pointers(self):
-        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_thr)
+        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges)
 
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
