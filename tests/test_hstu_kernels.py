@@ -92,3 +92,28 @@ def test_time_bucket_is_the_reference_bucket(bucketization, num_buckets):
     _bucket_kernel[(triton.cdiv(dt.numel(), 1024),)](dt.to(DEVICE), edges.to(DEVICE), out, dt.numel(), num_buckets,
                                                       BUCKET_LOG=bucketization == "log", BLOCK=1024)
     torch.testing.assert_close(out.cpu().long(), bucketize(dt, num_buckets, bucketization), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dq_tiles", ["32,16,1,1", "16,32,1,1"])
+def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, monkeypatch):
+    """The dQ kernel sums each tile's diagonals by rotating its rows; with more rows than columns a
+    row wraps more than once (the GPU runs 64x32 tiles with the bias). Both shapes, against the
+    reference, targets included."""
+    monkeypatch.setenv("OMNIATTN_DQ_CONFIG", dq_tiles)
+    gen = torch.Generator().manual_seed(77)
+    lens = [45, 29, 60]
+    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
+    rab = oa.hstu.RelativeBias(64, num_buckets=32).to(DEVICE)
+    with torch.no_grad():
+        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
+        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
+    ts = _timestamps("close", sum(lens), gen).to(DEVICE)
+    kw = dict(num_targets=torch.tensor([2, 0, 5], device=DEVICE), rab=rab, timestamps=ts)
+
+    def fn():
+        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", **kw)
+
+    def ref(dtype):
+        return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, **kw)
+
+    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
