@@ -28,8 +28,8 @@ class HostKVCache:
             (only where a CUDA device exists; on CPU-only machines plain memory).
         capacity: tokens to allocate once, fixed (append beyond it raises); ``None`` starts at
             4096 tokens and doubles as needed (each growth copies the cache once: amortised O(1)).
-        storage: ``"exact"``. INT8/FP8 KV storage waits for the quantization issue (issue 8) and
-            raises NotImplementedError until it lands.
+        storage: ``"exact"``. Storing the cache quantized (INT8/FP8) is not implemented and raises
+            NotImplementedError (quantized attention exists: ``precision=`` of the attention calls).
 
     Each batch entry's tokens are contiguous (``[b, t0:t1]`` is one block), so a chunk of tokens
     travels to the GPU as B plain copies. A GPU mirror of a prefix of the cache (see
@@ -54,8 +54,8 @@ class HostKVCache:
             raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
         if storage in QUANTIZED_STORAGE:
             raise NotImplementedError(
-                f"storage={storage!r}: quantized KV storage waits for the quantization issue (issue 8: INT8/FP8 "
-                "attention), which has not landed; use storage='exact'")
+                f"storage={storage!r}: storing the host KV cache quantized is not implemented (quantized "
+                "attention is: the precision= argument of the attention calls); use storage='exact'")
         if storage != "exact":
             raise ValueError(f"storage: expected 'exact', got {storage!r}")
         if not isinstance(pin_memory, bool):
