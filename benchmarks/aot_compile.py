@@ -76,10 +76,20 @@ class Compiling:
               f"{resources(compiled)}  {flags}", flush=True)
 
 
+def _ptxas() -> str | None:
+    """The ptxas Triton itself uses for sm_90 (its own bundled one), else one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(TARGET.arch).path
+    except Exception:  # an older Triton without the helper
+        return shutil.which("ptxas")
+
+
 def resources(compiled) -> str:
-    """Registers, spills and shared memory, from ptxas -v on the kernel's PTX (when ptxas is on PATH)."""
+    """Registers, spills and shared memory, from ptxas -v on the kernel's PTX."""
     shared = compiled.metadata.shared
-    ptxas = shutil.which("ptxas")
+    ptxas = _ptxas()
     if not ptxas:
         return f"smem {shared // 1024}K"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -100,6 +110,15 @@ def install() -> None:
     from omniattn import backends
 
     backends.triton_supported = lambda device, explicit=False: (True, "")
+    # the flags a GPU launch sets from q.is_cuda: the inline-PTX gathers and log estimate, and
+    # the one-instruction tanh for 16-bit inputs (float32 products are IEEE there)
+    init = launch._Launch.__init__
+
+    def as_on_gpu(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.meta.update(GPU_GATHER=True, FAST_MATH=self.meta["DOT_PRECISION"] != "ieee")
+
+    launch._Launch.__init__ = as_on_gpu
 
 
 def hstu_long(int64: bool) -> None:
