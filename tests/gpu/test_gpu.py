@@ -39,6 +39,18 @@ def test_many_short_sequences(score):
     check_outputs_and_grads(p, "triton", gen)
 
 
+@pytest.mark.parametrize("d", [96, 128])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+def test_varlen_non_causal_tma(score, d):
+    """Hopper loads K/V of non-causal forwards by TMA on 128-row query tiles (every score): the
+    varlen schedule must follow those tiles, descriptors must stop at each sequence's end (zero rows
+    past it) and zero-fill columns past a head dim below the tile's."""
+    gen = torch.Generator().manual_seed(d)
+    p = varlen_problem([1000, 0, 3, 777, 129], [1000, 5, 300, 1, 129], 8, 2, d, d, torch.bfloat16, gen, DEV,
+                       score=score, causal=False)
+    check_outputs_and_grads(p, "triton", gen)
+
+
 def test_long_varlen_with_window_alibi_softcap():
     gen = torch.Generator().manual_seed(3)
     p = varlen_problem([1000, 3, 2047, 500], [1200, 700, 2047, 1], 8, 8, 128, 128, torch.bfloat16, gen, DEV,
