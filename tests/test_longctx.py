@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import omniattn as oa
+import omniattn.longctx.device as device_mod
 import omniattn.longctx.schedule as schedule
 from omniattn import longctx
 from omniattn.backends import torch_decode
@@ -144,8 +145,8 @@ def test_cache_growth_capacity_and_checks():
         cache.append(torch.ones(2, 1, 1, 8, dtype=torch.float16), torch.ones(2, 1, 1, 8))
     with pytest.raises(ValueError, match=r"v: expected shape \(2, n, 1, 8\)"):
         cache.append(torch.ones(2, 1, 1, 8), torch.ones(2, 1, 2, 8))
-    with pytest.raises(NotImplementedError, match="storing the host KV cache quantized is not implemented"):
-        longctx.HostKVCache(1, 1, 8, storage="int8")
+    with pytest.raises(ValueError, match="storage: expected 'exact', 'int8' or 'fp8', got 'int4-fp8'"):
+        longctx.HostKVCache(1, 1, 8, storage="int4-fp8")
 
 
 def test_cooperative_split_balances_both_sides():
@@ -159,3 +160,63 @@ def test_cooperative_split_balances_both_sides():
     assert s.predicted_ms < predict_ms(400_000, (1 << 20) - 400_000, 0, bpt, bw)  # beats streaming alone
     assert s.predicted_ms < predict_ms(0, 0, 1 << 20, bpt, bw)  # and the CPU alone
     assert cooperative_split(1000, 1000, bpt, bw).host == 0  # all resident: nothing for the host
+
+
+def _quantized_pair(storage, b, n, hkv, d, dtype, gen):
+    """A cache with quantized storage (grown by several appends, an all-zero token included) and an
+    exact cache holding its dequantized K and V."""
+    k, v = rand((b, n, hkv, d), dtype, gen), rand((b, n, hkv, d), dtype, gen)
+    k[:, 5] = 0.0
+    quant = longctx.HostKVCache(b, hkv, d, dtype=dtype, storage=storage, capacity=None)
+    for t0, t1 in ((0, n // 3), (n // 3, n // 3 + 1), (n // 3 + 1, n)):
+        quant.append(k[:, t0:t1], v[:, t0:t1])
+    exact = longctx.HostKVCache(b, hkv, d, dtype=dtype)
+    exact.append(quant.k, quant.v)
+    return quant, exact, k, v
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+def test_quantized_storage_round_trip(storage):
+    """Per (entry, token, head) scales: INT8 within half a step of the scale, e4m3 within its
+    relative rounding; zeros stay zeros; the caller's tensors are not modified."""
+    gen = torch.Generator().manual_seed(11)
+    k, v = rand((2, 70, 3, 16), torch.float32, gen), rand((2, 70, 3, 16), torch.float32, gen)
+    k[:, 5] = 0.0
+    k_before = k.clone()
+    cache = longctx.HostKVCache(2, 3, 16, dtype=torch.float32, storage=storage)
+    cache.append(k, v)
+    assert torch.equal(k, k_before)
+    step = k.abs().amax(-1, keepdim=True) / (127 if storage == "int8" else 448)
+    err = (cache.k - k).abs()
+    if storage == "int8":
+        assert (err <= 0.5 * step + 1e-6 * k.abs()).all()
+    else:  # e4m3: 3 mantissa bits -> relative error <= 2^-4 of the scaled value, or the subnormal step
+        assert (err <= k.abs() / 16 + step * 2.0**-9 + 1e-7).all()
+    assert torch.equal(cache.k[:, 5], torch.zeros_like(cache.k[:, 5]))
+    assert cache.bytes_per_token == 2 * 3 * 32 * 4  # the device's unit: the dtype, whatever the storage
+    assert cache._k.dtype == (torch.int8 if storage == "int8" else torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("score", ["softmax", "silu"])
+def test_quantized_storage_attention(staged, storage, score, monkeypatch):
+    """Prefill (streamed chunks, a mirror) and cooperative decode on a quantized cache equal the same
+    calls on an exact cache of its dequantized K/V, and stay close to the unquantized context.
+    Copies are dequantized in pieces of 7 tokens (several per chunk)."""
+    monkeypatch.setattr(device_mod, "STAGE_TOKENS", 7)
+    gen = torch.Generator().manual_seed(5 + len(storage))
+    quant, exact, k, v = _quantized_pair(storage, 1, 160, 2, 32, torch.float32, gen)
+    budget = 90 * quant.bytes_per_token
+    for nq, kw in ((40, dict(chunk_tokens=17, query_block=16)),
+                   (1, dict(chunk_tokens=17, cooperative=True, bandwidths=SLOW_CPU))):
+        q = rand((1, nq, 4, 32), torch.float32, gen)
+        stats = {}
+        got = longctx.attention(q, quant, score=score, gpu_budget_bytes=budget, stats=stats, **kw)
+        want = longctx.attention(q, exact, score=score, gpu_budget_bytes=budget, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        check(q, exact.k, exact.v, got, score)
+        if staged and nq > 1:  # the prefill reports its device KV (a mirror and two buffers)
+            assert 0 < stats["device_kv_bytes"] <= budget and stats["streamed_tokens"] > 0
+        full = oa.reference.attention(q, k, v, score=score, causal=True)
+        cos = torch.nn.functional.cosine_similarity(got.flatten().double(), full.flatten().double(), 0)
+        assert cos > (0.999 if storage == "int8" else 0.99)

@@ -9,7 +9,8 @@ import torch
 from ..spec import FLOAT_DTYPES
 
 INITIAL_CAPACITY = 4096  # tokens, when the capacity is not fixed; then it doubles as needed
-QUANTIZED_STORAGE = ("int8", "fp8", "int8-fp8", "int4-fp8")
+# storage -> (element dtype, largest level): one float32 scale per (entry, token, kv head)
+QUANTIZED_STORAGE = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
 def _positive_int(name: str, value) -> int:
@@ -28,8 +29,12 @@ class HostKVCache:
             (only where a CUDA device exists; on CPU-only machines plain memory).
         capacity: tokens to allocate once, fixed (append beyond it raises); ``None`` starts at
             4096 tokens and doubles as needed (each growth copies the cache once: amortised O(1)).
-        storage: ``"exact"``. Storing the cache quantized (INT8/FP8) is not implemented and raises
-            NotImplementedError (quantized attention exists: ``precision=`` of the attention calls).
+        storage: ``"exact"`` (``dtype``), ``"int8"`` or ``"fp8"`` (e4m3): K and V stored quantized
+            with one float32 scale per (entry, token, kv head) = amax over its channels / 127 (448),
+            half the host memory and half the host->GPU bytes of 16-bit storage. Tokens are
+            dequantized to ``dtype`` when they reach the device (or the CPU part of a cooperative
+            step), so attention runs on ``dtype`` values: the same results as an exact cache holding
+            the dequantized ``k`` / ``v``.
 
     Each batch entry's tokens are contiguous (``[b, t0:t1]`` is one block), so a chunk of tokens
     travels to the GPU as B plain copies. A GPU mirror of a prefix of the cache (see
@@ -52,29 +57,55 @@ class HostKVCache:
         self.v_dim = head_dim if v_dim is None else _positive_int("v_dim", v_dim)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, got {dtype}")
-        if storage in QUANTIZED_STORAGE:
-            raise NotImplementedError(
-                f"storage={storage!r}: storing the host KV cache quantized is not implemented (quantized "
-                "attention is: the precision= argument of the attention calls); use storage='exact'")
-        if storage != "exact":
-            raise ValueError(f"storage: expected 'exact', got {storage!r}")
+        if storage != "exact" and storage not in QUANTIZED_STORAGE:
+            raise ValueError(f"storage: expected 'exact', 'int8' or 'fp8', got {storage!r}")
         if not isinstance(pin_memory, bool):
             raise TypeError(f"pin_memory: expected a bool, got {type(pin_memory).__name__}")
         self.dtype = dtype
+        self.storage = storage
         self.pinned = pin_memory and torch.cuda.is_available()
         self.fixed_capacity = capacity is not None
         cap = _positive_int("capacity", capacity) if capacity is not None else INITIAL_CAPACITY
-        self._k, self._v = self._alloc(cap)
+        self._k, self._v, self._ks, self._vs = self._alloc(cap)
         self._len = 0
         self._mirror = None  # the device mirror of a prefix (longctx/stream.py), kept between calls
         self._reads: list = []  # CUDA events after asynchronous copies that read host memory
 
     # ----------------------------------------------------------------------------------------
 
+    @property
+    def quantized(self) -> bool:
+        return self.storage != "exact"
+
     def _alloc(self, cap: int):
-        k = torch.empty(self.batch, cap, self.num_kv_heads, self.head_dim, dtype=self.dtype, pin_memory=self.pinned)
-        v = torch.empty(self.batch, cap, self.num_kv_heads, self.v_dim, dtype=self.dtype, pin_memory=self.pinned)
-        return k, v
+        """K, V and (quantized storage) their scales (B, cap, Hkv) float32, else None."""
+        stored = QUANTIZED_STORAGE[self.storage][0] if self.quantized else self.dtype
+        shape = (self.batch, cap, self.num_kv_heads)
+        k = torch.empty(*shape, self.head_dim, dtype=stored, pin_memory=self.pinned)
+        v = torch.empty(*shape, self.v_dim, dtype=stored, pin_memory=self.pinned)
+        if not self.quantized:
+            return k, v, None, None
+        return (k, v, torch.empty(shape, dtype=torch.float32, pin_memory=self.pinned),
+                torch.empty(shape, dtype=torch.float32, pin_memory=self.pinned))
+
+    def _quantize(self, x: torch.Tensor):
+        """(values, scales): per (entry, token, head), scale = amax / L (1 for an all-zero row)."""
+        stored, level = QUANTIZED_STORAGE[self.storage]
+        x = x.float()
+        scale = x.abs().amax(-1) / level
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        y = x / scale[..., None]
+        if stored == torch.int8:
+            y = y.round().clamp(-level, level)
+        return y.to(stored), scale
+
+    def dequantized(self, t0: int, t1: int, b: Optional[int] = None):
+        """Tokens [t0, t1) in ``dtype`` (B or entry b): views for exact storage, new tensors else."""
+        rows = (slice(None) if b is None else b, slice(t0, t1))
+        if not self.quantized:
+            return self._k[rows], self._v[rows]
+        return (dequantize(self._k[rows], self._ks[rows], self.dtype),
+                dequantize(self._v[rows], self._vs[rows], self.dtype))
 
     def _wait_reads(self) -> None:
         """Host memory is about to change: let asynchronous copies that read it finish first."""
@@ -93,25 +124,27 @@ class HostKVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V bytes of one token position over the whole batch."""
-        return self.batch * self.num_kv_heads * (self.head_dim + self.v_dim) * self._k.element_size()
+        """K and V bytes of one token position over the whole batch, in ``dtype``: what a token
+        takes on the device (the budget's unit), whatever the storage."""
+        return self.batch * self.num_kv_heads * (self.head_dim + self.v_dim) * self.dtype.itemsize
 
     @property
     def k(self) -> torch.Tensor:
-        """Valid keys (B, len, Hkv, D): a view of host memory."""
-        return self._k[:, : self._len]
+        """Valid keys (B, len, Hkv, D) in ``dtype``: a view of host memory (quantized storage: a
+        dequantized copy)."""
+        return self.dequantized(0, self._len)[0]
 
     @property
     def v(self) -> torch.Tensor:
-        return self._v[:, : self._len]
+        return self.dequantized(0, self._len)[1]
 
     def __len__(self) -> int:
         return self._len
 
     def __repr__(self) -> str:
         return (f"HostKVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"v_dim={self.v_dim}, dtype={self.dtype}, len={self._len}, capacity={self.capacity}, "
-                f"pinned={self.pinned})")
+                f"v_dim={self.v_dim}, dtype={self.dtype}, storage={self.storage!r}, len={self._len}, "
+                f"capacity={self.capacity}, pinned={self.pinned})")
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add n tokens: k (B, n, Hkv, D), v (B, n, Hkv, Dv), from any device (copied, never kept)."""
@@ -133,6 +166,10 @@ class HostKVCache:
                 raise ValueError(f"k: appending {n} tokens to {self._len} exceeds the fixed capacity {self.capacity}")
             self._grow(need)
         self._wait_reads()
+        if self.quantized:
+            (k, ks), (v, vs) = self._quantize(k), self._quantize(v)
+            self._ks[:, self._len : need].copy_(ks)
+            self._vs[:, self._len : need].copy_(vs)
         self._k[:, self._len : need].copy_(k)
         self._v[:, self._len : need].copy_(v)
         self._len = need
@@ -141,11 +178,12 @@ class HostKVCache:
         cap = self.capacity
         while cap < need:
             cap *= 2
-        k, v = self._alloc(cap)
+        new = self._alloc(cap)
         self._wait_reads()
-        k[:, : self._len].copy_(self._k[:, : self._len])
-        v[:, : self._len].copy_(self._v[:, : self._len])
-        self._k, self._v = k, v
+        for dst, src in zip(new, (self._k, self._v, self._ks, self._vs)):
+            if src is not None:
+                dst[:, : self._len].copy_(src[:, : self._len])
+        self._k, self._v, self._ks, self._vs = new
 
     def truncate(self, n: int) -> None:
         """Keep the first n tokens (0 <= n <= len): e.g. to drop rejected speculative tokens."""
@@ -159,3 +197,13 @@ class HostKVCache:
     def release_device(self) -> None:
         """Free the device mirror of this cache's prefix (it is rebuilt on the next call that needs it)."""
         self._mirror = None
+
+
+def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None):
+    """values * scales (one scale per leading index of the last dim) in ``dtype``, into ``out`` if
+    given: the values are converted into it, then scaled in place (float32 arithmetic per element,
+    one rounding; no temporary of the full size)."""
+    if out is None:
+        out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    out.copy_(values)
+    return out.mul_(scales.unsqueeze(-1))

@@ -7,7 +7,8 @@ of the mirror and streams the chunks past it through two buffers on its own CUDA
 of a chunk waits (on the GPU, through an event) until the compute that last read its buffer is
 done, and the compute waits for the copy's event: copy i+1 overlaps compute i with no host sync.
 
-On a CPU device with ``stage=False`` nothing is copied: the "device" reads host memory directly.
+On a CPU device with ``stage=False`` nothing is copied: the "device" reads host memory directly
+(exact storage; a quantized cache goes through the buffers, dequantized on the way).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .cache import dequantize
 
 
 class Mirror:
@@ -33,11 +36,26 @@ class Mirror:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
+STAGE_TOKENS = 1024  # quantized storage: tokens per staged copy (its values and scales on the device)
+
+
 def _copy_tokens(dst_k, dst_v, cache, t0: int, t1: int, d0: int) -> None:
-    """Host tokens [t0, t1) into device rows [d0, d0 + t1 - t0): one plain copy per batch entry."""
+    """Host tokens [t0, t1) into device rows [d0, d0 + t1 - t0): one plain copy per batch entry.
+    Quantized storage: the stored values and scales travel (half the bytes of 16-bit K/V) in
+    pieces of STAGE_TOKENS and are dequantized into the rows on arrival, so the device holds
+    ``dtype`` K/V as for exact storage, plus one piece of staging (~2 MiB at 8 kv heads of 128)."""
     for b in range(cache.batch):
-        dst_k[b, d0 : d0 + t1 - t0].copy_(cache._k[b, t0:t1], non_blocking=True)
-        dst_v[b, d0 : d0 + t1 - t0].copy_(cache._v[b, t0:t1], non_blocking=True)
+        if not cache.quantized:
+            dst_k[b, d0 : d0 + t1 - t0].copy_(cache._k[b, t0:t1], non_blocking=True)
+            dst_v[b, d0 : d0 + t1 - t0].copy_(cache._v[b, t0:t1], non_blocking=True)
+            continue
+        for s0 in range(t0, t1, STAGE_TOKENS):
+            s1 = min(s0 + STAGE_TOKENS, t1)
+            rows = slice(d0 + s0 - t0, d0 + s1 - t0)
+            for dst, values, scales in ((dst_k, cache._k, cache._ks), (dst_v, cache._v, cache._vs)):
+                dev = dst.device
+                dequantize(values[b, s0:s1].to(dev, non_blocking=True), scales[b, s0:s1].to(dev, non_blocking=True),
+                           cache.dtype, out=dst[b, rows])
 
 
 class DeviceKV:
@@ -46,7 +64,8 @@ class DeviceKV:
     def __init__(self, cache, device: torch.device, resident_cap: int, chunk: int, end: int, stage: bool):
         self.cache, self.device, self.chunk = cache, device, chunk
         self.cuda = device.type == "cuda"
-        self.direct = not self.cuda and not stage  # CPU, no staging: read host memory in place
+        # CPU, no staging, exact storage: read host memory in place
+        self.direct = not self.cuda and not stage and not cache.quantized
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.loads: list[tuple[int, Optional[torch.cuda.Event]]] = []  # (mirror end after the load, event)
         self.slots: list = []

@@ -215,7 +215,7 @@ def _device_part(q, cache, cspec, dev, plan, split: Split, acc: Accumulator) -> 
 def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> None:
     """Keys [start, len) on the CPU (a background thread: torch ops release the GIL)."""
     try:
-        k, v = cache._k[:, start : len(cache)], cache._v[:, start : len(cache)]
+        k, v = cache.dequantized(start, len(cache))  # views of host memory for exact storage
         with torch_threads.thread_budget(threads):
             result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
     except BaseException as e:  # re-raised by the caller's thread
