@@ -136,3 +136,33 @@ def test_decode_budget_and_cooperation():
     out_cpu = longctx.attention(q, cache, device="cpu")
     assert out_cpu.device == q.device
     within_rule(out_cpu[0], ref64, ref_same)
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+def test_quantized_storage_on_the_gpu(storage):
+    """A quantized host cache: prefill and cooperative decode within the budget (the staging pieces
+    fit the slack), equal to the same calls on an exact cache of the dequantized K/V."""
+    gen = torch.Generator().manual_seed(7)
+    length = 200_000
+    k = torch.randn(1, length, HKV, D, generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, length, HKV, D, generator=gen).to(torch.bfloat16)
+    quant = longctx.HostKVCache(1, HKV, D, capacity=length, storage=storage)
+    quant.append(k, v)
+    exact = longctx.HostKVCache(1, HKV, D, capacity=length)
+    exact.append(quant.k, quant.v)
+    budget = 128 << 20
+    bw = longctx.Bandwidths(host_gbps=20.0, link_gbps=40.0, device_gbps=2000.0)
+    for nq, coop in ((1024, False), (1, True)):
+        q = torch.randn(1, nq, HQ, D, device=DEV, dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = longctx.attention(q, quant, gpu_budget_bytes=budget, cooperative=coop, bandwidths=bw)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        workspace = out.numel() * 2 + 2 * nq * HQ * D * 4  # the output and one float32 accumulator
+        assert peak <= budget + workspace + (8 << 20), f"peak {peak / 2**20:.0f} MiB"
+        want = longctx.attention(q, exact, gpu_budget_bytes=budget, cooperative=coop, bandwidths=bw)
+        assert (out.float() - want.float()).abs().max().item() < 1e-2  # bf16 results of the same values
+        quant.release_device()
+        exact.release_device()
