@@ -9,8 +9,8 @@ import torch
 from ..spec import FLOAT_DTYPES
 
 INITIAL_CAPACITY = 4096  # tokens, when the capacity is not fixed; then it doubles as needed
-# storage -> (element dtype, largest level): one float32 scale per (entry, token, kv head)
-QUANTIZED_STORAGE = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+# storage -> element dtype; one float32 scale per (entry, token, kv head) (quant.quantize_rows)
+QUANTIZED_STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def _positive_int(name: str, value) -> int:
@@ -79,7 +79,7 @@ class HostKVCache:
 
     def _alloc(self, cap: int):
         """K, V and (quantized storage) their scales (B, cap, Hkv) float32, else None."""
-        stored = QUANTIZED_STORAGE[self.storage][0] if self.quantized else self.dtype
+        stored = QUANTIZED_STORAGE[self.storage] if self.quantized else self.dtype
         shape = (self.batch, cap, self.num_kv_heads)
         k = torch.empty(*shape, self.head_dim, dtype=stored, pin_memory=self.pinned)
         v = torch.empty(*shape, self.v_dim, dtype=stored, pin_memory=self.pinned)
@@ -88,24 +88,15 @@ class HostKVCache:
         return (k, v, torch.empty(shape, dtype=torch.float32, pin_memory=self.pinned),
                 torch.empty(shape, dtype=torch.float32, pin_memory=self.pinned))
 
-    def _quantize(self, x: torch.Tensor):
-        """(values, scales): per (entry, token, head), scale = amax / L (1 for an all-zero row)."""
-        stored, level = QUANTIZED_STORAGE[self.storage]
-        x = x.float()
-        scale = x.abs().amax(-1) / level
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        y = x / scale[..., None]
-        if stored == torch.int8:
-            y = y.round().clamp(-level, level)
-        return y.to(stored), scale
+    def _tokens(self, values: torch.Tensor, scales: Optional[torch.Tensor], t0: int, t1: int) -> torch.Tensor:
+        """Tokens [t0, t1) of K or V in ``dtype``: a view for exact storage, a dequantized copy else."""
+        if scales is None:
+            return values[:, t0:t1]
+        return dequantize(values[:, t0:t1], scales[:, t0:t1], self.dtype)
 
-    def dequantized(self, t0: int, t1: int, b: Optional[int] = None):
-        """Tokens [t0, t1) in ``dtype`` (B or entry b): views for exact storage, new tensors else."""
-        rows = (slice(None) if b is None else b, slice(t0, t1))
-        if not self.quantized:
-            return self._k[rows], self._v[rows]
-        return (dequantize(self._k[rows], self._ks[rows], self.dtype),
-                dequantize(self._v[rows], self._vs[rows], self.dtype))
+    def dequantized(self, t0: int, t1: int):
+        """K and V tokens [t0, t1) in ``dtype`` (views for exact storage, new tensors else)."""
+        return self._tokens(self._k, self._ks, t0, t1), self._tokens(self._v, self._vs, t0, t1)
 
     def _wait_reads(self) -> None:
         """Host memory is about to change: let asynchronous copies that read it finish first."""
@@ -132,11 +123,11 @@ class HostKVCache:
     def k(self) -> torch.Tensor:
         """Valid keys (B, len, Hkv, D) in ``dtype``: a view of host memory (quantized storage: a
         dequantized copy)."""
-        return self.dequantized(0, self._len)[0]
+        return self._tokens(self._k, self._ks, 0, self._len)
 
     @property
     def v(self) -> torch.Tensor:
-        return self.dequantized(0, self._len)[1]
+        return self._tokens(self._v, self._vs, 0, self._len)
 
     def __len__(self) -> int:
         return self._len
@@ -167,7 +158,9 @@ class HostKVCache:
             self._grow(need)
         self._wait_reads()
         if self.quantized:
-            (k, ks), (v, vs) = self._quantize(k), self._quantize(v)
+            from ..quant.quantize import quantize_rows
+
+            (k, ks), (v, vs) = quantize_rows(k, self.storage), quantize_rows(v, self.storage)
             self._ks[:, self._len : need].copy_(ks)
             self._vs[:, self._len : need].copy_(vs)
         self._k[:, self._len : need].copy_(k)

@@ -89,6 +89,15 @@ def _quantize_values(x: torch.Tensor, inv: torch.Tensor, mode: int) -> torch.Ten
     return y
 
 
+def quantize_rows(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, scales): one float32 scale per row of the last dim (any leading shape), the
+    scheme above at per-token granularity; ``precision`` "int8" or "fp8"."""
+    mode = QK_MODE[precision]
+    x = x.float()
+    inv, scale = _group_scales(x, None, None, 1, QK_LIMIT[mode])
+    return _quantize_values(x, inv, mode), scale
+
+
 def unpack_int4(x: torch.Tensor) -> torch.Tensor:
     """Inverse of the INT4 packing: (..., D/2) int8 -> (..., D) int8."""
     lo = (x << 4) >> 4
