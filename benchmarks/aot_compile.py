@@ -28,6 +28,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 import omniattn as oa  # noqa: E402
 from omniattn.backends import triton as tb  # noqa: E402
 from omniattn.backends.triton import bwd, fwd, launch  # noqa: E402
+from omniattn.backends.triton import quant as quant_kernels  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SEEN: dict = {}
@@ -106,6 +107,8 @@ def install() -> None:
     for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
                       (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
         setattr(launch, name, Compiling(getattr(mod, name)))
+    for name in ("kv_stats_kernel", "quant_kv_kernel", "quant_q_kernel"):  # quantization (their outputs stay empty)
+        setattr(launch, name, Compiling(getattr(quant_kernels, name)))
     tb.supported = lambda device, explicit=False: (True, "")
     from omniattn import backends
 
@@ -139,7 +142,8 @@ def hstu_long(int64: bool) -> None:
 
 def tma() -> None:
     """The non-causal forward with TMA descriptors (Hopper's path), softmax and sigmoid, dense and
-    varlen, bf16 and fp16, head dim 128 and 96 (zero-filled columns); prints the variant keys."""
+    varlen, bf16 and fp16, head dim 128 and 96 (zero-filled columns), and the quantized precisions
+    (with the quantization kernels); prints the variant keys."""
     launch._tma_ok = lambda *args: True
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 96)):
         q = torch.randn(2, 300, 4, d).to(dtype)
@@ -149,9 +153,14 @@ def tma() -> None:
         for score in ("softmax", "sigmoid"):
             oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
                                 backend="triton")
+    with torch.no_grad():  # quantized: INT8 / INT4 K and FP8 V^T descriptors, dense
+        q = torch.randn(2, 256, 4, 128).to(torch.bfloat16)
+        for precision in ("int8", "int8-fp8", "fp8", "int4-fp8"):
+            oa.attention(q, q, q, precision=precision, backend="triton")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
-        print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} SCORE={c.get('SCORE')}")
+        print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} SCORE={c.get('SCORE')} "
+              f"QK_MODE={c.get('QK_MODE')} PV_FP8={c.get('PV_FP8')}")
 
 
 def main():

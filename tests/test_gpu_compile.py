@@ -42,8 +42,14 @@ def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
 
 def test_tma_forward_compiles_for_sm90():
     """Hopper's forward loads K/V through tensor descriptors made in the kernel (softmax and
-    sigmoid, dense and varlen, a head dim below the tile's): the interpreter never takes that path."""
+    sigmoid, dense and varlen, a head dim below the tile's; the quantized precisions with their
+    quantization kernels): the interpreter never takes the GPU's path."""
     variants = _compile("--tma")
     for varlen in ("False", "True"):
         for score in ("0", "1"):  # softmax, sigmoid
-            assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", f"SCORE={score}"] in variants
+            assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", f"SCORE={score}", "QK_MODE=0",
+                    "PV_FP8=False"] in variants
+    for mode, fp8 in (("1", "False"), ("1", "True"), ("3", "True"), ("2", "True")):  # int8, int8-fp8, fp8, int4-fp8
+        assert ["attn_fwd_kernel", "USE_TMA=True", "IS_VARLEN=False", "SCORE=0", f"QK_MODE={mode}",
+                f"PV_FP8={fp8}"] in variants
+    assert {"kv_stats_kernel", "quant_kv_kernel", "quant_q_kernel"} <= {v[0] for v in variants}

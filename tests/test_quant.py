@@ -124,6 +124,32 @@ def test_triton_quantized_varlen_and_hstu_match_the_emulation(kernel_tiles, prec
     assert (got - emu).abs().max() <= 1e-4 * max(emu.abs().max().item(), 1.0)
 
 
+@pytest.mark.skipif(not triton_ok or DEVICE != "cpu", reason="interpreter comparison (GPU: tests/gpu)")
+@pytest.mark.parametrize("precision", ["int8", "int8-fp8", "int4-fp8"])
+def test_tma_loads_give_the_pointer_loads_results(monkeypatch, precision):
+    """Hopper's quantized forward loads K and V (FP8's V^T included) by TMA; the interpreter runs
+    that path when told to (a V head dim below the tile: zero-filled columns) and must give the
+    pointer loads' results."""
+    import triton
+
+    from omniattn.backends.triton import launch
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = offset_keys((1, 48, 4, 128), (1, 48, 2, 128), gen, dtype=torch.float32)
+    v = v[..., :112].contiguous()
+    asked = []
+    with torch.no_grad():
+        for score in ("softmax", "silu"):
+            pointers = oa.attention(q, k, v, score=score, precision=precision, backend="triton")
+            monkeypatch.setattr(launch, "_tma_ok", lambda *tensors: asked.append(tensors) or True)
+            monkeypatch.setattr(launch, "_ensure_allocator", lambda: None)
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+            tma = oa.attention(q, k, v, score=score, precision=precision, backend="triton")
+            monkeypatch.undo()
+            torch.testing.assert_close(tma, pointers, rtol=0, atol=1e-6)
+    assert len(asked) == 2 and asked[0][0].dtype != torch.float32  # the quantized K went by TMA
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
 @pytest.mark.parametrize("layout", ["causal-gqa", "varlen"])

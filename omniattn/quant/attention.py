@@ -54,8 +54,8 @@ def _exact(spec: Spec) -> Spec:
 
 
 def _triton(spec: Spec, call: Call, precision: str, cfg):
-    from ..backends.triton import launch, launch_params
-    from ..backends.triton.configs import interpreting, quant_fwd_config
+    from ..backends.triton import launch, launch_params, supported
+    from ..backends.triton.configs import quant_fwd_config
     from .quantize import quantize_triton
 
     if call.q.is_cuda and precision not in gpu_precisions(call.q.device):
@@ -64,10 +64,11 @@ def _triton(spec: Spec, call: Call, precision: str, cfg):
         major, minor = torch.cuda.get_device_capability(call.q.device)
         raise ValueError(f"precision={precision!r} needs FP8 tensor cores (sm89+), this GPU is sm{major}{minor}; "
                          f"use precision={nearest!r}")
-    if not call.q.is_cuda and not interpreting():
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1; use backend='torch'")
+    ok, why = supported(call.q.device, explicit=True)
+    if not ok:
+        raise ValueError(f"backend='triton': {why}; use backend='torch'")
     p, extras = launch_params(spec, call)
-    tiles = quant_fwd_config(call.q.shape[-1])
+    tiles = quant_fwd_config(max(call.q.shape[-1], call.v.shape[-1]), PV_FP8[precision])
     qz = quantize_triton(call.q, call.k, call.v, call.cu_q, call.cu_k, call.lens_q, call.lens_k, call.max_q,
                          call.max_k, precision=precision, cfg=cfg, block_m=tiles.block_m, block_n=tiles.block_n,
                          row_bias=spec.score != "softmax" or spec.return_lse)

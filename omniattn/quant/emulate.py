@@ -17,7 +17,7 @@ import torch
 
 from ..backends import torch_tiled
 from ..spec import Call, Spec
-from .config import FP8_MAX, QuantConfig
+from .config import FP8_MAX, PV_FP8, QuantConfig
 from .quantize import _layout, quantize_torch, to_e4m3, unpack_int4
 
 
@@ -28,7 +28,7 @@ def emulate(spec: Spec, call: Call, precision: str, cfg: QuantConfig, block_m: i
 
     d = call.q.shape[-1]
     if block_m is None or block_n is None:
-        tiles = quant_fwd_config(d)
+        tiles = quant_fwd_config(max(d, call.v.shape[-1]), PV_FP8[precision])
         block_m, block_n = tiles.block_m, tiles.block_n
     need_row = spec.score != "softmax" or spec.return_lse
     mode_int4 = precision == "int4-fp8"

@@ -195,7 +195,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     """The same maths with the Triton quantization kernels (GPU, or the interpreter on CPU)."""
     import triton
 
-    from ..backends.triton import quant as kernels
+    from ..backends.triton import launch
     from ..backends.triton.configs import interpreting
     from ..backends.triton.launch import _dummy, _strides, block_dim
 
@@ -220,10 +220,11 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     ksum = torch.zeros(nseq * hkv * n_chunks, bd, dtype=torch.float32, device=dev)
     vmax = torch.zeros(nseq * hkv * n_chunks, bdv, dtype=torch.float32, device=dev)
     if (cfg.smooth_k or pv_fp8) and nseq * hkv and seqlen_k:
-        kernels.kv_stats_kernel[(n_chunks, nseq * hkv)](
+        launch.kv_stats_kernel[(n_chunks, nseq * hkv)](
             k, v, ksum, vmax, cu_k_arg, *_strides(k), *_strides(v), seqlen_k, hkv, n_chunks, d, dv,
             IS_VARLEN=not dense, HAS_V=pv_fp8, CHUNK=STATS_CHUNK, BLOCK_D=bd, BLOCK_DV=bdv)
-    counts = torch.tensor(lens_k, dtype=torch.float32, device=dev).clamp(min=1).view(-1, 1, 1)
+    # token counts on the device without a host copy (a pageable copy would wait for the GPU every call)
+    counts = max(seqlen_k, 1) if dense else (cu_k[1:] - cu_k[:-1]).clamp(min=1).to(torch.float32).view(-1, 1, 1)
     km = ksum.view(nseq, hkv, n_chunks, bd).sum(2) / counts  # (nseq, Hkv, BLOCK_D)
     vm = vmax.view(nseq, hkv, n_chunks, bdv).amax(2)
 
@@ -241,7 +242,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
         (0, k_scale.stride(0), k_scale.stride(1))
     rows_k = block_n if g_k > 1 else 16
     if nseq * hkv and seqlen_k:
-        kernels.quant_kv_kernel[(triton.cdiv(seqlen_k, rows_k), nseq * hkv)](
+        launch.quant_kv_kernel[(triton.cdiv(seqlen_k, rows_k), nseq * hkv)](
             k, v, km, vm, k_q, k_scale, v_t, cu_k_arg, *_strides(k), *_strides(v), *_strides(k_q), *ks_strides,
             *vt_strides, seqlen_k, hkv, d, dv,
             IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=min(g_k, rows_k), SMOOTH_K=cfg.smooth_k,
@@ -259,7 +260,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
         (0, q_scale.stride(0), q_scale.stride(1))
     if nseq * hq and seqlen_q:
         f32 = _dummy(dev, torch.float32)
-        kernels.quant_q_kernel[(n_tiles, nseq * hq)](
+        launch.quant_q_kernel[(n_tiles, nseq * hq)](
             q, km, q_q, q_scale, bias if bias is not None else f32, q_mean if q_mean is not None else f32, cu_q_arg,
             *_strides(q), *_strides(q_q), *qs_strides, seqlen_q, hq, hq // hkv, d, n_tiles,
             IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=g_q, SMOOTH_Q=cfg.smooth_q,

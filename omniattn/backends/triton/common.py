@@ -36,10 +36,11 @@ def tanh(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def sigmoid(x, FAST_MATH: tl.constexpr):
+def sigmoid(x, FAST_MATH: tl.constexpr, SCALE: tl.constexpr = 1.0):
+    """SCALE * sigmoid(x); a constant SCALE costs nothing (it folds into the constants)."""
     if FAST_MATH:  # sigmoid(x) = (1 + tanh(x / 2)) / 2: one MUFU op instead of exp2 and a reciprocal
-        return 0.5 + 0.5 * _tanh_approx(0.5 * x)
-    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+        return 0.5 * SCALE + (0.5 * SCALE) * _tanh_approx(0.5 * x)
+    return SCALE / (1.0 + tl.exp2(-x * LOG2E))
 
 
 # Quantized Q.K modes (precision): the inputs' dtype, INT8, INT4 packed two per byte, FP8 e4m3.
@@ -48,6 +49,7 @@ QK_INT8 = tl.constexpr(1)
 QK_INT4 = tl.constexpr(2)
 QK_FP8 = tl.constexpr(3)
 FP8_MAX = tl.constexpr(448.0)
+LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
 
 
 @triton.jit
@@ -68,12 +70,13 @@ def round_half_even(x):
 
 
 @triton.jit
-def to_fp8(x, EXACT_ROUNDING: tl.constexpr):
-    """float32 -> e4m3 with round-to-nearest-even, saturating at +-448. The GPU's conversion
-    instruction rounds correctly; Triton's interpreter does not carry a mantissa overflow into the
-    exponent (7.8 -> 4.0), so there (EXACT_ROUNDING) x is first rounded onto the e4m3 grid in
-    float32, after which the conversion is exact."""
-    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+def to_fp8(x, EXACT_ROUNDING: tl.constexpr, CLAMP: tl.constexpr = True):
+    """float32 -> e4m3 with round-to-nearest-even, saturating at +-448 (CLAMP=False: the caller
+    knows |x| <= 448). The GPU's conversion instruction rounds correctly; Triton's interpreter
+    does not carry a mantissa overflow into the exponent (7.8 -> 4.0), so there (EXACT_ROUNDING)
+    x is first rounded onto the e4m3 grid in float32, after which the conversion is exact."""
+    if CLAMP:
+        x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     if EXACT_ROUNDING:
         bits = x.to(tl.int32, bitcast=True)
         e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3: 3 mantissa bits, subnormals below 2^-6
@@ -328,16 +331,18 @@ def tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_heads, REVERSE: tl.con
 
 
 @triton.jit
-def online_softmax_tile(s2, m_i, l_i, acc, MAY_BE_EMPTY: tl.constexpr):
+def online_softmax_tile(s2, m_i, l_i, acc, MAY_BE_EMPTY: tl.constexpr, P_LOG2_SCALE: tl.constexpr = 0.0):
     """One key tile of the online softmax in base 2: the tile's P against the new running max, with
     the running sum and the accumulator rescaled to it. MAY_BE_EMPTY: masks can leave a row with
-    nothing allowed yet (max -inf); it subtracts 0 instead, so exp2 gives 0 rather than NaN."""
+    nothing allowed yet (max -inf); it subtracts 0 instead, so exp2 gives 0 rather than NaN.
+    P_LOG2_SCALE: P (and so the running sum) comes out times 2^P_LOG2_SCALE at no cost (FP8 P.V
+    wants P in e4m3's range)."""
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     if MAY_BE_EMPTY:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.exp2(s2 - m_use[:, None])
+    p = tl.exp2(s2 - (m_use - P_LOG2_SCALE)[:, None])
     alpha = tl.exp2(m_i - m_use)
     return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from .common import (
     FP8_MAX,
     LN2,
+    LOG2_FP8_MAX,
     LOG2E,
     QK_EXACT,
     QK_INT4,
@@ -46,11 +47,11 @@ from .common import (
 
 
 @triton.jit
-def _qk_tile_quantized(q, q_hi, k_rows, offs_n, offs_d, kv_ok, lk, head_dim, KS, ks_base, stride_kst, qm, qm_hi, sq,
+def _qk_tile_quantized(q, q_hi, k, offs_n, lk, KS, ks_base, stride_kst, qm, qm_hi, sq, fold,
                        QK_MODE: tl.constexpr, SMOOTH_Q: tl.constexpr):
-    """q.k of one key tile (k_rows: pointers to its rows) from quantized Q and K, dequantized to
-    float32 (before ``scale``)."""
-    k = tl.load(k_rows + offs_d[None, :], mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
+    """q.k of one key tile k [BN, D] from quantized Q and K, dequantized to float32 and already
+    times ``fold`` (the loop's score multiplier, which the row scales ``sq`` carry: two multiplies
+    per score, not three)."""
     if QK_MODE == QK_INT4:  # two int8 products over the low and high channel halves
         k_lo, k_hi = unpack_int4(k)
         qk = tl.dot(q, tl.trans(k_lo), out_dtype=tl.int32) + tl.dot(q_hi, tl.trans(k_hi), out_dtype=tl.int32)
@@ -65,7 +66,7 @@ def _qk_tile_quantized(q, q_hi, k_rows, offs_n, offs_d, kv_ok, lk, head_dim, KS,
             kq = tl.sum(k_lo.to(tl.float32) * qm[None, :], 1) + tl.sum(k_hi.to(tl.float32) * qm_hi[None, :], 1)
         else:
             kq = tl.sum(k.to(tl.float32) * qm[None, :], 1)
-        qk += (kq * sk)[None, :]
+        qk += (kq * (sk * fold))[None, :]
     return qk
 
 
@@ -76,7 +77,7 @@ def _fwd_tiles(
     shift, left, right, contextual, max_id, max_attn_len,
     scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_edges, rab_center, num_buckets,
     tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
-    KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias,
+    KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias, fold,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MAX_ATTN: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -90,6 +91,13 @@ def _fwd_tiles(
     TMA from the descriptors (Hopper; rows past the sequence arrive as zeros, like the masked
     loads; the copies hold no registers)."""
     ii = offs_m[:, None]
+    # the multiplier the scores still need: quantized scores come with it folded into their row scales
+    if QK_MODE == QK_EXACT:
+        s_scale = scale
+        s2_scale = scale * LOG2E
+    else:
+        s_scale = 1.0
+        s2_scale = 1.0
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         jj = offs_n[None, :]
@@ -99,14 +107,15 @@ def _fwd_tiles(
         else:
             kv_ok = offs_n[:, None] >= 0  # unmasked tiles lie inside the sequence
         if USE_TMA:
-            qk = tl.dot(q, tl.trans(k_desc.load([start_n, 0])), input_precision=DOT_PRECISION)  # [BM, BN]
-        elif QK_MODE == QK_EXACT:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
+            k = k_desc.load([start_n, 0])
+        else:  # (kv_ok: a mask that is all-true in unmasked tiles compiles away)
             k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :],
                         mask=kv_ok & (offs_d[None, :] < head_dim), other=0.0)
+        if QK_MODE == QK_EXACT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         else:
-            qk = _qk_tile_quantized(q, q_hi, k_base + rows[:, None] * stride_kt, offs_n, offs_d, kv_ok, lk, head_dim,
-                                    KS, ks_base, stride_kst, qm, qm_hi, sq, QK_MODE, SMOOTH_Q)
+            qk = _qk_tile_quantized(q, q_hi, k, offs_n, lk, KS, ks_base, stride_kst, qm, qm_hi, sq, fold, QK_MODE,
+                                    SMOOTH_Q)
         if HAS_ROW_BIAS:  # q . mean(K), removed by K's smoothing: restored for sigmoid, SiLU and the lse
             qk += row_bias[:, None]
         if HAS_MODS:
@@ -116,7 +125,7 @@ def _fwd_tiles(
                 t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
                 rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets, tgt_start,
                                True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
-            s, _, mask_ok = modify_scores(qk * scale, ii, jj, shift, slope, softcap, rab,
+            s, _, mask_ok = modify_scores(qk * s_scale, ii, jj, shift, slope, softcap, rab,
                                           mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
                                           HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
         if MASKED:
@@ -131,15 +140,17 @@ def _fwd_tiles(
             if HAS_MODS:
                 s2 = s * LOG2E
             else:
-                s2 = qk * (scale * LOG2E)
+                s2 = qk * s2_scale
             if MASKED or HAS_ATTN_MASK:
                 s2 = tl.where(ok, s2, float("-inf"))
-            p, m_i, l_i, acc = online_softmax_tile(s2, m_i, l_i, acc, MASKED or HAS_ATTN_MASK)
+            # FP8 P.V: P comes out x448 (e4m3's largest value), the running sum too
+            p, m_i, l_i, acc = online_softmax_tile(s2, m_i, l_i, acc, MASKED or HAS_ATTN_MASK,
+                                                   LOG2_FP8_MAX if PV_FP8 else 0.0)
         else:  # sigmoid and SiLU: no running max or sum, just P = f(s)
             if not HAS_MODS:
-                s = qk * scale
-            if SCORE == SIGMOID:
-                p = sigmoid(s + sig_bias, FAST_MATH)
+                s = qk * s_scale
+            if SCORE == SIGMOID:  # FP8 P.V: x448, folded into sigmoid's constants
+                p = sigmoid(s + sig_bias, FAST_MATH, FP8_MAX if PV_FP8 else 1.0)
             elif PV_FP8:  # SiLU's 1/n is applied to the output: P stays in FP8's range
                 p = s * sigmoid(s, FAST_MATH)
             else:
@@ -149,14 +160,15 @@ def _fwd_tiles(
         if HAS_DROPOUT:  # the softmax sum above used every P; only P.V sees the dropped ones
             p = tl.where(dropout_keep(drop_row, jj, drop_threshold), p * drop_scale, 0.0)
         if PV_FP8:
-            # V^T tiles [Dv, BN] (K-major for the FP8 MMA); P scaled into e4m3's range (softmax and
-            # sigmoid P <= 1 -> x448); the two-level accumulator adds each tile's product in float32
-            vt = tl.load(v_base + offs_dv[:, None] * stride_vt + rows[None, :],
-                         mask=tl.trans(kv_ok) & (offs_dv[:, None] < head_dim_v), other=0.0)
-            if SCORE == SILU:
-                p8 = to_fp8(p, EXACT_FP8_ROUNDING)
+            # V^T tiles [Dv, BN] (K-major for the FP8 MMA); softmax and sigmoid P arrive x448, in
+            # e4m3's range (no clamp), SiLU's is clamped; the two-level accumulator adds each tile's
+            # product in float32
+            if USE_TMA:
+                vt = v_desc.load([0, start_n])
             else:
-                p8 = to_fp8(p * FP8_MAX, EXACT_FP8_ROUNDING)
+                vt = tl.load(v_base + offs_dv[:, None] * stride_vt + rows[None, :],
+                             mask=tl.trans(kv_ok) & (offs_dv[:, None] < head_dim_v), other=0.0)
+            p8 = to_fp8(p, EXACT_FP8_ROUNDING, SCORE == SILU)
             if PV_TWO_LEVEL:
                 acc += tl.dot(p8, tl.trans(vt))
             else:
@@ -219,13 +231,20 @@ def attn_fwd_kernel(
     qm_hi = 0.0
     row_bias = 0.0
     ks_base = 0
+    fold = 1.0
     if QK_MODE != QK_EXACT:
         if QK_MODE == QK_INT4:
             q, q_hi = unpack_int4(q)
         qs_rows = b64 * stride_qsb + (q_start + offs_m) * stride_qst + h * stride_qsh
-        sq = tl.load(QS + qs_rows, mask=rows_ok, other=0.0)
+        # the loop's score multiplier (scale, and log2(e) for softmax without modifiers) is folded
+        # into the row scales here, once per program
+        if SCORE == SOFTMAX and not HAS_MODS:
+            fold = scale * LOG2E
+        else:
+            fold = scale
+        sq = tl.load(QS + qs_rows, mask=rows_ok, other=0.0) * fold
         if HAS_ROW_BIAS:
-            row_bias = tl.load(RB + qs_rows, mask=rows_ok, other=0.0)
+            row_bias = tl.load(RB + qs_rows, mask=rows_ok, other=0.0) * fold
         ks_base = b64 * stride_ksb + k_start * stride_kst + hk * stride_ksh
         if SMOOTH_Q:  # one mean per query tile, (sequences, heads, tiles, 2 * BLOCK_D) float32; INT4
             # keeps the low channel half in [0, BLOCK_D) and the high half in [BLOCK_D, 2 * BLOCK_D)
@@ -263,14 +282,18 @@ def attn_fwd_kernel(
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
             max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_EDGES,
             rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
-            KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias)
+            KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias, fold)
     k_desc = k_base
     v_desc = v_base
     if USE_TMA:  # per program: the descriptor's bounds are this sequence's keys
         k_desc = tl.make_tensor_descriptor(k_base, shape=[lk, head_dim], strides=[stride_kt, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[lk, head_dim_v], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_DV])
+        if PV_FP8:  # V^T (channel, token)
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[head_dim_v, lk], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_DV, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[lk, head_dim_v], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, BLOCK_DV])
     # constexprs go by keyword: inside a tuple they would become run-time values
     tiles = (q, q_hi, k_base, v_base, stride_kt, stride_vt, k_desc, v_desc)
     for part in tl.static_range(3):  # masked head, unmasked middle, masked tail
@@ -284,17 +307,21 @@ def attn_fwd_kernel(
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
             EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS, USE_TMA=USE_TMA)
 
-    if PV_FP8:  # undo V's per-channel scale and P's x448 (SiLU: its 1/n)
+    if PV_FP8:  # undo V's per-channel scale and P's x448 (softmax: its sum carries the x448; SiLU: its 1/n)
         vs = tl.load(VS + b64 * stride_vsb + hk * stride_vsh + offs_dv, mask=offs_dv < head_dim_v, other=0.0)
         if SCORE == SILU:
             acc = acc * (vs * silu_scale)[None, :]
-        else:
+        elif SCORE == SIGMOID:
             acc = acc * (vs / FP8_MAX)[None, :]
+        else:
+            acc = acc * vs[None, :]
     if SCORE == SOFTMAX:
         has_keys = l_i > 0.0
         acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         if STORE_LSE:
             lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+            if PV_FP8:
+                lse -= LOG2_FP8_MAX * LN2
             tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
     o_ptrs = (O + b64 * stride_ob + q_start * stride_ot + h * stride_oh + wide(offs_m, INT64_OFFSETS)[:, None] * stride_ot
               + offs_dv[None, :])

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from . import bwd, fwd
+from . import bwd, fwd, quant
 from .configs import PREPROCESS_BLOCK_M, bwd_dkdv_config, bwd_dq_config, fwd_config, interpreting, quant_fwd_config
 from .launcher import FastLaunch
 
@@ -21,6 +21,9 @@ attn_bwd_preprocess_kernel = FastLaunch(bwd.attn_bwd_preprocess_kernel)
 attn_bwd_dkdv_kernel = FastLaunch(bwd.attn_bwd_dkdv_kernel)
 attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
 rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
+kv_stats_kernel = FastLaunch(quant.kv_stats_kernel)
+quant_kv_kernel = FastLaunch(quant.quant_kv_kernel)
+quant_q_kernel = FastLaunch(quant.quant_q_kernel)
 
 SCORE_IDS = {"softmax": 0, "sigmoid": 1, "silu": 2}
 
@@ -242,28 +245,37 @@ def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False):
     TMA: non-causal calls of head dims above 64 where the GPU and the layout allow it (measured
     faster there; benchmarks/NOTES.md). The varlen tile schedule is built from the same tiles."""
     head_dim = max(q.shape[-1], v.shape[-1])
-    tma = not quantized and p.mask_kind == 0 and not p.causal and head_dim > 64 and _tma_ok(q, k, v)
+    tma = (not quantized and p.mask_kind == 0 and not p.causal and head_dim > 64
+           and q.dtype in (torch.float16, torch.bfloat16) and _tma_ok(k, v))
     cfg = fwd_config(head_dim, q.element_size(), p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048,
                      tma=tma)
     return cfg, tma
 
 
-def _tma_ok(q, k, v) -> bool:
-    """Whether the forward loads K and V by TMA (tensor descriptors made in the kernel): Hopper,
-    16-bit inputs whose rows start on 16 bytes (descriptor rule). OMNIATTN_TMA=0 turns it off."""
-    if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if os.environ.get("OMNIATTN_TMA", "1") == "0":
+def _tma_ok(*tensors) -> bool:
+    """Whether the forward can load these tensors' tiles by TMA (tensor descriptors made in the
+    kernel): Hopper, and every (sequence, head) base and row stride a multiple of 16 bytes (the
+    descriptor rule). OMNIATTN_TMA=0 turns it off."""
+    t0 = tensors[0]
+    if interpreting() or not t0.is_cuda or os.environ.get("OMNIATTN_TMA", "1") == "0":
         return False
     from . import _capability
 
-    if _capability(q.device.index if q.device.index is not None else 0)[0] != 9:
+    if _capability(t0.device.index if t0.device.index is not None else 0)[0] != 9:
         return False
-    for t in (k, v):  # the base of every (sequence, head) and every row stride: multiples of 16 bytes
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
             return False
     _ensure_allocator()
     return True
+
+
+def _quant_tma_ok(quant: "Quantized", p: Params, head_dim: int, dense: bool) -> bool:
+    """TMA for the quantized forward: the exact path's rule (non-causal, head dim above 64), and
+    FP8 V^T only for dense calls (a packed sequence's V^T columns start at any byte)."""
+    if p.mask_kind != 0 or p.causal or head_dim <= 64 or (quant.pv_fp8 and not dense):
+        return False
+    return _tma_ok(quant.k, quant.v)
 
 
 def _ensure_allocator() -> None:
@@ -292,7 +304,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
     scale_strides = (0,) * 8
     if quant is not None:  # the tiles the quantization groups were aligned to
-        cfg = quant_fwd_config(max(L.d, L.dv))
+        cfg = quant_fwd_config(max(L.d, L.dv), quant.pv_fp8)
+        tma = _quant_tma_ok(quant, p, max(L.d, L.dv), not L.varlen)
         q, k, v = quant.q, quant.k, quant.v
         f32 = _dummy(dev, torch.float32)
         scales = (quant.q_scale, quant.k_scale, quant.v_scale if quant.v_scale is not None else f32,
