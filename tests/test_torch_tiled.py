@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import omniattn as oa
@@ -61,8 +61,16 @@ def build(case):
     return dense_problem(b, nq, nk, hq, case["hkv"], case["d"], case["dv"], case["dtype"], gen, **kw), gen
 
 
+# Found by Hypothesis: two keys seen by two of 58 rows, bf16. dS = P (dP - delta) nearly cancels
+# there, and delta_i = dO_i . O_i taken from the bf16 O put dq 16% off on one element (2x the
+# same-dtype maths' error); the backward now takes delta from the float32 O.
+BF16_DELTA_CASE = dict(kw=dict(score="softmax", causal=True, window=(-1, -1), scale=0.5), hkv=1, hq=3, d=64, dv=64,
+                       varlen=False, shape=(2, 58, 2), alibi=True, dtype=torch.bfloat16, seed=877619)
+
+
 @SETTINGS
 @given(case=attention_cases())
+@example(case=BF16_DELTA_CASE)
 def test_torch_backend_matches_reference(small_tiles, case):
     problem, gen = build(case)
     check_outputs_and_grads(problem, "torch", gen)

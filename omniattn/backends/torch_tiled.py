@@ -382,14 +382,14 @@ def _activate_with_grad(p: _Plan, s: torch.Tensor, dp: torch.Tensor, scr: Option
 # ------------------------------------------------------------------------------ forward
 
 
-def _forward(p: _Plan, q, k, v, pos_w, ts_w):
-    """Packed output (Tq, Hq, Dv) in q's dtype and lse (Hq, Tq) (empty for sigmoid/SiLU).
-    q, k, v in the compute dtype."""
+def _forward(p: _Plan, q, k, v, pos_w, ts_w, out_dtype: Optional[torch.dtype] = None):
+    """Packed output (Tq, Hq, Dv) in ``out_dtype`` (default q's dtype) and lse (Hq, Tq) (empty for
+    sigmoid/SiLU). q, k, v in the compute dtype."""
     spec, cd = p.spec, p.cdtype
     tq, hq, _ = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     softmax = spec.score == "softmax"
-    out = _empty(tq, hq, dv, dtype=p.call.q.dtype, device=q.device)
+    out = _empty(tq, hq, dv, dtype=out_dtype or p.call.q.dtype, device=q.device)
     lse = _empty(hq, tq, dtype=cd, device=q.device) if softmax else q.new_empty(0, dtype=cd)
     # views: a transposing copy of K costs more than the matmuls gain from contiguous panels
     kt_all = k.permute(1, 2, 0)  # (Hkv, D, Tk)
@@ -725,14 +725,17 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_w, ts_w, plan: _Plan):
         x = _Inputs.of(plan, q, k, v)
-        out, lse = _forward(plan, x.q, x.k, x.v, pos_w, ts_w)
+        # softmax's backward takes delta_i = dO_i . O_i: from the float32 O, not the 16-bit one
+        # returned (its rounding, up to 2^-9 of |O|, is magnified where dP - delta cancels)
+        wide = plan.spec.score == "softmax" and q.dtype != plan.cdtype and any(ctx.needs_input_grad[:3])
+        out, lse = _forward(plan, x.q, x.k, x.v, pos_w, ts_w, plan.cdtype if wide else None)
         if x.bad is not None:
             _forward_nan(plan, *x.bad, out, lse)
         ctx.save_for_backward(q, k, v, out, lse, pos_w, ts_w)
         ctx.plan = plan
         if plan.spec.score != "softmax":
             ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
