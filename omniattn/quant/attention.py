@@ -30,7 +30,7 @@ def run_quantized(spec: Spec, call: Call, backend: str):
     from ..backends import resolve as resolve_backend
 
     name = resolve_backend(backend, spec, call)
-    precision = resolve(spec.precision, call.q.device, name)
+    precision = resolve(spec.precision)
     if precision == "exact":  # "auto" where nothing quantized pays off
         from .. import backends
 

@@ -83,14 +83,14 @@ def gpu_precisions(device: torch.device) -> tuple[str, ...]:
     return ()
 
 
-def resolve(precision: str, device: torch.device, backend: str) -> str:
-    """``"auto"``: the fastest precision this GPU runs that meets omniattn's accuracy bar (cosine
-    >= 0.9999 and relative L1 <= 0.01 on outlier-key inputs): INT8 Q.K with 16-bit P.V. The FP8
-    P.V precisions miss the bar on those inputs (e4m3 keeps 3 mantissa bits: cosine ~0.9993,
-    relative L1 ~0.037, benchmarks/NOTES.md) and INT4 more so. Exact on CPUs (the emulation is
-    for studying accuracy, not speed)."""
+def resolve(precision: str) -> str:
+    """``"auto"``: the fastest precision this device runs that meets omniattn's accuracy bar
+    (cosine >= 0.9999 and relative L1 <= 0.01 on outlier-key inputs). Only INT8 Q.K with 16-bit
+    P.V meets the bar (FP8 P.V: e4m3's 3 mantissa bits give cosine ~0.9993, relative L1 ~0.037;
+    INT4 less), and on the GPU measured (H200, benchmarks/NOTES.md) INT8 with its quantization is
+    no faster than the exact kernel: 1.00x at 4x4096, 1.02x at 1x16384, 0.82x causal, 0.64x at
+    16x1024 (the quantization passes cost ~0.1 ms). So "auto" is exact, on GPUs as on CPUs (where
+    the quantized precisions are an emulation for studying accuracy)."""
     if precision != "auto":
         return precision
-    if device.type != "cuda" or backend == "torch":
-        return "exact"
-    return "int8" if "int8" in gpu_precisions(device) else "exact"
+    return "exact"

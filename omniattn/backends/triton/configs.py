@@ -71,12 +71,16 @@ def quant_fwd_config(head_dim: int, pv_fp8: bool) -> TileConfig:
     """Quantized forward: the quantization groups follow these tiles (per_block scales), so they
     are fixed per head dim rather than per score. 128 keys per tile: the accumulator's rescale and
     the two-level FP8 accumulator's adds are per (row, channel) per tile, so wider key tiles halve
-    them per score. H200, 4x4096, H=16, D=128, K/V by TMA (benchmarks/NOTES.md): 64x128 w4 s2 for
-    INT8 Q.K with 16-bit P.V (561 TOPS; 128x64 w4 s2 526), s3 where P.V runs in FP8 (622; s2 565)."""
+    them per score. H200, 4x4096, H=16, kernel time (benchmarks/NOTES.md): D=128 (K/V by TMA)
+    64x128 w4 s2 for INT8 Q.K with 16-bit P.V (561 TOPS; 128x64 w4 s2 526), s3 where P.V runs
+    in FP8 (622; s2 565); D=64 (pointer loads) INT8 128x64 w4 s3 (351; 64x128 w4 s2 327), FP8
+    P.V 64x128 w4 s2 (365; 128x64 w4 s3 331)."""
     if pinned := _pinned("qfwd"):
         return pinned
     if head_dim > 128:
         return TileConfig(64, 64, 4, 2)
+    if head_dim <= 64:
+        return TileConfig(64, 128, 4, 2) if pv_fp8 else TileConfig(128, 64, 4, 3)
     return TileConfig(64, 128, 4, 3 if pv_fp8 else 2)
 
 
