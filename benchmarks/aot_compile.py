@@ -126,7 +126,8 @@ def install() -> None:
 
 def hstu_long(int64: bool) -> None:
     """HSTU with the relative bias on a sequence >= 2048 (128x64 tiles, forward and backward), with
-    64-bit addressing forced or not; prints one line per variant then the variant keys (tests/test_gpu_compile.py)."""
+    64-bit addressing forced or not, and without the bias over query windows (context parallel);
+    prints one line per variant then the variant keys (tests/test_gpu_compile.py)."""
     if int64:
         launch._needs_int64 = lambda *args: True
     n = 2100
@@ -135,9 +136,19 @@ def hstu_long(int64: bool) -> None:
     rab = oa.hstu.RelativeBias(n, 16)
     out = oa.hstu_attention(q, q, q, offsets, n, backend="triton", rab=rab, timestamps=torch.arange(n + 50))
     out.sum().backward()
+    import dataclasses
+
+    from omniattn import backends, spec
+
+    s, call = spec.hstu_call(q, q, q, offsets, n, alpha=0.1, causal=True, num_targets=None, contextual_seq_len=0,
+                             max_attn_len=0, rab=None, timestamps=None, silu_norm=None, precision="exact",
+                             backend="triton")
+    call = dataclasses.replace(call, query_windows=(((0, 500), (1600, 2100)), ((0, 50),)))
+    backends.run(s, call, "triton")[0].sum().backward()
     for name, consts, _, _ in SEEN:
         c = dict(consts)
-        print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')}")
+        print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')} "
+              f"HAS_Q_WIN={c.get('HAS_Q_WIN')}")
 
 
 def tma() -> None:

@@ -97,6 +97,11 @@ class Call:
     # (added to the score), broadcastable to (B, Hq, Nq, Nk). Never expanded or copied.
     attn_mask: Optional[torch.Tensor] = None
     dropout_seed: int = 0  # seed of the counter-based dropout hash (DESIGN.md), with spec.dropout_p > 0
+    # Varlen calls whose caller reads only some query rows (context-parallel HSTU: a rank's rows of
+    # the whole batch): per sequence, the (start, stop) position ranges it reads. The other rows
+    # must hold zero queries and get zero output gradients; the Triton kernels may then skip them
+    # (their outputs and dQ rows are left zero), the other backends compute them.
+    query_windows: Optional[tuple[tuple[tuple[int, int], ...], ...]] = None
 
     @property
     def dense(self) -> bool:

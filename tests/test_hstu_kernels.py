@@ -117,3 +117,54 @@ def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, monkeypatch):
         return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, **kw)
 
     check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_windows_skip_rows_and_keep_the_read_ones(causal):
+    """Context-parallel HSTU reads a rank's rows of the whole batch (Call.query_windows): the
+    kernels launch only the query tiles that meet those rows and visit only them from each key
+    tile, and give the read rows' outputs, dQ, and dK/dV of the full call (the other rows: zero
+    queries, zero output gradients)."""
+    import dataclasses
+
+    from omniattn import backends
+    from omniattn import spec as _spec
+    from omniattn.backends.triton import launch_params
+
+    gen = torch.Generator().manual_seed(5)
+    lens, windows = [70, 33, 50], (((0, 17), (52, 70)), ((9, 20),), ())  # windows: per sequence
+    cu = torch.tensor([0, 70, 103, 153], dtype=torch.int32, device=DEVICE)
+    q, k, v, dout = (rand((153, 2, 32), torch.float32, gen, DEVICE) for _ in range(4))
+    read = torch.zeros(153, dtype=torch.bool, device=DEVICE)
+    for s, ranges in enumerate(windows):
+        for a, b in ranges:
+            read[int(cu[s]) + a : int(cu[s]) + b] = True
+    q, dout = q * read[:, None, None], dout * read[:, None, None]
+    results = []
+    for use_windows in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        spec, call = _spec.hstu_call(*leaves, cu, 70, alpha=0.2, causal=causal, num_targets=torch.tensor([3, 0, 5]),
+                                     contextual_seq_len=0, max_attn_len=0, rab=None, timestamps=None, silu_norm=None,
+                                     precision="exact", backend="triton")
+        if use_windows:
+            call = dataclasses.replace(call, query_windows=windows)
+        extras = launch_params(spec, call)[1]
+        out = backends.run(spec, call, "triton")[0]
+        results.append((extras, out, torch.autograd.grad(out, leaves, dout)))
+    (full_x, full, full_g), (win_x, win, win_g) = results
+    assert win_x.tiles_fwd.shape[0] < full_x.tiles_fwd.shape[0] and win_x.tiles_dq.shape[0] < full_x.tiles_dq.shape[0]
+    assert win_x.q_windows is not None and full_x.q_windows is None
+    torch.testing.assert_close(win[read], full[read], rtol=0, atol=1e-6)
+    torch.testing.assert_close(win_g[0][read], full_g[0][read], rtol=0, atol=1e-6)
+    for got, want in zip(win_g[1:], full_g[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_query_windows_are_whole_tiles_and_never_overlap():
+    from omniattn.backends.triton import schedule
+
+    table = schedule.query_windows((((0, 17), (20, 40), (52, 70)), ((9, 20),), ()), 16, torch.device("cpu"))
+    # (0, 17) -> [0, 32) meets (20, 40) -> [16, 48): one range; (52, 70) -> [48, 80): touches it, merged too
+    assert table.tolist() == [[[0, 80], [0, 32], [0, 0]]]
+    table = schedule.query_windows((((0, 10), (64, 70)),), 16, torch.device("cpu"))
+    assert table.tolist() == [[[0, 16]], [[64, 80]]]

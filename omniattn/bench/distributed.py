@@ -26,9 +26,8 @@ Single-GPU baselines run up to ``baseline_max_seqlen`` tokens (a 1M/sqrt(2) base
 minute of the budget, and its 3e9-element q passes the kernels' int32 row offsets); longer runs
 are compared with the throughput of the longest baseline of the same score and mode, whose length
 the row gives as ``baseline_seqlen``.
-``cp-hstu`` runs the all-gather HSTU path, which today computes every query row on every rank
-(see omniattn.distributed.hstu): its efficiency is bounded by 1/P until the kernels skip
-inactive rows.
+``cp-hstu`` runs the all-gather HSTU path (omniattn.distributed.hstu): K/V gathered, each rank's
+kernels visit only its own (zigzag) query rows.
 
 Tiling-AllReduce rows (op "tp-allreduce"): ParallelAttention at TP = P, forward; ``ms`` with the
 overlap, ``ms_plain`` the plain layer (overlap=False), ``ms_tiled_sync`` the same tiles with each

@@ -8,10 +8,11 @@ whole batch; read back the rank's rows. Gradients: dQ is read back from the buff
 reduce-scattered by the gather's backward, and the relative bias weights' gradient is summed over
 the group (``reduce_rab_grads``).
 
-Cost: the kernels compute every query row, also the rows of the other ranks (zeros whose outputs
-are discarded), so each rank does the work of the whole batch; an "active query rows" option of
-the kernels removes it: :func:`_run` passes the rank's rows through as soon as ``Call`` has an
-``active_rows`` field.
+Cost: the call tells the kernels which rows the rank reads (``Call.query_windows``); the Triton
+kernels skip the other rows' query tiles in the forward and dQ, and visit only the rank's rows
+from each key tile in dK/dV, so a rank does its share of the work (with ``load_balance="zigzag"``
+an equal share under causal masks). With the relative bias or a contextual prefix, and on the
+other backends, every row is computed (correct, the whole batch's work on each rank).
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ class _SumGradsOverGroup(torch.autograd.Function):
         return (None, *out)
 
 
-def _run(spec, call, backend: str, active_rows: Tensor) -> Tensor:
-    """The whole batch's HSTU attention. Only ``active_rows`` of the output are used: once the
-    kernels can skip the other query rows (a ``Call.active_rows`` field), they get them here."""
-    if any(f.name == "active_rows" for f in dataclasses.fields(call)):
-        call = dataclasses.replace(call, active_rows=active_rows)
-    return backends.run(spec, call, backend)[0]
+def _windows(lay: _layout.Layout, rank: int) -> tuple:
+    """Per sequence, the (start, stop) positions of this rank's rows (Call.query_windows)."""
+    out: list = [[] for _ in lay.lengths]
+    for s in lay.segments[rank]:
+        out[s.seq].append((s.start, s.stop))
+    return tuple(tuple(r) for r in out)
 
 
 def context_parallel_hstu_attention(
@@ -100,7 +101,7 @@ def context_parallel_hstu_attention(
     Returns:
         (T_local, H, Dv): this rank's rows of the output.
 
-    Every rank computes the attention of the whole batch (see the module docstring).
+    The Triton kernels compute only this rank's rows (see the module docstring).
     """
     what = "context_parallel_hstu_attention"
     g = resolve_group(group)
@@ -157,4 +158,7 @@ def context_parallel_hstu_attention(
     if call.rab is not None and reduce_rab_grads and g.size > 1 and torch.is_grad_enabled():
         pos_w, ts_w = _SumGradsOverGroup.apply(g.pg, call.rab.pos_w, call.rab.ts_w)
         call.rab = dataclasses.replace(call.rab, pos_w=pos_w, ts_w=ts_w)
-    return _run(spec, call, backend, rows_idx).index_select(0, rows_idx)
+    # the other ranks' rows are zero queries whose outputs are dropped (zero gradients): the Triton
+    # kernels skip their tiles
+    call = dataclasses.replace(call, query_windows=_windows(lay, g.rank))
+    return backends.run(spec, call, backend)[0].index_select(0, rows_idx)

@@ -111,6 +111,11 @@ def launch_params(spec: Spec, call: Call):
     p = _params(spec, call)
     rab = call.rab
     tiles = (None, None, None)
+    q_windows = None
+    # query windows (context-parallel HSTU reads a rank's rows of the whole batch): skipped where
+    # the rows outside them could still matter (the relative bias' weight gradient sums over every
+    # row; contextual rows are visited outside the query range)
+    windows = call.query_windows if rab is None and p.contextual == 0 and not call.dense else None
     if not call.dense:
         dims = max(call.q.shape[-1], call.v.shape[-1])
         size = call.q.element_size()
@@ -119,15 +124,18 @@ def launch_params(spec: Spec, call: Call):
         dq = bwd_dq_config(dims, size, rab is not None).block_m
         dkdv = bwd_dkdv_config(dims, size, p.causal).block_n
         hq, hkv = call.q.shape[-2], call.k.shape[-2]
-        tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, hq, dev),
-                 schedule.tile_list(lq, lk, dq, p.causal, True, hq, dev),
+        tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, hq, dev, windows),
+                 schedule.tile_list(lq, lk, dq, p.causal, True, hq, dev, windows),
                  schedule.tile_list(lk, lq, dkdv, p.causal, False, hkv, dev))
+        if windows is not None:
+            q_windows = schedule.query_windows(windows, bwd_dkdv_config(dims, size, p.causal).block_m, dev)
     extras = Extras(
         cu_q=None if call.dense else call.cu_q, cu_k=None if call.dense else call.cu_k, alibi=call.alibi,
         num_targets=call.num_targets, pos_w=rab.pos_w if rab else None, ts_w=rab.ts_w if rab else None,
         timestamps=rab.timestamps if rab else None, attn_mask=call.attn_mask,
         tiles_fwd=tiles[0], tiles_dq=tiles[1], tiles_dkdv=tiles[2],
         lens_host=torch.tensor([call.lens_q, call.lens_k], dtype=torch.int64) if rab is not None else None,
+        q_windows=q_windows,
     )
     return p, extras
 

@@ -167,7 +167,7 @@ def _dkdv_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK, Q_WIN,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -180,9 +180,12 @@ def attn_bwd_dkdv_kernel(
     HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_Q_WIN: tl.constexpr = False, ACCUMULATE: tl.constexpr = False,
 ):
-    # TILES, if any: (sequence, kv head, key tile) triples (schedule.tile_list)
+    # TILES, if any: (sequence, kv head, key tile) triples (schedule.tile_list). Q_WIN (HAS_Q_WIN):
+    # per sequence, the one range of query rows [lo, hi) (tile-aligned) this launch visits: the
+    # caller reads only some rows, the others hold zero queries and zero output gradients, so
+    # they add nothing (schedule.query_windows); ACCUMULATE adds to DK/DV (one launch per window)
     pid_n, b, hk, q_start, lq, k_start, lk = tile_program(CU_Q, CU_K, TILES, seqlen_q, seqlen_k, n_kv_heads,
                                                           False, IS_VARLEN, TILE_LIST)
     n0 = pid_n * BLOCK_N
@@ -211,6 +214,11 @@ def attn_bwd_dkdv_kernel(
     lo, hi, full_lo, full_hi, ctx_hi = query_range(n0, n_last, lq, lk, shift, window_left, window_right, contextual,
                                                    max_id, max_attn_len, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
                                                    HAS_CONTEXT, HAS_MAX_ATTN)
+    if HAS_Q_WIN:
+        lo = tl.maximum(lo, tl.load(Q_WIN + 2 * b))
+        hi = tl.minimum(hi, tl.load(Q_WIN + 2 * b + 1))
+        full_lo = tl.maximum(full_lo, lo)
+        full_hi = tl.minimum(full_hi, hi)
     start, mid_lo, mid_hi = split_range(lo, hi, full_lo, full_hi, BLOCK_M)
     ctx_end = tl.minimum(ctx_hi, start)
 
@@ -247,10 +255,15 @@ def attn_bwd_dkdv_kernel(
                     INT64_OFFSETS=INT64_OFFSETS)
     dk = dk * scale
     out_mask = col_ok[:, None]
-    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=out_mask & (offs_d[None, :] < head_dim))
-    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvt + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=out_mask & (offs_dv[None, :] < head_dim_v))
+    dk_ptrs = DK + b64 * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvt + offs_dv[None, :]
+    dk_mask = out_mask & (offs_d[None, :] < head_dim)
+    dv_mask = out_mask & (offs_dv[None, :] < head_dim_v)
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=dv_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit

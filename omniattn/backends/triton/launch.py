@@ -80,6 +80,7 @@ class Extras(NamedTuple):
     tiles_dq: Optional[torch.Tensor] = None
     tiles_dkdv: Optional[torch.Tensor] = None
     lens_host: Optional[torch.Tensor] = None  # (2, B) int64 on the CPU: query and key lengths (relative bias)
+    q_windows: Optional[torch.Tensor] = None  # (windows, B, 2) int32: the query rows read (schedule.query_windows)
 
 
 class Quantized(NamedTuple):
@@ -299,7 +300,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     L = _Launch(q, k, v, x, max_q, max_k, p)
     dev = q.device
-    out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
+    # with query windows the rows of skipped tiles stay zero
+    out = (torch.empty if x.q_windows is None else torch.zeros)(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
     lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
     meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
     scale_strides = (0,) * 8
@@ -343,7 +345,9 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     L = _Launch(q, k, v, x, max_q, max_k, p)
     dev = q.device
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
+    new = torch.empty_like if x.q_windows is None else torch.zeros_like
+    dq, dk, dv = new(q), torch.empty_like(k), torch.empty_like(v)
     delta = lse
     if L.softmax:
         delta = torch.empty_like(lse)
@@ -361,14 +365,20 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
     else:
         grid, tiles, tile_list = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
-    if grid[0] * (grid[1] if len(grid) > 1 else 1):
+    windows = x.q_windows if x.q_windows is not None else _dummy(dev, torch.int32)[None]
+    if x.q_windows is not None:
+        dk, dv = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+    for w in range(windows.shape[0] if grid[0] * (grid[1] if len(grid) > 1 else 1) else 0):
         attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask,
+            q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask, windows[w],
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
             *L.seqlens, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            TILE_LIST=tile_list, **L.meta, **cfg.launch_kwargs(),
+            TILE_LIST=tile_list, HAS_Q_WIN=x.q_windows is not None, ACCUMULATE=w > 0, **L.meta,
+            **cfg.launch_kwargs(),
         )
+    if x.q_windows is not None:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
     grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
     n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)

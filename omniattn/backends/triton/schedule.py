@@ -11,6 +11,8 @@ of the batch by weight alone measured 11x slower at 32 x 4096 (each program stre
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _CACHE: dict = {}
@@ -18,11 +20,12 @@ _CACHE_SIZE = 64
 
 
 def tile_list(tiled: tuple[int, ...], other: tuple[int, ...], block: int, causal: bool, queries: bool, heads: int,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, windows: Optional[tuple] = None) -> torch.Tensor:
     """(programs, 3) int32 (sequence, head, tile) over ``tiled`` lengths split into ``block``-sized
     tiles. ``other``: the lengths of the other side; ``queries``: tiles are query tiles (else key
-    tiles)."""
-    key = (tiled, other, block, causal, queries, heads, str(device))
+    tiles); ``windows`` (query tiles only): per sequence, the (start, stop) ranges whose rows are
+    wanted; tiles that meet none of them are left out."""
+    key = (tiled, other, block, causal, queries, heads, str(device), windows)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
@@ -43,9 +46,49 @@ def tile_list(tiled: tuple[int, ...], other: tuple[int, ...], block: int, causal
     else:
         tile = rank
     out = torch.stack([seq, head, tile], 1).to(torch.int32).contiguous()
+    if windows is not None:
+        w = max((len(r) for r in windows), default=0)
+        bounds = torch.zeros(len(windows), max(w, 1), 2, dtype=torch.int64)  # padding: empty (0, 0) ranges
+        for s, ranges in enumerate(windows):
+            if ranges:
+                bounds[s, : len(ranges)] = torch.tensor(ranges, dtype=torch.int64)
+        a, b = bounds[seq, :, 0], bounds[seq, :, 1]
+        wanted = ((a < ((tile + 1) * block)[:, None]) & ((tile * block)[:, None] < b)).any(1)
+        out = out[wanted].contiguous()
     if device.type != "cpu":
         out = out.pin_memory().to(device, non_blocking=True)
+    return _remember(key, out)
+
+
+def _remember(key, value):
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = out
-    return out
+    _CACHE[key] = value
+    return value
+
+
+def query_windows(windows: tuple, block: int, device: torch.device) -> torch.Tensor:
+    """(W, sequences, 2) int32: per sequence, W ranges [lo, hi) of query rows, each widened to
+    whole ``block`` tiles and merged with any it then meets (so no tile is in two of them),
+    padded with empty (0, 0) ranges. One dK/dV launch visits one range per sequence."""
+    key = ("windows", windows, block, str(device))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    merged = []
+    for ranges in windows:
+        out: list = []
+        for a, b in sorted((a // block * block, -(-b // block) * block) for a, b in ranges if b > a):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        merged.append(out)
+    w = max((len(r) for r in merged), default=0)
+    table = torch.zeros(max(w, 1), len(merged), 2, dtype=torch.int32)
+    for s, ranges in enumerate(merged):
+        for i, (a, b) in enumerate(ranges):
+            table[i, s] = torch.tensor([a, b], dtype=torch.int32)
+    if device.type != "cpu":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return _remember(key, table)
