@@ -118,25 +118,32 @@ def case_hstu(group, dev):
     ts = torch.arange(t, device=dev) * 60
     nt = torch.tensor([8, 0, 16], device=dev)
     failures = []
-    refs = {}
-    for name, dt in (("64", torch.float64), ("same", DTYPE)):
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        out = oa.reference.hstu_attention(*leaves, cu, n, num_targets=nt, rab=rab, timestamps=ts, dtype=dt)
-        grads = torch.autograd.grad(out, leaves + [rab.pos_w, rab.ts_w], dout.to(out.dtype))
-        refs[name] = (out.detach(), *grads)
-    local = [x.index_select(0, rows).requires_grad_() for x in (q, k, v)]
-    out = cp.context_parallel_hstu_attention(*local, cu, n, group=group, num_targets=nt, rab=rab,
-                                             timestamps=ts.index_select(0, rows), backend=BACKEND)
-    got = torch.autograd.grad(out, local + [rab.pos_w, rab.ts_w], dout.index_select(0, rows))
-    scale = magnitude(*refs["64"])
-    names = ("dq", "dk", "dv", "d_pos_w", "d_ts_w")
-    _check(failures, "hstu out", out.detach(), refs["64"][0].index_select(0, rows), refs["same"][0].index_select(0, rows),
-           DTYPE)
-    for i, name in enumerate(names):
-        r64, rs = refs["64"][i + 1], refs["same"][i + 1]
-        if i < 3:
-            r64, rs = r64.index_select(0, rows), rs.index_select(0, rows)
-        _check(failures, f"hstu {name}", got[i], r64, rs, DTYPE, scale)
+    # with the relative bias every row is computed on every rank; without it the kernels visit
+    # only the rank's rows (query windows)
+    for bias in (rab, None):
+        weights = [rab.pos_w, rab.ts_w] if bias is not None else []
+        extra = dict(rab=bias, timestamps=ts) if bias is not None else {}
+        refs = {}
+        for name, dt in (("64", torch.float64), ("same", DTYPE)):
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            out = oa.reference.hstu_attention(*leaves, cu, n, num_targets=nt, dtype=dt, **extra)
+            grads = torch.autograd.grad(out, leaves + weights, dout.to(out.dtype))
+            refs[name] = (out.detach(), *grads)
+        local = [x.index_select(0, rows).requires_grad_() for x in (q, k, v)]
+        if bias is not None:
+            extra["timestamps"] = ts.index_select(0, rows)
+        out = cp.context_parallel_hstu_attention(*local, cu, n, group=group, num_targets=nt, backend=BACKEND, **extra)
+        got = torch.autograd.grad(out, local + weights, dout.index_select(0, rows))
+        scale = magnitude(*refs["64"])
+        names = ("dq", "dk", "dv", "d_pos_w", "d_ts_w")
+        tag = "hstu rab" if bias is not None else "hstu"
+        _check(failures, f"{tag} out", out.detach(), refs["64"][0].index_select(0, rows),
+               refs["same"][0].index_select(0, rows), DTYPE)
+        for i, name in enumerate(names[: len(got)]):
+            r64, rs = refs["64"][i + 1], refs["same"][i + 1]
+            if i < 3:
+                r64, rs = r64.index_select(0, rows), rs.index_select(0, rows)
+            _check(failures, f"{tag} {name}", got[i], r64, rs, DTYPE, scale)
     return failures
 
 
