@@ -143,7 +143,8 @@ def test_query_windows_skip_rows_and_keep_the_read_ones(causal):
     results = []
     for use_windows in (False, True):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        spec, call = _spec.hstu_call(*leaves, cu, 70, alpha=0.2, causal=causal, num_targets=torch.tensor([3, 0, 5]),
+        spec, call = _spec.hstu_call(*leaves, cu, 70, alpha=0.2, causal=causal,
+                                     num_targets=torch.tensor([3, 0, 5], device=DEVICE),
                                      contextual_seq_len=0, max_attn_len=0, rab=None, timestamps=None, silu_norm=None,
                                      precision="exact", backend="triton")
         if use_windows:

@@ -42,6 +42,7 @@ budget (``--budget-s``) skips what would not fit (such rows say so in ``error``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -357,23 +358,42 @@ def run_baselines(items, g, cfg: Config, device, budget: Budget, rate: dict) -> 
 def warm_up(g, cfg: Config, device) -> None:
     """Run every (score, strategy, mode) of the plan once at a short length, on P GPUs and on one,
     so Triton compiles every kernel variant before any timing (and before the long runs that
-    are timed without a warm-up of their own)."""
+    are timed without a warm-up of their own): twice, the second time with the 64-bit addressing
+    that long sequences take (offsets x strides >= 2^31 elements; compiling those variants inside
+    the first timed 256K HSTU run had cost it 4 s of its 7)."""
     world, rank = dist.get_world_size(g), dist.get_rank(g)
     n = cfg.warmup_seqlen - cfg.warmup_seqlen % (2 * world)
-    seen = set()
-    for _, op, mode, strategies in cfg.cp_plan:
-        for strategy in ("allgather",) if op == "hstu" else strategies:
-            for cp_world in (True, False):
-                key = (op, mode, strategy if cp_world else "single")
-                if key in seen:
-                    continue
-                seen.add(key)
-                gen = torch.Generator(device).manual_seed(rank)
-                prob = _cp_problem(op, n, strategy, g, cfg, device, gen, cp_world=cp_world)
-                heads = _heads(cfg, op)[0]
-                _step(prob, mode, _dout(op, n // world if cp_world else n, heads, cfg, device, gen, mode))()
+    cuda = device.type == "cuda"
+    for wide in (False, True) if cuda else (False,):
+        seen = set()
+        with _addressing(wide):
+            for _, op, mode, strategies in cfg.cp_plan:
+                for strategy in ("allgather",) if op == "hstu" else strategies:
+                    for cp_world in (True, False):
+                        key = (op, mode, strategy if cp_world else "single")
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        gen = torch.Generator(device).manual_seed(rank)
+                        prob = _cp_problem(op, n, strategy, g, cfg, device, gen, cp_world=cp_world)
+                        heads = _heads(cfg, op)[0]
+                        _step(prob, mode, _dout(op, n // world if cp_world else n, heads, cfg, device, gen, mode))()
     _sync(device)
     dist.barrier(group=g)
+
+
+@contextlib.contextmanager
+def _addressing(wide: bool):
+    """The Triton kernels with 64-bit offsets forced (``wide``), else as chosen per call."""
+    from ..backends.triton import launch
+
+    chosen = launch._needs_int64
+    if wide:
+        launch._needs_int64 = lambda *args: True
+    try:
+        yield
+    finally:
+        launch._needs_int64 = chosen
 
 
 def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[dict]:
