@@ -131,17 +131,18 @@ QUANT_PRECISIONS = ("int8", "int8-fp8", "fp8", "int4-fp8")
 
 def quant() -> list[Case]:
     """The quantization issue's matrix, forward, inputs with a per-channel key offset of std 3,
-    quantization time included: INT8 softmax at the kernel suite's shapes, every precision at
-    4x4096, sigmoid and SiLU quantized, D=64, HSTU INT8 at (32, 4096)."""
+    quantization time included: INT8 and INT8-FP8 softmax at the kernel suite's shapes, every
+    precision for every score at 4x4096, D=64, HSTU INT8 and INT8-FP8 at (32, 4096)."""
     q = lambda p: (("precision", p),)  # noqa: E731
-    cases = [Case("softmax", b, n, 16, 128, c, "fwd", "bf16", extra=q("int8"))
-             for b, n, c in ((4, 4096, False), (4, 4096, True), (1, 16384, False), (16, 1024, False))]
-    cases += [Case("softmax", 4, 4096, 16, 128, False, "fwd", "bf16", extra=q(p)) for p in QUANT_PRECISIONS[1:]]
+    cases = [Case("softmax", b, n, 16, 128, c, "fwd", "bf16", extra=q(p))
+             for b, n, c in ((4, 4096, False), (4, 4096, True), (1, 16384, False), (16, 1024, False))
+             for p in ("int8", "int8-fp8")]
+    cases += [Case("softmax", 4, 4096, 16, 128, False, "fwd", "bf16", extra=q(p)) for p in QUANT_PRECISIONS[2:]]
     cases += [Case(op, 4, 4096, 16, 128, False, "fwd", "bf16", extra=q(p)) for op in ("sigmoid", "silu")
-              for p in ("int8", "int8-fp8")]
-    cases.append(Case("softmax", 4, 4096, 16, 64, False, "fwd", "bf16", extra=q("int8")))
+              for p in QUANT_PRECISIONS]
+    cases += [Case("softmax", 4, 4096, 16, 64, False, "fwd", "bf16", extra=q(p)) for p in ("int8", "int8-fp8")]
     lens = jagged_lengths(32, 4096, seed=4097, low=0.9)
-    cases.append(Case("hstu", 32, 4096, 4, 128, True, "fwd", "bf16", lens=lens, extra=q("int8")))
+    cases += [Case("hstu", 32, 4096, 4, 128, True, "fwd", "bf16", lens=lens, extra=q(p)) for p in ("int8", "int8-fp8")]
     return cases
 
 
