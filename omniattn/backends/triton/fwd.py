@@ -163,11 +163,19 @@ def _fwd_tiles(
             # V^T tiles [Dv, BN] (K-major for the FP8 MMA); softmax and sigmoid P arrive x448, in
             # e4m3's range (no clamp), SiLU's is clamped; the two-level accumulator adds each tile's
             # product in float32
+            vt_ptrs = v_base + offs_dv[:, None] * stride_vt + rows[None, :]
+            channels_ok = offs_dv[:, None] < head_dim_v
             if USE_TMA:
                 vt = v_desc.load([0, start_n])
+            elif MASKED:
+                # a mask along V^T's contiguous (token) axis turns the load into single bytes: only
+                # the tile that crosses the sequence's end needs it
+                if start_n + BLOCK_N <= lk:
+                    vt = tl.load(vt_ptrs, mask=channels_ok, other=0.0)
+                else:
+                    vt = tl.load(vt_ptrs, mask=tl.trans(kv_ok) & channels_ok, other=0.0)
             else:
-                vt = tl.load(v_base + offs_dv[:, None] * stride_vt + rows[None, :],
-                             mask=tl.trans(kv_ok) & (offs_dv[:, None] < head_dim_v), other=0.0)
+                vt = tl.load(vt_ptrs, mask=channels_ok, other=0.0)
             p8 = to_fp8(p, EXACT_FP8_ROUNDING, SCORE == SILU)
             if PV_TWO_LEVEL:
                 acc += tl.dot(p8, tl.trans(vt))
