@@ -122,13 +122,13 @@ def launch_params(spec: Spec, call: Call):
         dev, lq, lk = call.q.device, call.lens_q, call.lens_k
         fwd = forward_config(call.q, call.k, call.v, p, call.max_q, spec.precision != "exact")[0].block_m
         dq = bwd_dq_config(dims, size, rab is not None).block_m
-        dkdv = bwd_dkdv_config(dims, size, p.causal).block_n
+        dkdv = bwd_dkdv_config(dims, size, p.causal)
         hq, hkv = call.q.shape[-2], call.k.shape[-2]
         tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, hq, dev, windows),
                  schedule.tile_list(lq, lk, dq, p.causal, True, hq, dev, windows),
-                 schedule.tile_list(lk, lq, dkdv, p.causal, False, hkv, dev))
+                 schedule.tile_list(lk, lq, dkdv.block_n, p.causal, False, hkv, dev))
         if windows is not None:
-            q_windows = schedule.query_windows(windows, bwd_dkdv_config(dims, size, p.causal).block_m, dev)
+            q_windows = schedule.query_windows(windows, dkdv.block_m, dev)
     extras = Extras(
         cu_q=None if call.dense else call.cu_q, cu_k=None if call.dense else call.cu_k, alibi=call.alibi,
         num_targets=call.num_targets, pos_w=rab.pos_w if rab else None, ts_w=rab.ts_w if rab else None,

@@ -25,10 +25,11 @@ def tile_list(tiled: tuple[int, ...], other: tuple[int, ...], block: int, causal
     tiles. ``other``: the lengths of the other side; ``queries``: tiles are query tiles (else key
     tiles); ``windows`` (query tiles only): per sequence, the (start, stop) ranges whose rows are
     wanted; tiles that meet none of them are left out."""
-    key = (tiled, other, block, causal, queries, heads, str(device), windows)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
+    return _cached((tiled, other, block, causal, queries, heads, str(device), windows),
+                   lambda: _tile_list(tiled, other, block, causal, queries, heads, device, windows))
+
+
+def _tile_list(tiled, other, block, causal, queries, heads, device, windows) -> torch.Tensor:
     lens = torch.tensor(tiled, dtype=torch.int64)
     others = torch.tensor(other, dtype=torch.int64)
     counts = (lens + block - 1) // block
@@ -55,26 +56,30 @@ def tile_list(tiled: tuple[int, ...], other: tuple[int, ...], block: int, causal
         a, b = bounds[seq, :, 0], bounds[seq, :, 1]
         wanted = ((a < ((tile + 1) * block)[:, None]) & ((tile * block)[:, None] < b)).any(1)
         out = out[wanted].contiguous()
-    if device.type != "cpu":
-        out = out.pin_memory().to(device, non_blocking=True)
-    return _remember(key, out)
+    return _to(out, device)
 
 
-def _remember(key, value):
-    if len(_CACHE) >= _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = value
-    return value
+def _to(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return table if device.type == "cpu" else table.pin_memory().to(device, non_blocking=True)
+
+
+def _cached(key, build):
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        hit = _CACHE[key] = build()
+    return hit
 
 
 def query_windows(windows: tuple, block: int, device: torch.device) -> torch.Tensor:
     """(W, sequences, 2) int32: per sequence, W ranges [lo, hi) of query rows, each widened to
     whole ``block`` tiles and merged with any it then meets (so no tile is in two of them),
     padded with empty (0, 0) ranges. One dK/dV launch visits one range per sequence."""
-    key = ("windows", windows, block, str(device))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
+    return _cached(("windows", windows, block, str(device)), lambda: _query_windows(windows, block, device))
+
+
+def _query_windows(windows: tuple, block: int, device: torch.device) -> torch.Tensor:
     merged = []
     for ranges in windows:
         out: list = []
@@ -89,6 +94,4 @@ def query_windows(windows: tuple, block: int, device: torch.device) -> torch.Ten
     for s, ranges in enumerate(merged):
         for i, (a, b) in enumerate(ranges):
             table[i, s] = torch.tensor([a, b], dtype=torch.int32)
-    if device.type != "cpu":
-        table = table.pin_memory().to(device, non_blocking=True)
-    return _remember(key, table)
+    return _to(table, device)
