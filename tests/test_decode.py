@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import omniattn as oa
-from omniattn.backends import torch_decode
+from omniattn.backends import torch_decode, torch_threads
 from omniattn.backends.triton import supported
 from omniattn.decode import attention_with_kvcache
 
@@ -101,6 +101,34 @@ def test_matches_reference(backend, score, paged, nq, dtype):
     caches, seqlens, table, dense = make_cache(lens, 47, 2, 16, dtype, gen, page_size=5 if paged else None)
     q = rand((4, nq, 4, 16), dtype, gen, DEVICE)  # GQA: 4 query heads on 2 kv heads
     check(q, caches, seqlens, table, dense, backend, score, num_splits=3 if nq == 1 else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nq", [1, 3])
+def test_fused_cpu_softmax_middle(monkeypatch, nq, dtype):
+    """The PyTorch path's fused CPU kernel for unmasked softmax keys: cut into pieces on several
+    workers, merged by lse with the masked edges of the other path (nq=3); lse included."""
+    if DEVICE != "cpu":
+        pytest.skip("the fused kernel is the CPU path")
+    calls = []
+    fused = torch_decode._fused_segment
+    monkeypatch.setattr(torch_decode, "_fused_segment", lambda *a: calls.append(a[3]) or fused(*a))
+    monkeypatch.setattr(torch_decode, "FUSED_MIN_KEYS", 16)
+    gen = torch.Generator().manual_seed(hash((nq, str(dtype))) % 2**31)
+    lens = [301, 0, 2, 157]  # pieces of uneven length, an empty entry, one too short for the fused path
+    caches, seqlens, table, dense = make_cache(lens, 301, 2, 32, dtype, gen)
+    q = rand((4, nq, 6, 32), dtype, gen, DEVICE)
+    with torch_threads.thread_budget(2):
+        check(q, caches, seqlens, table, dense, "torch")
+        out, lse = attention_with_kvcache(q, *caches, seqlens, backend="torch", return_lse=True)
+    assert len(calls) == 4  # two entries' middles, twice
+    for b, n in enumerate(lens):
+        _, lse64 = oa.reference.attention(q[b : b + 1].double(), dense[0][b : b + 1, :n].double(),
+                                          dense[1][b : b + 1, :n].double(), causal=True, return_lse=True)
+        got, want = lse[b : b + 1], lse64.float()
+        seen = want.isfinite()  # rows that see no key (empty entry, causal rows before it) are -inf
+        assert torch.equal(got[~seen], want[~seen])
+        assert max_err(got[seen], want[seen]) < (2e-2 if dtype != torch.float32 else 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -83,6 +83,45 @@ def test_decode_after_prefill(staged, score, cooperative):
             assert stats["host_tokens"] == len(cache)  # no device: all on the host, same code path
 
 
+def test_cooperative_steps_learn_the_host_rate(monkeypatch):
+    """A cooperative step with measured figures folds the host rate it saw into them (the next
+    step's split follows it); given or overriding figures are left alone."""
+    from types import SimpleNamespace
+
+    import importlib
+
+    calibrate = importlib.import_module("omniattn.longctx.calibrate")  # the module, not the function
+    monkeypatch.setattr(schedule, "STAGE_ON_CPU", True)
+    monkeypatch.setattr(calibrate, "_measured", {})
+    gen = torch.Generator().manual_seed(8)
+    cache, k, v = filled_cache(1, 120, 2, 16, torch.float32, gen)
+    q = rand((1, 1, 4, 16), torch.float32, gen)
+    dev = torch.device("cpu")
+    calibrate.calibrate(q, cache, dev)
+    key = calibrate._key(q, cache, dev, "softmax")
+    calibrate._measured[key] = before = Bandwidths(host_gbps=1e-6, link_gbps=2e-6, device_gbps=4e-6)
+    clock = iter([10.0, 10.5])  # the host part's start and end: it took 0.5 s
+    monkeypatch.setattr(schedule, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    budget = 60 * cache.bytes_per_token
+    stats = {}
+    out = longctx.attention(q, cache, gpu_budget_bytes=budget, chunk_tokens=16, cooperative=True, stats=stats)
+    check(q, k, v, out)
+    assert stats["bandwidths"] == before and stats["host_tokens"] > 0
+    seen = stats["host_tokens"] * cache.bytes_per_token / 0.5 / 1e9
+    after = calibrate._measured[key]
+    assert after.host_gbps == pytest.approx(0.5 * before.host_gbps + 0.5 * seen)
+    assert (after.link_gbps, after.device_gbps) == (before.link_gbps, before.device_gbps)
+    for kw in (dict(bandwidths=SLOW_CPU), {}):  # given figures; then overriding ones
+        clock = iter([10.0, 10.5])
+        if not kw:
+            calibrate.set_bandwidths(SLOW_CPU)
+        try:
+            longctx.attention(q, cache, gpu_budget_bytes=budget, chunk_tokens=16, cooperative=True, **kw)
+        finally:
+            calibrate.set_bandwidths(None)
+        assert calibrate._measured[key] == after
+
+
 def test_truncate_then_append_refreshes_the_mirror(monkeypatch):
     monkeypatch.setattr(schedule, "STAGE_ON_CPU", True)
     gen = torch.Generator().manual_seed(5)

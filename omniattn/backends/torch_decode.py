@@ -12,6 +12,13 @@ time, never for the whole cache; only a paged cache's keys are gathered, one ste
 
 The visible keys of an entry split into an unmasked middle (every query row sees it) and at most
 two masked edges (causal / window edges, a few keys each for decoding): only the edges build masks.
+
+On CPUs, a softmax middle (no softcap, no ALiBi, dense cache, Dv == D) goes to PyTorch's fused CPU
+flash-attention kernel instead, which reads bf16/fp16 keys in place: converting them to float32
+first (the path above) moves ~5x the cache's bytes through memory and read a 1M-token cache at
+5.5-7.5 GB/s on a 16-core host (benchmarks/NOTES.md); the fused kernel reads it once. The keys are
+cut into pieces handed to torch_threads' workers (one intra-op thread each: a decode step has only
+batch x kv heads of parallel work otherwise) and the pieces merge by lse like any split.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import torch_threads
+
 STEP_ELEMS = 1 << 21  # keys x kv heads x head dim converted per step (8 MiB in float32)
 SCORE_ELEMS = 1 << 22  # score-tile elements per step (many query rows)
 MAX_PIECES = 16
 MIN_PIECE = 1024  # keys per piece before a segment is cut into several pieces
+FUSED_MIN_KEYS = 1024  # a shorter unmasked middle runs the float32 path: too little to split
+FUSED_PIECES_PER_WORKER = 4  # pieces per worker thread: uneven piece times even out
 
 
 class _Entry:
@@ -141,6 +152,41 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
     return states
 
 
+def _fused_ok(spec, call, masked: bool, length: int) -> bool:
+    q = call.q
+    return (not masked and length >= FUSED_MIN_KEYS and spec.score == "softmax" and spec.softcap == 0
+            and call.alibi is None and not call.paged and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and call.k.shape[3] == call.v.shape[3])
+
+
+def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
+    """Partial states of the unmasked keys [start, start + length) by the fused CPU kernel: each
+    piece's (normalised out, lse) is a state with row max lse and row sum 1 (see _merge)."""
+    nq, hq, d = call.q.shape[1:]
+    hkv = call.k.shape[2]
+    g = hq // hkv
+    # rows of one kv head: (query head of the group, query) pairs, ordered as _Entry's rows
+    q = call.q[b].view(nq, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * nq, d)
+    k, v = call.contiguous_keys(b, start, start + length)
+    workers = torch_threads.workers_for(q.device, length // FUSED_MIN_KEYS)
+    pieces = max(1, min(length // FUSED_MIN_KEYS, FUSED_PIECES_PER_WORKER * workers))
+    bounds = [(length * p // pieces, length * (p + 1) // pieces) for p in range(pieces)]
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def piece(done: list, item) -> None:
+        p, (j0, j1) = item
+        # (n, Hkv, D) -> (1, Hkv, n, D): a strided view, read in place
+        o, lse = kernel(q, k[j0:j1].transpose(0, 1).unsqueeze(0), v[j0:j1].transpose(0, 1).unsqueeze(0),
+                        scale=spec.scale)
+        done.append((p, o, lse))
+
+    done = sorted((x for state in torch_threads.run(piece, enumerate(bounds), init=list, threads=workers)
+                   for x in state), key=lambda x: x[0])
+    acc = torch.cat([o for _, o, _ in done]).to(cdtype)
+    mx = torch.cat([lse for _, _, lse in done]).to(cdtype).unsqueeze(-1)
+    return [(acc, mx, torch.ones_like(mx))]
+
+
 def _merge(states, softmax: bool):
     """Exact merge of partial states over their first dim -> (out (Hkv, R, Dv), lse (Hkv, R) or None)."""
     acc = torch.cat([s[0] for s in states])
@@ -172,7 +218,10 @@ def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
         e = _Entry(spec, call, b, cdtype)
         states = []
         for start, end, masked in _segments(spec, e.length, nq):
-            states += _segment(spec, call, e, b, start, end - start, masked, cdtype)
+            if _fused_ok(spec, call, masked, end - start):
+                states += _fused_segment(spec, call, b, start, end - start, cdtype)
+            else:
+                states += _segment(spec, call, e, b, start, end - start, masked, cdtype)
         if states:
             o, l_b = _merge(states, softmax)
         else:  # no visible key: 0, lse -inf

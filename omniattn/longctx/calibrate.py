@@ -9,6 +9,7 @@ dtype, score) in a process; ``set_bandwidths`` or ``attention(..., bandwidths=..
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -18,9 +19,10 @@ from ..backends import torch_threads
 from .chunks import attend, chunk_spec
 from .plan import Bandwidths
 
-HOST_TOKENS = 16384
+HOST_TOKENS = 65536  # 256 MiB of K and V at 8 kv heads x 128 in bf16: out of the host's caches, like a long context
 DEVICE_TOKENS = 65536
 LINK_BYTES = 64 << 20
+OBSERVED_WEIGHT = 0.5  # of a cooperative step's observed host rate against the figure so far
 
 _measured: dict = {}
 _override: Optional[Bandwidths] = None
@@ -88,6 +90,25 @@ def link_gbps(device: torch.device) -> float:
     return _measured[key]
 
 
+def _key(q, cache, device, score: str) -> tuple:
+    b, nq, hq, d = q.shape
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device, one key
+        device = torch.device("cuda", torch.cuda.current_device())
+    return (str(device), cache.dtype, b, nq, hq, cache.num_kv_heads, d, cache.v_dim, score)
+
+
+def observe_host(q: torch.Tensor, cache, device: torch.device, score: str, gbps: float) -> None:
+    """Fold the host rate a cooperative step just saw into its problem class's figures, so the
+    next step's split follows what the host really delivers: beside a device pulling KV over the
+    link and at the size the split gives it (the calibration's smaller, quiet measurement read
+    11 GB/s where a 1M-token step's host part read ~30 on the H100 host: benchmarks/NOTES.md).
+    A no-op for figures that were not measured (``set_bandwidths`` / ``bandwidths=``)."""
+    key = _key(q, cache, device, score)
+    bw = _measured.get(key)
+    if bw is not None and _override is None and gbps > 0:
+        _measured[key] = replace(bw, host_gbps=(1 - OBSERVED_WEIGHT) * bw.host_gbps + OBSERVED_WEIGHT * gbps)
+
+
 def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softmax", force: bool = False,
               max_device_bytes: int = 512 << 20) -> Bandwidths:
     """Bandwidths for attention of q's shape over ``cache``'s layout, with the device ``device``.
@@ -96,7 +117,7 @@ def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softma
     if _override is not None and not force:
         return _override
     b, nq, hq, d = q.shape
-    key = (str(device), cache.dtype, b, nq, hq, cache.num_kv_heads, d, cache.v_dim, score)
+    key = _key(q, cache, device, score)
     if key in _measured and not force:
         return _measured[key]
     gen = torch.Generator().manual_seed(0)
@@ -104,10 +125,12 @@ def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softma
     def rand(shape, dev):
         return torch.randn(shape, generator=gen).to(dtype=cache.dtype, device=dev)
 
-    n = max(256, HOST_TOKENS // b)
+    def host_keys(dim):  # a random block repeated: the bytes matter here, not their values
+        block = rand((b, max(256, 4096 // b), cache.num_kv_heads, dim), "cpu")
+        return block.repeat(1, max(1, HOST_TOKENS // (b * block.shape[1])), 1, 1)
+
     qh = rand((b, nq, hq, d), "cpu")
-    host = _host_gbps(qh, rand((b, n, cache.num_kv_heads, d), "cpu"), rand((b, n, cache.num_kv_heads, cache.v_dim), "cpu"),
-                      score, host_threads(device.type == "cuda"))
+    host = _host_gbps(qh, host_keys(d), host_keys(cache.v_dim), score, host_threads(device.type == "cuda"))
     if device.type == "cuda":
         n = max(64, min(DEVICE_TOKENS // b, max_device_bytes // cache.bytes_per_token))
         qd = qh.to(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Optional, Union
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from .. import decode, spec as _spec
 from ..backends import torch_threads
 from .cache import HostKVCache
-from .calibrate import calibrate, host_threads
+from .calibrate import calibrate, host_threads, observe_host
 from .chunks import Accumulator, attend, chunk_spec
 from .plan import Bandwidths, Split, cooperative_split, device_only_split, host_only_split, make_plan
 from .device import DeviceKV
@@ -213,13 +214,16 @@ def _device_part(q, cache, cspec, dev, plan, split: Split, acc: Accumulator) -> 
 
 
 def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> None:
-    """Keys [start, len) on the CPU (a background thread: torch ops release the GIL)."""
+    """Keys [start, len) on the CPU (a background thread: torch ops release the GIL); appends
+    the partial results and the seconds they took."""
     try:
+        t0 = time.perf_counter()
         k, v = cache.dequantized(start, len(cache))  # views of host memory for exact storage
         with torch_threads.thread_budget(threads):
             result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
+        result.append(time.perf_counter() - t0)
     except BaseException as e:  # re-raised by the caller's thread
-        result.append(e)
+        result[:] = [e]
 
 
 def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch.Tensor:
@@ -259,8 +263,11 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
     if host_result:
         if isinstance(host_result[0], BaseException):
             raise host_result[0]
-        for rows, o, lse in host_result[0]:
+        parts, secs = host_result
+        for rows, o, lse in parts:
             acc.add(rows, o, lse)
+        if worker is not None and bandwidths is None:  # measured figures: learn from this step
+            observe_host(q, cache, dev, cspec.score, split.host * bpt / secs / 1e9)
     if stats is not None:
         stats.update(resident_tokens=split.resident if on_device else 0, streamed_tokens=split.streamed if on_device else 0,
                      host_tokens=split.host, predicted_ms=split.predicted_ms, bandwidths=bw,
