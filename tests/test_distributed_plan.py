@@ -156,3 +156,14 @@ def test_strategy_rule_and_uninitialised_group():
     assert choose_strategy(32, 8) == "allgather" and choose_strategy(32, 32) == "ring" and choose_strategy(8, 4) == "ring"
     with pytest.raises(RuntimeError, match="init_process_group"):
         resolve_group(None)
+
+
+@pytest.mark.parametrize("n, tiles", [(32768, 4), (1001, 3), (7, 4), (5, 8), (9, 1)])
+def test_tiling_allreduce_rows_end_with_a_half_tile(n, tiles):
+    """Every row in exactly one tile; the last tile (whose all-reduce nothing overlaps) half the others."""
+    from omniattn.nn.parallel import tile_rows
+
+    rows = tile_rows(n, tiles)
+    assert len(rows) == tiles and sum(rows) == n and min(rows) >= 0
+    if tiles > 1 and n >= 2 * tiles:
+        assert all(abs(r - 2 * rows[-1]) <= 1 for r in rows[:-1])

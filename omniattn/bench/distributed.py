@@ -81,6 +81,10 @@ class Config:
     # throughput of the longest baseline of the same score and mode (the row says which)
     baseline_max_seqlen: int = 200000
     warmup_seqlen: int = 8192  # every kernel variant is compiled at this length before any timing
+    # a measurement predicted to take at most this long gets one untimed call at its own length first:
+    # the first call at a new length paid ~0.8 s more in a 3.7 s 256K HSTU run (allocations after
+    # empty_cache, host tables); the 1M runs (about a minute each) go without
+    warm_max_s: float = 10.0
     backend: str = "auto"
     length_quantum: int = 256  # single-GPU baseline lengths are multiples of this
     assumed_tflops: float = 250.0  # per GPU, to predict the first measurements' time
@@ -315,6 +319,10 @@ def _dout(op: str, n: int, heads: int, cfg: Config, device, gen, mode: str):
     return _rand(shape, DTYPES[cfg.dtype], device, gen)
 
 
+def _warm(cfg: Config, predicted_s: float) -> int:
+    return 1 if predicted_s <= cfg.warm_max_s else 0
+
+
 def _local_ms(fn: Callable, device, warmup: int, reps: int) -> float:
     for _ in range(warmup):
         fn()
@@ -334,9 +342,11 @@ def run_baselines(items, g, cfg: Config, device, budget: Budget, rate: dict) -> 
     world, rank = dist.get_world_size(g), dist.get_rank(g)
     items = list(items)
     while items:  # the ranks' shares run side by side: the longest share must fit
-        shares = [sum(flops(n1, _heads(cfg, op)[0], cfg.head_dim, mode) / rate[mode] * _reps(cfg, 1e3 * flops(
-            n1, _heads(cfg, op)[0], cfg.head_dim, mode) / rate[mode]) for n1, op, mode in items[r::world])
-            for r in range(world)]
+        def cost(n1, op, mode):
+            secs = flops(n1, _heads(cfg, op)[0], cfg.head_dim, mode) / rate[mode]
+            return secs * (_reps(cfg, 1e3 * secs) + _warm(cfg, secs))
+
+        shares = [sum(cost(*item) for item in items[r::world]) for r in range(world)]
         if budget.allows(max(shares)):
             break
         items.pop()
@@ -347,7 +357,8 @@ def run_baselines(items, g, cfg: Config, device, budget: Budget, rate: dict) -> 
         gen = torch.Generator(device).manual_seed(1 + rank)
         prob = _cp_problem(op, n1, "none", g, cfg, device, gen, cp_world=False)
         dout = _dout(op, n1, heads, cfg, device, gen, mode)
-        mine[(n1, op, mode)] = _local_ms(_step(prob, mode, dout), device, 0, _reps(cfg, predicted_ms))
+        mine[(n1, op, mode)] = _local_ms(_step(prob, mode, dout), device, _warm(cfg, predicted_ms / 1e3),
+                                         _reps(cfg, predicted_ms))
         del prob, dout
         _free(device)
     everyone = [None] * world
@@ -426,11 +437,9 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
         else:
             t1 = baselines.get((n1, op, mode))
         per_gpu = flops(n, heads, cfg.head_dim, mode) / world
-        if op == "hstu":
-            per_gpu *= world  # every rank computes every row (see the module docstring)
         for strategy in (("allgather",) if op == "hstu" else strategies):
             predicted = per_gpu / rate[mode]
-            warm = 0 if n > cfg.baseline_max_seqlen else 1  # compiled already; a long warm-up costs a minute
+            warm = _warm(cfg, predicted)
             reps = _reps(cfg, predicted * 1e3)
             check = n <= cfg.check_max_seqlen and (n, op, strategy) not in errors
             if not budget.allows(predicted * (reps + warm) + (per_gpu / 3.5 / rate["fwd"] if check else 0)):

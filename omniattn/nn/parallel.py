@@ -29,7 +29,7 @@ from torch import nn
 from .. import spec as _spec
 from ..api import attention
 from ..distributed.comm import resolve_group
-from ..distributed.layout import Segment, even_split
+from ..distributed.layout import Segment
 from ..distributed.plan import pair_piece
 
 
@@ -77,6 +77,17 @@ class _RowParallelTile(torch.autograd.Function):
         return da, dw, None, None, None
 
 
+def tile_rows(n: int, tiles: int) -> tuple[int, ...]:
+    """Rows per query tile: the last tile half as many as the others. Its all-reduce is the one
+    nothing overlaps (no tile comes after it), so a smaller last tile leaves less of the
+    all-reduce exposed: 1/7 of it with 4 tiles instead of 1/4."""
+    if tiles == 1:
+        return (n,)
+    unit = n / (2 * tiles - 1)
+    cuts = [round(2 * unit * (t + 1)) for t in range(tiles - 1)] + [n]
+    return tuple(b - a for a, b in zip([0] + cuts[:-1], cuts))
+
+
 class ParallelAttention(nn.Module):
     """Multi-head attention with its heads split over a tensor-parallel group.
 
@@ -89,7 +100,7 @@ class ParallelAttention(nn.Module):
         score, causal, window, scale, sigmoid_bias, silu_norm, softcap: as :func:`omniattn.attention`
             on the whole sequence (sigmoid's default bias -ln(N), SiLU's default norm N).
         bias: biases on the projections (the output bias is added once, after the all-reduce).
-        tiles: query tiles of tiling-AllReduce (FastAttention section 3.3).
+        tiles: query tiles of tiling-AllReduce (FastAttention section 3.3); the last has half the rows (tile_rows).
         overlap: True: the tiles' all-reduces overlap the next tiles' attention and projection;
             False: the plain layer (one attention call, one projection, one all-reduce). Equal results.
         backend: the kernels' backend.
@@ -179,7 +190,7 @@ class ParallelAttention(nn.Module):
         if not (self.overlap or self._sync_tiles) or self.tiles == 1:
             return [(0, n)]
         bounds, start = [], 0
-        for size in even_split(n, self.tiles):
+        for size in tile_rows(n, self.tiles):
             if size:
                 bounds.append((start, start + size))
                 start += size
