@@ -77,14 +77,23 @@ class _RowParallelTile(torch.autograd.Function):
         return da, dw, None, None, None
 
 
-def tile_rows(n: int, tiles: int) -> tuple[int, ...]:
-    """Rows per query tile: the last tile half as many as the others. Its all-reduce is the one
-    nothing overlaps (no tile comes after it), so a smaller last tile leaves less of the
-    all-reduce exposed: 1/7 of it with 4 tiles instead of 1/4."""
+TILE_ALIGN = 128  # tile boundaries on the kernels' query-block grid: no tile starts or ends mid-block
+
+
+def tile_rows(n: int, tiles: int, last_half: bool = True) -> tuple[int, ...]:
+    """Rows per query tile, boundaries on multiples of TILE_ALIGN where n allows. ``last_half``:
+    the last tile half as many rows as the others. Its all-reduce is the one nothing overlaps
+    (no tile comes after it), so a smaller last tile leaves less of the all-reduce exposed: 1/7
+    of it with 4 tiles instead of 1/4."""
     if tiles == 1:
         return (n,)
-    unit = n / (2 * tiles - 1)
-    cuts = [round(2 * unit * (t + 1)) for t in range(tiles - 1)] + [n]
+    shares = [2] * (tiles - 1) + [1] if last_half else [1] * tiles
+    align = TILE_ALIGN if n >= TILE_ALIGN * sum(shares) else 1
+    cuts, acc = [], 0
+    for share in shares[:-1]:
+        acc += share
+        cuts.append(round(n * acc / sum(shares) / align) * align)
+    cuts.append(n)
     return tuple(b - a for a, b in zip([0] + cuts[:-1], cuts))
 
 
