@@ -80,20 +80,12 @@ class _RowParallelTile(torch.autograd.Function):
 TILE_ALIGN = 128  # tile boundaries on the kernels' query-block grid: no tile starts or ends mid-block
 
 
-def tile_rows(n: int, tiles: int, last_half: bool = True) -> tuple[int, ...]:
-    """Rows per query tile, boundaries on multiples of TILE_ALIGN where n allows. ``last_half``:
-    the last tile half as many rows as the others. Its all-reduce is the one nothing overlaps
-    (no tile comes after it), so a smaller last tile leaves less of the all-reduce exposed: 1/7
-    of it with 4 tiles instead of 1/4."""
-    if tiles == 1:
-        return (n,)
-    shares = [2] * (tiles - 1) + [1] if last_half else [1] * tiles
-    align = TILE_ALIGN if n >= TILE_ALIGN * sum(shares) else 1
-    cuts, acc = [], 0
-    for share in shares[:-1]:
-        acc += share
-        cuts.append(round(n * acc / sum(shares) / align) * align)
-    cuts.append(n)
+def tile_rows(n: int, tiles: int) -> tuple[int, ...]:
+    """Rows per query tile: even shares, boundaries on multiples of TILE_ALIGN where n allows.
+    (A last tile of half the rows, so that less of the one all-reduce nothing overlaps is left
+    exposed, measured worse: the uneven tiles cost more than the exposure saved, NOTES.md.)"""
+    align = TILE_ALIGN if n >= TILE_ALIGN * tiles else 1
+    cuts = [round(n * t / tiles / align) * align for t in range(1, tiles)] + [n]
     return tuple(b - a for a, b in zip([0] + cuts[:-1], cuts))
 
 
@@ -109,7 +101,7 @@ class ParallelAttention(nn.Module):
         score, causal, window, scale, sigmoid_bias, silu_norm, softcap: as :func:`omniattn.attention`
             on the whole sequence (sigmoid's default bias -ln(N), SiLU's default norm N).
         bias: biases on the projections (the output bias is added once, after the all-reduce).
-        tiles: query tiles of tiling-AllReduce (FastAttention section 3.3); the last has half the rows (tile_rows).
+        tiles: query tiles of tiling-AllReduce (FastAttention section 3.3), on the kernels' block grid (tile_rows).
         overlap: True: the tiles' all-reduces overlap the next tiles' attention and projection;
             False: the plain layer (one attention call, one projection, one all-reduce). Equal results.
         backend: the kernels' backend.
