@@ -168,3 +168,15 @@ def test_tiling_allreduce_rows(n, tiles):
     align = TILE_ALIGN if n >= TILE_ALIGN * tiles else 1
     assert all(sum(rows[: t + 1]) % align == 0 for t in range(tiles - 1))
     assert max(rows) - min(rows) <= align
+
+
+@pytest.mark.parametrize("rows", [8192, 5000, 2047, 100, 1])
+def test_last_tile_projection_pieces(rows):
+    """The last tile's projection pieces: halving, on the block grid, every row once, none below the minimum."""
+    from omniattn.nn.parallel import LAST_TILE_MIN_PIECE, TILE_ALIGN, last_tile_pieces
+
+    pieces = last_tile_pieces(rows)
+    assert sum(pieces) == rows and all(p > 0 for p in pieces)
+    assert all(p % TILE_ALIGN == 0 for p in pieces[:-1])
+    assert len(pieces) == 1 or min(pieces) >= LAST_TILE_MIN_PIECE
+    assert all(a >= b for a, b in zip(pieces[:-2], pieces[1:-1]))

@@ -89,6 +89,21 @@ def tile_rows(n: int, tiles: int) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip([0] + cuts[:-1], cuts))
 
 
+LAST_TILE_MIN_PIECE = 512  # rows: a smaller projection piece's all-reduce is all latency
+
+
+def last_tile_pieces(rows: int) -> tuple[int, ...]:
+    """The last tile's projection in halving pieces (8192 rows: 4096, 2048, 1024, 1024): each
+    piece's all-reduce overlaps the next pieces' projection, so only the smallest is exposed."""
+    pieces = []
+    while rows >= 4 * LAST_TILE_MIN_PIECE:
+        align = TILE_ALIGN if rows >= 4 * TILE_ALIGN else 1
+        half = rows // 2 // align * align
+        pieces.append(half)
+        rows -= half
+    return tuple(pieces) + (rows,)
+
+
 class ParallelAttention(nn.Module):
     """Multi-head attention with its heads split over a tensor-parallel group.
 
@@ -229,9 +244,16 @@ class ParallelAttention(nn.Module):
         q, k, v = q.view(b, n, hq, hd), k.view(b, n, hkv, hd), v.view(b, n, hkv, hd)
         works: list = []
         parts = []
-        for t0, t1 in self._tile_bounds(n):
+        bounds = self._tile_bounds(n)
+        for i, (t0, t1) in enumerate(bounds):
             a = self._attend(q, k, v, t0, t1).reshape(b, t1 - t0, hq * hd)
-            parts.append(_RowParallelTile.apply(a, self.out_weight, self.pg, self.tp_size, works))
+            # the last tile's all-reduce has no attention after it to hide under: its projection
+            # goes in shrinking pieces, each piece's all-reduce under the next piece's projection
+            pieces = last_tile_pieces(t1 - t0) if len(bounds) > 1 and i == len(bounds) - 1 else (t1 - t0,)
+            r0 = 0
+            for rows in pieces:
+                parts.append(_RowParallelTile.apply(a[:, r0 : r0 + rows], self.out_weight, self.pg, self.tp_size, works))
+                r0 += rows
             if not self.overlap:  # plain layer, or tiles timed without overlap
                 while works:
                     works.pop().wait()
