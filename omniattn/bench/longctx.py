@@ -102,13 +102,21 @@ def _prefill_context(dev, n: int) -> list[dict]:
     return rows
 
 
-def decode_rows(dev, n=DECODE_CONTEXT, steps: int = 5, warmup: int = 4) -> list[dict]:
+def decode_rows(dev, n=DECODE_CONTEXT, steps: int = 5, warmup: int = 4, scores=("softmax",)) -> list[dict]:
+    cache = _host_cache(n, dev)
+    rows = []
+    for score in scores:
+        rows += _decode_score(dev, cache, n, score, steps, warmup)
+        cache.release_device()
+    return rows
+
+
+def _decode_score(dev, cache, n, score, steps, warmup) -> list[dict]:
     from ..longctx import attention, calibrate
 
-    cache = _host_cache(n, dev)
     q = torch.randn(1, 1, HQ, D, device=dev, dtype=torch.bfloat16)
-    bw = calibrate(q, cache, dev, max_device_bytes=BUDGET // 2)
-    print(f"bandwidths: {bw}", flush=True)
+    bw = calibrate(q, cache, dev, score=score, max_device_bytes=BUDGET // 2)
+    print(f"{score} bandwidths: {bw}", flush=True)
     rows = []
     # streaming and CPU only get the calibration's figures for their predictions; the cooperative
     # step uses the library's own, which learn the host rate from each step (calibrate.observe_host):
@@ -117,12 +125,12 @@ def decode_rows(dev, n=DECODE_CONTEXT, steps: int = 5, warmup: int = 4) -> list[
              ("cooperative", dict(cooperative=True), warmup))
     for impl, kw, first in modes:
         stats = {}
-        fn = lambda: attention(q, cache, gpu_budget_bytes=BUDGET, stats=stats, **kw)  # noqa: E731
+        fn = lambda: attention(q, cache, score=score, gpu_budget_bytes=BUDGET, stats=stats, **kw)  # noqa: E731
         for _ in range(first):  # the first loads the device mirror (kept between steps, as in a decode loop)
             fn()
         secs, _ = wall_seconds(fn, steps)
         used = stats["bandwidths"]
-        row = _base("longctx-decode", impl, n, seqlen=1, ms=round(secs * 1e3, 2),
+        row = _base("longctx-decode", impl, n, seqlen=1, score=score, ms=round(secs * 1e3, 2),
                     gbps=round(n * cache.bytes_per_token / secs / 1e9, 2), budget_bytes=BUDGET,
                     predicted_ms=None if stats.get("predicted_ms") is None else round(stats["predicted_ms"], 2),
                     resident_tokens=stats.get("resident_tokens"), streamed_tokens=stats.get("streamed_tokens"),
@@ -143,6 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--contexts", help="comma-separated prefill context lengths (default: 128K, 512K, 1M)")
+    parser.add_argument("--decode-scores", default="softmax", help="comma-separated scores of the decode rows")
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
     rows = link_rows(dev)
@@ -152,7 +161,7 @@ def main(argv=None) -> None:
         if args.json:
             write_json(args.json, device_name(dev), rows)
     if not args.skip_decode:
-        rows += decode_rows(dev)
+        rows += decode_rows(dev, scores=tuple(args.decode_scores.split(",")))
     if args.json:
         write_json(args.json, device_name(dev), rows)
 

@@ -219,6 +219,9 @@ def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> 
     try:
         t0 = time.perf_counter()
         k, v = cache.dequantized(start, len(cache))  # views of host memory for exact storage
+        # the workers of the tiled and fused paths, and this thread's own intra-op team (the float32
+        # decode path's matmuls): `threads` either way, so the thread driving the device keeps its cores
+        torch.set_num_threads(threads)
         with torch_threads.thread_budget(threads):
             result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
         result.append(time.perf_counter() - t0)
@@ -249,6 +252,7 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
     if split.host > 0:
         q_host = q.to("cpu")
         if on_device:
+            threads = torch.get_num_threads()
             worker = threading.Thread(target=_host_part, args=(q_host, cache, cspec, split.device_end, host_result,
                                                                host_threads(True)),
                                       daemon=True)
@@ -260,6 +264,8 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
         _device_part(qd, cache, cspec, dev, plan, split, acc)
     if worker is not None:
         worker.join()
+        # torch.set_num_threads in the worker also set the count threads created later start with
+        torch.set_num_threads(threads)
     if host_result:
         if isinstance(host_result[0], BaseException):
             raise host_result[0]
