@@ -122,32 +122,17 @@ def test_cooperative_steps_learn_the_host_rate(monkeypatch):
         assert calibrate._measured[key] == after
 
 
-def test_cooperative_host_part_leaves_the_device_thread_its_cores(monkeypatch):
-    """Beside a device part the host part computes with host_threads(True) intra-op threads (the
-    float32 decode path's matmuls use them, not only the workers); the caller's count is restored."""
-    monkeypatch.setattr(schedule, "STAGE_ON_CPU", True)
-    seen = []
-    real = schedule.attend
+def test_auto_cooperates_only_where_the_model_predicts_a_gain():
+    from omniattn.longctx.plan import AUTO_MAX_SHARE, cooperation_pays
 
-    def spy(*a, **kw):
-        if kw.get("backend") == "torch":
-            seen.append(torch.get_num_threads())
-        return real(*a, **kw)
-
-    monkeypatch.setattr(schedule, "attend", spy)
-    gen = torch.Generator().manual_seed(9)
-    cache, k, v = filled_cache(1, 90, 2, 16, torch.float32, gen)
-    q = rand((1, 1, 4, 16), torch.float32, gen)
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        out = longctx.attention(q, cache, score="sigmoid", gpu_budget_bytes=50 * cache.bytes_per_token,
-                                chunk_tokens=16, cooperative=True, bandwidths=SLOW_CPU)
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
-    check(q, k, v, out, "sigmoid")
-    assert seen == [1]  # 3 threads, two left to the device thread
+    bpt = 4096
+    fast_host = Bandwidths(host_gbps=30.0, link_gbps=54.0, device_gbps=700.0)  # the H100 host, softmax
+    slow_host = Bandwidths(host_gbps=8.0, link_gbps=54.0, device_gbps=700.0)  # sigmoid's float32 path
+    for bw, pays in ((fast_host, True), (slow_host, False)):
+        split = cooperative_split(1 << 20, 458752, bpt, bw)
+        alone = predict_ms(458752, (1 << 20) - 458752, 0, bpt, bw)
+        assert split.host > 0 and (split.predicted_ms <= AUTO_MAX_SHARE * alone) == pays
+        assert cooperation_pays(split, bpt, bw) == pays
 
 
 def test_truncate_then_append_refreshes_the_mirror(monkeypatch):

@@ -66,13 +66,8 @@ def _host_gbps(q, k, v, score: str, threads: int) -> float:
     on ``threads`` workers)."""
     n = k.shape[1]
     spec = chunk_spec(score, q.shape[-1] ** -0.5, True, -10.0, float(n))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the intra-op team too, as schedule._host_part sets it
-    try:
-        with torch_threads.thread_budget(threads):
-            secs = _median_s(lambda: attend(spec, q, k, v, n, 0, backend="torch"), 3, lambda: None)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads.thread_budget(threads):
+        secs = _median_s(lambda: attend(spec, q, k, v, n, 0, backend="torch"), 3, lambda: None)
     return _kv_bytes(k, v) / secs / 1e9
 
 

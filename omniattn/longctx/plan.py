@@ -111,6 +111,20 @@ def cooperative_split(length: int, resident: int, bytes_per_token: int, bw: Band
     return Split(resident, resident + x, length, predict_ms(resident, x, rest - x, bytes_per_token, bw))
 
 
+# cooperative="auto" cooperates only where the model predicts at most this share of streaming's
+# time: coordinating the two sides costs what the model leaves out (1M tokens, H100 host, against
+# streaming: sigmoid predicted 0.94 and measured 1.21, SiLU 0.95 and 1.04, both on the float32 host
+# path; softmax, fused host path, predicted 0.71 and measured 0.62-0.78)
+AUTO_MAX_SHARE = 0.8
+
+
+def cooperation_pays(split: Split, bytes_per_token: int, bw: Bandwidths) -> bool:
+    """Whether a cooperative split is worth its coordination: predicted at most AUTO_MAX_SHARE of
+    the time of the device alone (its resident prefix and everything else streamed)."""
+    alone = predict_ms(split.resident, split.length - split.resident, 0, bytes_per_token, bw)
+    return split.predicted_ms <= AUTO_MAX_SHARE * alone
+
+
 def device_only_split(length: int, resident: int, bytes_per_token: int, bw: Optional[Bandwidths]) -> Split:
     ms = predict_ms(resident, length - resident, 0, bytes_per_token, bw) if bw else None
     return Split(resident, length, length, ms)

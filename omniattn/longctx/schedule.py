@@ -22,7 +22,8 @@ from ..backends import torch_threads
 from .cache import HostKVCache
 from .calibrate import calibrate, host_threads, observe_host
 from .chunks import Accumulator, attend, chunk_spec
-from .plan import Bandwidths, Split, cooperative_split, device_only_split, host_only_split, make_plan
+from .plan import (Bandwidths, Split, cooperation_pays, cooperative_split, device_only_split, host_only_split,
+                   make_plan)
 from .device import DeviceKV
 
 STAGE_ON_CPU = False  # tests: route a CPU "device" through the same buffers and copies as a GPU
@@ -98,7 +99,8 @@ def attention(
         chunk_tokens: tokens per streamed chunk (default budget / 16 bytes' worth, at most 32768).
         cooperative: decoding only (Nq <= 16): the CPU attends over the newest part of the context
             while the device does the rest, split by measured bandwidths so both finish together.
-            ``"auto"``: when decoding on a GPU and the cache does not fit the device mirror.
+            ``"auto"``: when decoding on a GPU, the cache does not fit the device mirror and the
+            model predicts the split at most ``plan.AUTO_MAX_SHARE`` of streaming's time.
         device: where the device part runs (default q's device); ``"cpu"`` computes on the host.
         bandwidths: override the measured :class:`Bandwidths` (see calibrate.py).
         query_block: query rows per block in prefill (default 32768); memory: q and the output
@@ -219,9 +221,6 @@ def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> 
     try:
         t0 = time.perf_counter()
         k, v = cache.dequantized(start, len(cache))  # views of host memory for exact storage
-        # the workers of the tiled and fused paths, and this thread's own intra-op team (the float32
-        # decode path's matmuls): `threads` either way, so the thread driving the device keeps its cores
-        torch.set_num_threads(threads)
         with torch_threads.thread_budget(threads):
             result.append(attend(cspec, q_host, k, v, len(cache), start, backend="torch"))
         result.append(time.perf_counter() - t0)
@@ -244,6 +243,8 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
         split = host_only_split(length, bpt, bw)
     elif coop:
         split = cooperative_split(length, resident, bpt, bw)
+        if cooperative == "auto" and not cooperation_pays(split, bpt, bw):
+            coop, split = False, device_only_split(length, resident, bpt, bw)
     else:
         split = device_only_split(length, resident, bpt, bw)
     acc = Accumulator((b, nq, hq, cache.v_dim), cspec.score == "softmax", dev if on_device else "cpu")
@@ -252,7 +253,6 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
     if split.host > 0:
         q_host = q.to("cpu")
         if on_device:
-            threads = torch.get_num_threads()
             worker = threading.Thread(target=_host_part, args=(q_host, cache, cspec, split.device_end, host_result,
                                                                host_threads(True)),
                                       daemon=True)
@@ -264,8 +264,6 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
         _device_part(qd, cache, cspec, dev, plan, split, acc)
     if worker is not None:
         worker.join()
-        # torch.set_num_threads in the worker also set the count threads created later start with
-        torch.set_num_threads(threads)
     if host_result:
         if isinstance(host_result[0], BaseException):
             raise host_result[0]
