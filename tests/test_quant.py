@@ -11,7 +11,7 @@ import torch
 import omniattn as oa
 from omniattn.backends.triton import supported
 from omniattn.quant.config import QK_MODE, QuantConfig
-from omniattn.quant.quantize import quantize_torch, quantize_triton, unpack_int4
+from omniattn.quant.quantize import VT_ALIGN, packed_vt_tokens, quantize_torch, quantize_triton, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = supported(torch.device(DEVICE), explicit=True)[0]
@@ -65,6 +65,9 @@ def test_quantization_kernels_match_the_pytorch_maths(precision, cfg, varlen):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6 * max(b.abs().max().item(), 1.0), msg=name)
     for name in ("q", "k", "v"):
         a, b = getattr(got, name), getattr(want, name)
+        if name == "v" and varlen and a.dtype == torch.float8_e4m3fn:  # the kernels never read the padding
+            assert a.shape == b.shape and a.stride(-2) % VT_ALIGN == 0
+            a, b = (packed_vt_tokens(t, cu, lens).to(torch.float8_e4m3fn) for t in (a, b))
         if a.dtype == torch.float8_e4m3fn:
             a, b = a.float(), b.float()
             # fp32 sums in another order may move an element across a rounding boundary: one step at most

@@ -18,7 +18,7 @@ import torch
 from ..backends import torch_tiled
 from ..spec import Call, Spec
 from .config import FP8_MAX, PV_FP8, QuantConfig
-from .quantize import _layout, quantize_torch, to_e4m3, unpack_int4
+from .quantize import _layout, packed_vt_tokens, quantize_torch, to_e4m3, unpack_int4
 
 
 def emulate(spec: Spec, call: Call, precision: str, cfg: QuantConfig, block_m: int = None, block_n: int = None):
@@ -77,7 +77,7 @@ def _dequantized_v(qz, call: Call) -> torch.Tensor:
     if call.dense:  # (B, Hkv, Dv, N) -> (B, N, Hkv, Dv)
         return qz.v.float().permute(0, 3, 1, 2) * qz.v_scale.unsqueeze(1)
     _, seq, _ = _layout(call.k, call.cu_k, call.lens_k)
-    return qz.v.float().permute(2, 0, 1) * qz.v_scale[seq]  # (Hkv, Dv, T) -> (T, Hkv, Dv)
+    return packed_vt_tokens(qz.v, call.cu_k, call.lens_k) * qz.v_scale[seq]  # (Hkv, Dv, columns) -> (T, Hkv, Dv)
 
 
 def _p_rounding(spec: Spec, call: Call):

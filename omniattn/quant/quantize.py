@@ -11,7 +11,9 @@ For each sequence and head:
   ``inv = scale = 1``); ``x_q = round_half_even(x * inv)`` (INT) or ``e4m3(x * inv)`` (FP8).
 - INT4 is stored two per byte: channel d in the low nibble, channel d + D/2 in the high one.
 - V (FP8 P.V): per-channel ``sv = amax_t |V[t, c]| / 448`` over the sequence, ``V8 = e4m3(V * (448 / amax))``,
-  stored transposed (kv head, channel, token) so the FP8 tensor cores read it K-major.
+  stored transposed (kv head, channel, token) so the FP8 tensor cores read it K-major; packed
+  sequences start on 16-token column boundaries (:func:`vt_columns`), so the kernels load whole
+  16-byte vectors of it.
 
 :func:`quantize_torch` is that maths in PyTorch (any device; the reference the Triton quantization
 kernels are tested against, and what the CPU emulation dequantizes); :func:`quantize` picks the
@@ -24,8 +26,22 @@ from typing import Optional
 
 import torch
 
+from ..backends.triton.common import VT_ALIGN as _VT_ALIGN
 from ..backends.triton.launch import Quantized
 from .config import FP8_MAX, PV_FP8, QK_LIMIT, QK_MODE, QuantConfig
+
+VT_ALIGN = _VT_ALIGN.value
+
+
+def vt_columns(cu_k: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The FP8 V^T column of each packed token (sequence ``seq``, position ``pos``): sequence s
+    starts at (cu_k[s] // VT_ALIGN + s) * VT_ALIGN, as the kernels' ``vt_column``."""
+    return (cu_k.long()[seq] // VT_ALIGN + seq) * VT_ALIGN + pos
+
+
+def vt_width(tokens: int, nseq: int) -> int:
+    """Columns of a packed FP8 V^T: every sequence's start moves up by less than VT_ALIGN per sequence."""
+    return -(-(tokens + VT_ALIGN * nseq) // VT_ALIGN) * VT_ALIGN
 
 
 def _layout(x: torch.Tensor, cu: Optional[torch.Tensor], lens: tuple[int, ...]):
@@ -152,7 +168,7 @@ def quantize_torch(q, k, v, cu_q, cu_k, lens_q, lens_k, *, precision: str, cfg: 
         inv_v = torch.where(zero, 1.0, FP8_MAX / torch.where(zero, 1.0, vmax))
         v_scale = torch.where(zero, 1.0, vmax / FP8_MAX)  # (nseq, Hkv, Dv)
         v8 = to_e4m3(vp.float() * inv_v[kseq])  # (Tk, Hkv, Dv)
-        v_out = _transpose_v(v8, v.shape, dense)
+        v_out = _transpose_v(v8, v.shape, None if dense else vt_columns(cu_k, kseq, kpos), nseq)
 
     def back(t, like):  # (T, H[, X]) -> the caller's (B, N, H[, X]) for dense inputs
         return t.reshape(like.shape[:2] + t.shape[1:]) if dense else t
@@ -179,12 +195,23 @@ def _pack_means(means: torch.Tensor, mode: int, block_d: int) -> torch.Tensor:
     return out
 
 
-def _transpose_v(v8: torch.Tensor, shape, dense: bool) -> torch.Tensor:
-    """(T, Hkv, Dv) FP8 -> (B, Hkv, Dv, N) for dense inputs, (Hkv, Dv, T) packed."""
-    if dense:
+def _transpose_v(v8: torch.Tensor, shape, columns: Optional[torch.Tensor], nseq: int) -> torch.Tensor:
+    """(T, Hkv, Dv) FP8 -> (B, Hkv, Dv, N) for dense inputs (``columns`` None), else
+    (Hkv, Dv, vt_width) with token t at column ``columns[t]`` (the padding columns zero)."""
+    if columns is None:
         b, n = shape[0], shape[1]
         return v8.view(b, n, v8.shape[1], v8.shape[2]).permute(0, 2, 3, 1).contiguous()
-    return v8.permute(1, 2, 0).contiguous()
+    out = torch.zeros(v8.shape[1], v8.shape[2], vt_width(v8.shape[0], nseq), dtype=torch.uint8, device=v8.device)
+    out[:, :, columns] = v8.view(torch.uint8).permute(1, 2, 0)
+    return out.view(torch.float8_e4m3fn)
+
+
+def packed_vt_tokens(v_t: torch.Tensor, cu_k: torch.Tensor, lens_k) -> torch.Tensor:
+    """A packed FP8 V^T (Hkv, Dv, vt_width) back to its tokens, (T, Hkv, Dv) float32."""
+    counts = torch.tensor(lens_k, device=v_t.device, dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(len(lens_k), device=v_t.device), counts)
+    pos = torch.arange(seq.shape[0], device=v_t.device) - cu_k.long()[seq]
+    return v_t.float()[:, :, vt_columns(cu_k, seq, pos)].permute(2, 0, 1)
 
 
 STATS_CHUNK = 256  # tokens per program of the K-mean / V-max pass
@@ -233,7 +260,8 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     k_q = torch.empty(k.shape[:-1] + (packed,), dtype=torch.float8_e4m3fn if mode == 3 else torch.int8, device=dev)
     k_scale = torch.empty(k.shape[:-1], dtype=torch.float32, device=dev)
     if pv_fp8:
-        v_t = torch.empty((k.shape[0], hkv, dv, k.shape[1]) if dense else (hkv, dv, k.shape[0]),
+        # packed: sequences on 16-token column boundaries; the padding columns are never read unmasked
+        v_t = torch.empty((k.shape[0], hkv, dv, k.shape[1]) if dense else (hkv, dv, vt_width(k.shape[0], nseq)),
                           dtype=torch.float8_e4m3fn, device=dev)
         vt_strides = (v_t.stride(0), v_t.stride(1), v_t.stride(2)) if dense else (0, v_t.stride(0), v_t.stride(1))
     else:

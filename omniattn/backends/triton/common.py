@@ -50,6 +50,9 @@ QK_INT4 = tl.constexpr(2)
 QK_FP8 = tl.constexpr(3)
 FP8_MAX = tl.constexpr(448.0)
 LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
+# FP8 V^T of packed sequences: sequence s's tokens start at column (cu_k[s] // VT_ALIGN + s) * VT_ALIGN,
+# a 16-byte boundary, so V^T tiles load as 16-byte vectors (from any token offset they load byte by byte)
+VT_ALIGN = tl.constexpr(16)
 
 
 @triton.jit
@@ -301,6 +304,16 @@ def sequence_bounds(CU, b, dense_len, IS_VARLEN: tl.constexpr):
         start = b * 0
         length = dense_len
     return start, length
+
+
+@triton.jit
+def vt_column(start, seq, IS_VARLEN: tl.constexpr):
+    """First FP8 V^T column of sequence ``seq``'s keys (``start``: its first packed token; dense: 0)."""
+    if IS_VARLEN:
+        column = tl.multiple_of((start // VT_ALIGN + seq) * VT_ALIGN, VT_ALIGN)
+    else:
+        column = start
+    return column
 
 
 @triton.jit

@@ -42,6 +42,7 @@ from .common import (
     tile_program,
     to_fp8,
     unpack_int4,
+    vt_column,
     wide,
 )
 
@@ -228,7 +229,7 @@ def attn_fwd_kernel(
     q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
     k_base = K + b64 * stride_kb + k_start * stride_kt + hk * stride_kh
     if PV_FP8:  # V^T: (batch or sequence, kv head, channel, token)
-        v_base = V + b64 * stride_vb + hk * stride_vh + k_start
+        v_base = V + b64 * stride_vb + hk * stride_vh + vt_column(k_start, b, IS_VARLEN)
     else:
         v_base = V + b64 * stride_vb + k_start * stride_vt + hk * stride_vh
     q_ptrs = q_base + wide(offs_m, INT64_OFFSETS)[:, None] * stride_qt + offs_d[None, :]

@@ -273,7 +273,8 @@ def _tma_ok(*tensors) -> bool:
 
 def _quant_tma_ok(quant: "Quantized", p: Params, head_dim: int, dense: bool) -> bool:
     """TMA for the quantized forward: the exact path's rule (non-causal, head dim above 64), and
-    FP8 V^T only for dense calls (a packed sequence's V^T columns start at any byte)."""
+    FP8 V^T only for dense calls (packed V^T now starts each sequence on a 16-byte column, which a
+    descriptor needs, but TMA there has not been measured against the vector pointer loads)."""
     if p.mask_kind != 0 or p.causal or head_dim <= 64 or (quant.pv_fp8 and not dense):
         return False
     return _tma_ok(quant.k, quant.v)

@@ -9,7 +9,7 @@ its scales, the row term q . mean(K) and the smooth-Q tile means. Inputs are onl
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, round_half_even, sequence_bounds, to_fp8
+from .common import FP8_MAX, round_half_even, sequence_bounds, to_fp8, vt_column
 
 
 @triton.jit
@@ -118,7 +118,8 @@ def quant_kv_kernel(
         inv_v = tl.where(vmax == 0.0, 1.0, FP8_MAX / tl.where(vmax == 0.0, 1.0, vmax))
         v8 = to_fp8(v * inv_v[None, :], EXACT_FP8_ROUNDING)
         # transposed: (sequence or batch, kv head, channel, token)
-        vt = VT + b64 * stride_vtb + hk * stride_vth + dv[:, None] * stride_vtd + (start + rows)[None, :]
+        column = vt_column(start, b64, IS_VARLEN) + rows
+        vt = VT + b64 * stride_vtb + hk * stride_vth + dv[:, None] * stride_vtd + column[None, :]
         tl.store(vt, tl.trans(v8), mask=(dv[:, None] < head_dim_v) & ok[None, :])
 
 
