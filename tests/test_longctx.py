@@ -93,6 +93,7 @@ def test_cooperative_steps_learn_the_host_rate(monkeypatch):
     calibrate = importlib.import_module("omniattn.longctx.calibrate")  # the module, not the function
     monkeypatch.setattr(schedule, "STAGE_ON_CPU", True)
     monkeypatch.setattr(calibrate, "_measured", {})
+    monkeypatch.setattr(calibrate, "_observed", set())
     gen = torch.Generator().manual_seed(8)
     cache, k, v = filled_cache(1, 120, 2, 16, torch.float32, gen)
     q = rand((1, 1, 4, 16), torch.float32, gen)
@@ -100,6 +101,7 @@ def test_cooperative_steps_learn_the_host_rate(monkeypatch):
     calibrate.calibrate(q, cache, dev)
     key = calibrate._key(q, cache, dev, "softmax")
     calibrate._measured[key] = before = Bandwidths(host_gbps=1e-6, link_gbps=2e-6, device_gbps=4e-6)
+    assert not calibrate.host_rate_observed(q, cache, dev, "softmax")  # calibrated only
     clock = iter([10.0, 10.5])  # the host part's start and end: it took 0.5 s
     monkeypatch.setattr(schedule, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     budget = 60 * cache.bytes_per_token
@@ -107,6 +109,7 @@ def test_cooperative_steps_learn_the_host_rate(monkeypatch):
     out = longctx.attention(q, cache, gpu_budget_bytes=budget, chunk_tokens=16, cooperative=True, stats=stats)
     check(q, k, v, out)
     assert stats["bandwidths"] == before and stats["host_tokens"] > 0
+    assert calibrate.host_rate_observed(q, cache, dev, "softmax")
     seen = stats["host_tokens"] * cache.bytes_per_token / 0.5 / 1e9
     after = calibrate._measured[key]
     assert after.host_gbps == pytest.approx(0.5 * before.host_gbps + 0.5 * seen)
@@ -133,6 +136,10 @@ def test_auto_cooperates_only_where_the_model_predicts_a_gain():
         alone = predict_ms(458752, (1 << 20) - 458752, 0, bpt, bw)
         assert split.host > 0 and (split.predicted_ms <= AUTO_MAX_SHARE * alone) == pays
         assert cooperation_pays(split, bpt, bw) == pays
+        # "auto": the split is tried while the host rate is only calibrated, then kept only if it pays
+        assert schedule._auto_split(split, 1 << 20, 458752, bpt, bw, known=False) == (True, split)
+        coop, chosen = schedule._auto_split(split, 1 << 20, 458752, bpt, bw, known=True)
+        assert coop == pays and (chosen.host > 0) == pays and chosen.resident == 458752 and chosen.length == 1 << 20
 
 
 def test_truncate_then_append_refreshes_the_mirror(monkeypatch):

@@ -25,6 +25,7 @@ LINK_BYTES = 64 << 20
 OBSERVED_WEIGHT = 0.5  # of a cooperative step's observed host rate against the figure so far
 
 _measured: dict = {}
+_observed: set = set()  # problem classes whose host rate a cooperative step has folded in
 _override: Optional[Bandwidths] = None
 
 
@@ -107,6 +108,12 @@ def observe_host(q: torch.Tensor, cache, device: torch.device, score: str, gbps:
     bw = _measured.get(key)
     if bw is not None and _override is None and gbps > 0:
         _measured[key] = replace(bw, host_gbps=(1 - OBSERVED_WEIGHT) * bw.host_gbps + OBSERVED_WEIGHT * gbps)
+        _observed.add(key)
+
+
+def host_rate_observed(q: torch.Tensor, cache, device: torch.device, score: str) -> bool:
+    """Whether the figures ``calibrate`` gives have a host rate seen in a real step (or are overridden)."""
+    return _override is not None or _key(q, cache, device, score) in _observed
 
 
 def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softmax", force: bool = False,
@@ -120,6 +127,7 @@ def calibrate(q: torch.Tensor, cache, device: torch.device, score: str = "softma
     key = _key(q, cache, device, score)
     if key in _measured and not force:
         return _measured[key]
+    _observed.discard(key)
     gen = torch.Generator().manual_seed(0)
 
     def rand(shape, dev):

@@ -20,7 +20,7 @@ import torch
 from .. import decode, spec as _spec
 from ..backends import torch_threads
 from .cache import HostKVCache
-from .calibrate import calibrate, host_threads, observe_host
+from .calibrate import calibrate, host_rate_observed, host_threads, observe_host
 from .chunks import Accumulator, attend, chunk_spec
 from .plan import (Bandwidths, Split, cooperation_pays, cooperative_split, device_only_split, host_only_split,
                    make_plan)
@@ -100,7 +100,8 @@ def attention(
         cooperative: decoding only (Nq <= 16): the CPU attends over the newest part of the context
             while the device does the rest, split by measured bandwidths so both finish together.
             ``"auto"``: when decoding on a GPU, the cache does not fit the device mirror and the
-            model predicts the split at most ``plan.AUTO_MAX_SHARE`` of streaming's time.
+            model predicts the split at most ``plan.AUTO_MAX_SHARE`` of streaming's time by a host rate
+            seen in a cooperative step (the first such step of a problem class splits, to see it).
         device: where the device part runs (default q's device); ``"cpu"`` computes on the host.
         bandwidths: override the measured :class:`Bandwidths` (see calibrate.py).
         query_block: query rows per block in prefill (default 32768); memory: q and the output
@@ -228,6 +229,16 @@ def _host_part(q_host, cache, cspec, start: int, result: list, threads: int) -> 
         result[:] = [e]
 
 
+def _auto_split(split: Split, length: int, resident: int, bpt: int, bw: Bandwidths, known: bool):
+    """cooperative="auto": (cooperate?, split). A cooperative split stays only where it pays
+    (plan.cooperation_pays) by a host rate that is known: given figures, or one a cooperative
+    step has observed. Until then the split is tried, once, to observe it: the calibration's short
+    quiet measurement can read half of what a long host part reaches (NOTES.md)."""
+    if known and not cooperation_pays(split, bpt, bw):
+        return False, device_only_split(length, resident, bpt, bw)
+    return True, split
+
+
 def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch.Tensor:
     b, nq, hq, _ = q.shape
     length = len(cache)
@@ -243,8 +254,9 @@ def _decode(q, cache, cspec, dev, plan, cooperative, bandwidths, stats) -> torch
         split = host_only_split(length, bpt, bw)
     elif coop:
         split = cooperative_split(length, resident, bpt, bw)
-        if cooperative == "auto" and not cooperation_pays(split, bpt, bw):
-            coop, split = False, device_only_split(length, resident, bpt, bw)
+        if cooperative == "auto":
+            known = bandwidths is not None or host_rate_observed(q, cache, dev, cspec.score)
+            coop, split = _auto_split(split, length, resident, bpt, bw, known)
     else:
         split = device_only_split(length, resident, bpt, bw)
     acc = Accumulator((b, nq, hq, cache.v_dim), cspec.score == "softmax", dev if on_device else "cpu")
