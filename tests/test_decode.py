@@ -131,6 +131,21 @@ def test_fused_cpu_softmax_middle(monkeypatch, nq, dtype):
         assert max_err(got[seen], want[seen]) < (2e-2 if dtype != torch.float32 else 1e-5)
 
 
+def test_fused_cpu_path_takes_strided_caches_correctly(monkeypatch):
+    """Caches whose channels are strided (a slice of a wider tensor) or whose heads are outermost:
+    the fused CPU kernel ignores a channel stride, so such caches must take the float32 path."""
+    if DEVICE != "cpu":
+        pytest.skip("the fused kernel is the CPU path")
+    monkeypatch.setattr(torch_decode, "FUSED_MIN_KEYS", 16)
+    gen = torch.Generator().manual_seed(21)
+    wide_k, wide_v = rand((2, 70, 2, 64), torch.float32, gen, DEVICE), rand((2, 70, 2, 64), torch.float32, gen, DEVICE)
+    heads_out = [t.transpose(1, 2).contiguous().transpose(1, 2)[..., :32] for t in (wide_k, wide_v)]
+    for k, v in ((wide_k[..., ::2], wide_v[..., ::2]), heads_out):
+        q = rand((2, 1, 4, 32), torch.float32, gen, DEVICE)
+        lens = torch.tensor([70, 55], dtype=torch.int32, device=DEVICE)
+        check(q, (k, v), lens, None, (k, v), "torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", [dict(window=(6, 0)), dict(causal=False, softcap=2.5), dict(causal=False, window=(3, 2)),
                                 dict(alibi=True), dict(score="sigmoid", sigmoid_bias=-1.5, alibi=True),

@@ -154,9 +154,12 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
 
 def _fused_ok(spec, call, masked: bool, length: int) -> bool:
     q = call.q
+    # the fused kernel takes any token/head strides but reads the channels as contiguous whatever
+    # their stride says (a last-dim stride of 2 gave silently wrong results): those go the float32 way
     return (not masked and length >= FUSED_MIN_KEYS and spec.score == "softmax" and spec.softcap == 0
             and call.alibi is None and not call.paged and q.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and call.k.shape[3] == call.v.shape[3])
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and call.k.shape[3] == call.v.shape[3]
+            and all(t.stride(-1) == 1 for t in (q, call.k, call.v)))
 
 
 def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
