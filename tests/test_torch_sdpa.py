@@ -38,8 +38,26 @@ def test_which_calls_take_the_fused_kernel():
     for kw in not_fused:
         assert _resolve(q, k, v, **kw)[0] == "torch", kw
     assert _resolve(q, long_k, long_k, causal=True)[0] == "torch"  # its causal is top-left aligned
+    wide = torch.randn(2, 16, 4, 16)
+    assert _resolve(wide[..., ::2], k, v)[0] == "torch"  # it reads the last dim as contiguous
+    assert _resolve(q, wide[..., ::2], v)[0] == "torch"
+    assert _resolve(q, k, v, attn_mask=torch.randn(2, 1, 16, 32)[..., ::2])[0] == "torch"
     assert _resolve(q, k, torch.randn(2, 16, 4, 6))[0] == "torch"  # Dv != D
     assert _resolve(q[:, :0], k, v)[0] == "torch" and _resolve(q, k[:, :0], v[:, :0])[0] == "torch"
+
+
+def test_last_dim_strided_inputs_are_computed_right():
+    """Slices along the head dim (stride 2) and an expanded mask column: right answers, outputs and grads."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (rand((2, 23, 4, 32), torch.float32, gen, "cpu")[..., ::2].requires_grad_() for _ in range(3))
+    mask = rand((2, 1, 23, 46), torch.float32, gen, "cpu")[..., ::2]
+    for kw in ({}, dict(attn_mask=mask)):
+        out = oa.attention(q, k, v, **kw)
+        want = oa.reference.attention(*(t.double() for t in (q, k, v)), **{n: m.double() for n, m in kw.items()})
+        assert max_err(out, want) < 1e-5
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+        assert all(max_err(g, w) < 1e-5 for g, w in zip(grads, want_grads))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

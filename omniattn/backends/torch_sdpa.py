@@ -13,7 +13,9 @@ and ``backend="torch"``, runs the tiled path. Eligible calls:
 - no explicit mask, or a float mask of q's dtype without causal (rows it masks fully get lse
   -inf as ours: the kernel reports 0 there);
 - at least one query and one key; finite q, k, v (DESIGN.md's rule for NaN/Inf is exact on the
-  tiled path, while the fused kernel lets a masked pair's 0 multiply a NaN of v).
+  tiled path, while the fused kernel lets a masked pair's 0 multiply a NaN of v);
+- q, k, v (and the mask) with unit stride along their last dim: the kernel reads that dim as
+  contiguous whatever its stride (a slice ``x[..., ::2]`` gave errors of 1.2 in the output).
 
 The backward pass is the kernel's own, except with a gradient on lse (``return_lse=True`` feeding
 a loss) or a non-finite upstream gradient, which take the tiled backward (it needs only q, k, v,
@@ -48,6 +50,7 @@ def eligible(spec: Spec, call: Call) -> bool:
         or spec.hstu is not None
         or v.shape[-1] != q.shape[-1]
         or 0 in (q.shape[0], q.shape[1], k.shape[1])
+        or any(t.stride(-1) != 1 for t in (q, k, v))
     ):
         return False
     if spec.causal:
@@ -56,7 +59,7 @@ def eligible(spec: Spec, call: Call) -> bool:
     elif spec.window != (-1, -1):
         return False
     mask = call.attn_mask
-    if mask is not None and (spec.causal or mask.dtype != q.dtype or mask.dim() not in (2, 4)):
+    if mask is not None and (spec.causal or mask.dtype != q.dtype or mask.dim() not in (2, 4) or mask.stride(-1) != 1):
         return False
     return True
 
