@@ -172,3 +172,43 @@ def test_import_is_light_and_every_public_name_resolves():
             "assert distributed.context_parallel_attention")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _laid_out(shape, layout, gen):
+    """A float32 tensor of ``shape`` whose memory is not row-major: its last dim strided by 2, or
+    its head dim (second to last) outermost."""
+    if layout == "channel-stride":
+        return rand(shape[:-1] + (2 * shape[-1],), torch.float32, gen, "cpu")[..., ::2]
+    order = (len(shape) - 2,) + tuple(i for i in range(len(shape)) if i != len(shape) - 2)
+    t = rand(tuple(shape[i] for i in order), torch.float32, gen, "cpu")  # heads first in memory
+    return t.permute(*(order.index(i) for i in range(len(shape))))
+
+
+@pytest.mark.parametrize("layout", ["channel-stride", "head-major"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_every_entry_point_reads_strided_inputs(layout, backend):
+    """Inputs that are views (a slice of the head dim, heads outermost) give the reference's answer
+    on every entry point: a fused kernel that assumed contiguous channels was once silently wrong."""
+    gen = torch.Generator().manual_seed(41 + len(layout) + len(backend))
+    q, k, v = (_laid_out((2, 37, 4, 16), layout, gen) for _ in range(3))
+    assert not q.is_contiguous()
+    for score in ("softmax", "sigmoid"):
+        want = oa.reference.attention(q.double(), k.double(), v.double(), score=score, causal=True)
+        assert max_err(oa.attention(q, k, v, score=score, causal=True, backend=backend), want) < 1e-5
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32)
+    qp, kp, vp = (_laid_out((37, 4, 16), layout, gen) for _ in range(3))
+    want = oa.reference.attention_varlen(qp.double(), kp.double(), vp.double(), cu, cu, 20, 20, causal=True)
+    assert max_err(oa.attention_varlen(qp, kp, vp, cu, cu, 20, 20, causal=True, backend=backend), want) < 1e-5
+    want = oa.reference.hstu_attention(qp.double(), kp.double(), vp.double(), cu, 20)
+    assert max_err(oa.hstu_attention(qp, kp, vp, cu, 20, backend=backend), want) < 1e-5
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # SDPA's (B, H, N, D)
+    want = F.scaled_dot_product_attention(qs.double(), ks.double(), vs.double(), is_causal=True)
+    assert max_err(oa.scaled_dot_product_attention(qs, ks, vs, is_causal=True), want) < 1e-5
+    kc, vc = (_laid_out((2, 1500, 2, 16), layout, gen) for _ in range(2))
+    qd = _laid_out((2, 1, 4, 16), layout, gen)
+    lens = torch.tensor([1500, 1100], dtype=torch.int32)
+    out = oa.attention_with_kvcache(qd, kc, vc, lens, backend=backend)
+    for b, n in enumerate((1500, 1100)):
+        want = oa.reference.attention(qd[b : b + 1].double(), kc[b : b + 1, :n].double(), vc[b : b + 1, :n].double(),
+                                      causal=True)
+        assert max_err(out[b : b + 1], want) < 1e-5
