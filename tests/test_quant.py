@@ -11,7 +11,7 @@ import torch
 import omniattn as oa
 from omniattn.backends.triton import supported
 from omniattn.quant.config import QK_MODE, QuantConfig
-from omniattn.quant.quantize import VT_ALIGN, packed_vt_tokens, quantize_torch, quantize_triton, unpack_int4
+from omniattn.quant.quantize import VT_ALIGN, _layout, packed_vt_tokens, quantize_torch, quantize_triton, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = supported(torch.device(DEVICE), explicit=True)[0]
@@ -67,7 +67,8 @@ def test_quantization_kernels_match_the_pytorch_maths(precision, cfg, varlen):
         a, b = getattr(got, name), getattr(want, name)
         if name == "v" and varlen and a.dtype == torch.float8_e4m3fn:  # the kernels never read the padding
             assert a.shape == b.shape and a.stride(-2) % VT_ALIGN == 0
-            a, b = (packed_vt_tokens(t, cu, lens).to(torch.float8_e4m3fn) for t in (a, b))
+            _, seq, pos = _layout(k, cu, lens)
+            a, b = (packed_vt_tokens(t, cu, seq, pos).to(torch.float8_e4m3fn) for t in (a, b))
         if a.dtype == torch.float8_e4m3fn:
             a, b = a.float(), b.float()
             # fp32 sums in another order may move an element across a rounding boundary: one step at most

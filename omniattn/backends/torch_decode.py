@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import torch_threads
+from . import torch_sdpa, torch_threads
 
 STEP_ELEMS = 1 << 21  # keys x kv heads x head dim converted per step (8 MiB in float32)
 SCORE_ELEMS = 1 << 22  # score-tile elements per step (many query rows)
@@ -154,12 +154,10 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
 
 def _fused_ok(spec, call, masked: bool, length: int) -> bool:
     q = call.q
-    # the fused kernel takes any token/head strides but reads the channels as contiguous whatever
-    # their stride says (a last-dim stride of 2 gave silently wrong results): those go the float32 way
     return (not masked and length >= FUSED_MIN_KEYS and spec.score == "softmax" and spec.softcap == 0
             and call.alibi is None and not call.paged and q.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and call.k.shape[3] == call.v.shape[3]
-            and all(t.stride(-1) == 1 for t in (q, call.k, call.v)))
+            and torch_sdpa.channels_contiguous(q, call.k, call.v))
 
 
 def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
@@ -174,19 +172,17 @@ def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
     workers = torch_threads.workers_for(q.device, length // FUSED_MIN_KEYS)
     pieces = max(1, min(length // FUSED_MIN_KEYS, FUSED_PIECES_PER_WORKER * workers))
     bounds = [(length * p // pieces, length * (p + 1) // pieces) for p in range(pieces)]
-    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    done: list = [None] * pieces  # by piece, so the merge adds them in one order every run
 
-    def piece(done: list, item) -> None:
+    def piece(_, item) -> None:
         p, (j0, j1) = item
         # (n, Hkv, D) -> (1, Hkv, n, D): a strided view, read in place
-        o, lse = kernel(q, k[j0:j1].transpose(0, 1).unsqueeze(0), v[j0:j1].transpose(0, 1).unsqueeze(0),
-                        scale=spec.scale)
-        done.append((p, o, lse))
+        done[p] = torch_sdpa.FORWARD(q, k[j0:j1].transpose(0, 1).unsqueeze(0),
+                                     v[j0:j1].transpose(0, 1).unsqueeze(0), scale=spec.scale)
 
-    done = sorted((x for state in torch_threads.run(piece, enumerate(bounds), init=list, threads=workers)
-                   for x in state), key=lambda x: x[0])
-    acc = torch.cat([o for _, o, _ in done]).to(cdtype)
-    mx = torch.cat([lse for _, _, lse in done]).to(cdtype).unsqueeze(-1)
+    torch_threads.run(piece, enumerate(bounds), threads=workers)
+    acc = torch.cat([o for o, _ in done]).to(cdtype)
+    mx = torch.cat([lse for _, lse in done]).to(cdtype).unsqueeze(-1)
     return [(acc, mx, torch.ones_like(mx))]
 
 

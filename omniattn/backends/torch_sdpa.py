@@ -14,8 +14,7 @@ and ``backend="torch"``, runs the tiled path. Eligible calls:
   -inf as ours: the kernel reports 0 there);
 - at least one query and one key; finite q, k, v (DESIGN.md's rule for NaN/Inf is exact on the
   tiled path, while the fused kernel lets a masked pair's 0 multiply a NaN of v);
-- q, k, v (and the mask) with unit stride along their last dim: the kernel reads that dim as
-  contiguous whatever its stride (a slice ``x[..., ::2]`` gave errors of 1.2 in the output).
+- q, k, v (and the mask) with unit stride along their last dim (:func:`channels_contiguous`).
 
 The backward pass is the kernel's own, except with a gradient on lse (``return_lse=True`` feeding
 a loss) or a non-finite upstream gradient, which take the tiled backward (it needs only q, k, v,
@@ -32,8 +31,14 @@ import torch
 from ..spec import Call, Spec
 from . import torch_threads, torch_tiled
 
-_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # also the CPU decode path's (torch_decode)
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def channels_contiguous(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernel reads these right: it honours token and head strides but reads the
+    last dim as contiguous whatever its stride (``x[..., ::2]`` gave output errors of 1.2)."""
+    return all(t.stride(-1) == 1 for t in tensors)
 
 
 def eligible(spec: Spec, call: Call) -> bool:
@@ -50,7 +55,7 @@ def eligible(spec: Spec, call: Call) -> bool:
         or spec.hstu is not None
         or v.shape[-1] != q.shape[-1]
         or 0 in (q.shape[0], q.shape[1], k.shape[1])
-        or any(t.stride(-1) != 1 for t in (q, k, v))
+        or not channels_contiguous(q, k, v)
     ):
         return False
     if spec.causal:
@@ -59,7 +64,7 @@ def eligible(spec: Spec, call: Call) -> bool:
     elif spec.window != (-1, -1):
         return False
     mask = call.attn_mask
-    if mask is not None and (spec.causal or mask.dtype != q.dtype or mask.dim() not in (2, 4) or mask.stride(-1) != 1):
+    if mask is not None and (spec.causal or mask.dtype != q.dtype or mask.dim() not in (2, 4) or not channels_contiguous(mask)):
         return False
     return True
 
@@ -79,7 +84,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec: Spec, call: Call, mask, empty_rows):
         ctx.set_materialize_grads(False)
         causal = spec.causal
-        out, lse = _FORWARD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
+        out, lse = FORWARD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
                             attn_mask=mask, scale=spec.scale)
         lse_ours = lse if empty_rows is None else lse.masked_fill(empty_rows, -math.inf)
         out = out.transpose(1, 2)  # (B, N, H, D): the kernel writes its output in this memory order

@@ -341,11 +341,11 @@ def run_baselines(items, g, cfg: Config, device, budget: Budget, rate: dict) -> 
     measuring at the same time on their own GPUs; items the budget cannot fit are None."""
     world, rank = dist.get_world_size(g), dist.get_rank(g)
     items = list(items)
-    while items:  # the ranks' shares run side by side: the longest share must fit
-        def cost(n1, op, mode):
-            secs = flops(n1, _heads(cfg, op)[0], cfg.head_dim, mode) / rate[mode]
-            return secs * (_reps(cfg, 1e3 * secs) + _warm(cfg, secs))
+    def cost(n1, op, mode):
+        secs = flops(n1, _heads(cfg, op)[0], cfg.head_dim, mode) / rate[mode]
+        return secs * (_reps(cfg, 1e3 * secs) + _warm(cfg, secs))
 
+    while items:  # the ranks' shares run side by side: the longest share must fit
         shares = [sum(cost(*item) for item in items[r::world]) for r in range(world)]
         if budget.allows(max(shares)):
             break

@@ -76,8 +76,8 @@ def _dequantized_v(qz, call: Call) -> torch.Tensor:
     """V as the FP8 product sees it: e4m3(V * 448 / amax) * amax / 448, per sequence and channel."""
     if call.dense:  # (B, Hkv, Dv, N) -> (B, N, Hkv, Dv)
         return qz.v.float().permute(0, 3, 1, 2) * qz.v_scale.unsqueeze(1)
-    _, seq, _ = _layout(call.k, call.cu_k, call.lens_k)
-    return packed_vt_tokens(qz.v, call.cu_k, call.lens_k) * qz.v_scale[seq]  # (Hkv, Dv, columns) -> (T, Hkv, Dv)
+    _, seq, pos = _layout(call.k, call.cu_k, call.lens_k)
+    return packed_vt_tokens(qz.v, call.cu_k, seq, pos) * qz.v_scale[seq]  # (Hkv, Dv, columns) -> (T, Hkv, Dv)
 
 
 def _p_rounding(spec: Spec, call: Call):

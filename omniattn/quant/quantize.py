@@ -206,11 +206,8 @@ def _transpose_v(v8: torch.Tensor, shape, columns: Optional[torch.Tensor], nseq:
     return out.view(torch.float8_e4m3fn)
 
 
-def packed_vt_tokens(v_t: torch.Tensor, cu_k: torch.Tensor, lens_k) -> torch.Tensor:
-    """A packed FP8 V^T (Hkv, Dv, vt_width) back to its tokens, (T, Hkv, Dv) float32."""
-    counts = torch.tensor(lens_k, device=v_t.device, dtype=torch.long)
-    seq = torch.repeat_interleave(torch.arange(len(lens_k), device=v_t.device), counts)
-    pos = torch.arange(seq.shape[0], device=v_t.device) - cu_k.long()[seq]
+def packed_vt_tokens(v_t: torch.Tensor, cu_k: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """A packed FP8 V^T (Hkv, Dv, vt_width) back to its tokens (``_layout``'s seq, pos): (T, Hkv, Dv) float32."""
     return v_t.float()[:, :, vt_columns(cu_k, seq, pos)].permute(2, 0, 1)
 
 
