@@ -164,14 +164,18 @@ def tma() -> None:
         for score in ("softmax", "sigmoid"):
             oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
                                 backend="triton")
-    with torch.no_grad():  # quantized: INT8 / INT4 K and FP8 V^T descriptors, dense
+    with torch.no_grad():  # quantized: INT8 / INT4 K and FP8 V^T descriptors, dense and packed
         q = torch.randn(2, 256, 4, 128).to(torch.bfloat16)
         for precision in ("int8", "int8-fp8", "fp8", "int4-fp8"):
             oa.attention(q, q, q, precision=precision, backend="triton")
-    for name, consts, _, _ in SEEN:
+        offsets = torch.tensor([0, 100, 256])
+        oa.attention_varlen(q[0], q[0], q[0], offsets, offsets, 156, 156, precision="int8-fp8", backend="triton")
+    for (name, consts, _, _), compiled in SEEN.items():
         c = dict(consts)
+        # single-byte global stores (the quantization kernel's FP8 V^T must store 16-byte vectors)
+        byte_stores = len(re.findall(r"st\.global\.[bu]8", compiled.asm["ptx"]))
         print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} SCORE={c.get('SCORE')} "
-              f"QK_MODE={c.get('QK_MODE')} PV_FP8={c.get('PV_FP8')}")
+              f"QK_MODE={c.get('QK_MODE')} PV_FP8={c.get('PV_FP8')} BYTE_STORES={byte_stores}")
 
 
 def main():

@@ -47,11 +47,17 @@ def test_tma_forward_compiles_for_sm90():
     sigmoid, dense and varlen, a head dim below the tile's; the quantized precisions with their
     quantization kernels): the interpreter never takes the GPU's path."""
     variants = _compile("--tma")
+    kernels = [v[:6] for v in variants]  # without the byte-store count
     for varlen in ("False", "True"):
         for score in ("0", "1"):  # softmax, sigmoid
             assert ["attn_fwd_kernel", "USE_TMA=True", f"IS_VARLEN={varlen}", f"SCORE={score}", "QK_MODE=0",
-                    "PV_FP8=False"] in variants
+                    "PV_FP8=False"] in kernels
     for mode, fp8 in (("1", "False"), ("1", "True"), ("3", "True"), ("2", "True")):  # int8, int8-fp8, fp8, int4-fp8
         assert ["attn_fwd_kernel", "USE_TMA=True", "IS_VARLEN=False", "SCORE=0", f"QK_MODE={mode}",
-                f"PV_FP8={fp8}"] in variants
+                f"PV_FP8={fp8}"] in kernels
+    # packed FP8 V^T (sequences on 16-byte columns), whose quantization stores whole 16-byte
+    # columns: with a per-token mask it stored single bytes, 18x slower on the H100
+    assert ["attn_fwd_kernel", "USE_TMA=True", "IS_VARLEN=True", "SCORE=0", "QK_MODE=1", "PV_FP8=True"] in kernels
     assert {"kv_stats_kernel", "quant_kv_kernel", "quant_q_kernel"} <= {v[0] for v in variants}
+    packed_vt = [v for v in variants if v[0] == "quant_kv_kernel" and v[2] == "IS_VARLEN=True" and v[5] == "PV_FP8=True"]
+    assert packed_vt and all(v[6] == "BYTE_STORES=0" for v in packed_vt)

@@ -28,6 +28,7 @@ from .common import (
     SIGMOID,
     SILU,
     SOFTMAX,
+    VT_ALIGN,
     allowed,
     dropout_keep,
     dropout_row_hash,
@@ -86,7 +87,7 @@ def _fwd_tiles(
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Accumulate key tiles [start, end) into (acc, m_i, l_i). ``USE_TMA``: K and V tiles come by
     TMA from the descriptors (Hopper; rows past the sequence arrive as zeros, like the masked
@@ -170,9 +171,13 @@ def _fwd_tiles(
                 vt = v_desc.load([0, start_n])
             elif MASKED:
                 # a mask along V^T's contiguous (token) axis turns the load into single bytes: only
-                # the tile that crosses the sequence's end needs it
+                # the tile that crosses the sequence's end needs it, and a packed sequence's V^T has
+                # zeros up to its next 16-token column (quant_kv_kernel), so there whole 16-byte
+                # columns are read
                 if start_n + BLOCK_N <= lk:
                     vt = tl.load(vt_ptrs, mask=channels_ok, other=0.0)
+                elif IS_VARLEN:
+                    vt = tl.load(vt_ptrs, mask=(offs_n // VT_ALIGN * VT_ALIGN < lk)[None, :] & channels_ok, other=0.0)
                 else:
                     vt = tl.load(vt_ptrs, mask=tl.trans(kv_ok) & channels_ok, other=0.0)
             else:
@@ -314,7 +319,7 @@ def attn_fwd_kernel(
             BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
-            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS, USE_TMA=USE_TMA)
+            EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS, USE_TMA=USE_TMA, IS_VARLEN=IS_VARLEN)
 
     if PV_FP8:  # undo V's per-channel scale and P's x448 (softmax: its sum carries the x448; SiLU: its 1/n)
         vs = tl.load(VS + b64 * stride_vsb + hk * stride_vsh + offs_dv, mask=offs_dv < head_dim_v, other=0.0)

@@ -9,7 +9,7 @@ its scales, the row term q . mean(K) and the smooth-Q tile means. Inputs are onl
 import triton
 import triton.language as tl
 
-from .common import FP8_MAX, round_half_even, sequence_bounds, to_fp8, vt_column
+from .common import FP8_MAX, VT_ALIGN, round_half_even, sequence_bounds, to_fp8, vt_column
 
 
 @triton.jit
@@ -120,7 +120,15 @@ def quant_kv_kernel(
         # transposed: (sequence or batch, kv head, channel, token)
         column = vt_column(start, b64, IS_VARLEN) + rows
         vt = VT + b64 * stride_vtb + hk * stride_vth + dv[:, None] * stride_vtd + column[None, :]
-        tl.store(vt, tl.trans(v8), mask=(dv[:, None] < head_dim_v) & ok[None, :])
+        if IS_VARLEN:
+            # whole 16-token columns (a sequence owns its columns up to the next multiple of 16, and
+            # gets zeros past its end): a mask constant over 16 tokens makes each channel's store
+            # one 16-byte vector; a per-token mask made it 16 byte stores, each warp's writing 32
+            # rows' partial sectors (1.15 ms for a 32 x 4096 HSTU batch against 0.06 for K)
+            tokens_ok = rows // VT_ALIGN * VT_ALIGN < length
+        else:  # dense: a channel's row ends at the sequence's end
+            tokens_ok = ok
+        tl.store(vt, tl.trans(v8), mask=(dv[:, None] < head_dim_v) & tokens_ok[None, :])
 
 
 @triton.jit
