@@ -107,7 +107,7 @@ def install() -> None:
     for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
                       (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
         setattr(launch, name, Compiling(getattr(mod, name)))
-    for name in ("kv_stats_kernel", "quant_kv_kernel", "quant_q_kernel"):  # quantization (their outputs stay empty)
+    for name in ("kv_stats_kernel", "kv_stats_finish_kernel", "quant_kv_kernel", "quant_q_kernel"):  # quantization (their outputs stay empty)
         setattr(launch, name, Compiling(getattr(quant_kernels, name)))
     tb.supported = lambda device, explicit=False: (True, "")
     from omniattn import backends

@@ -58,6 +58,6 @@ def test_tma_forward_compiles_for_sm90():
     # packed FP8 V^T (sequences on 16-byte columns), whose quantization stores whole 16-byte
     # columns: with a per-token mask it stored single bytes, 18x slower on the H100
     assert ["attn_fwd_kernel", "USE_TMA=True", "IS_VARLEN=True", "SCORE=0", "QK_MODE=1", "PV_FP8=True"] in kernels
-    assert {"kv_stats_kernel", "quant_kv_kernel", "quant_q_kernel"} <= {v[0] for v in variants}
+    assert {"kv_stats_kernel", "kv_stats_finish_kernel", "quant_kv_kernel", "quant_q_kernel"} <= {v[0] for v in variants}
     packed_vt = [v for v in variants if v[0] == "quant_kv_kernel" and v[2] == "IS_VARLEN=True" and v[5] == "PV_FP8=True"]
     assert packed_vt and all(v[6] == "BYTE_STORES=0" for v in packed_vt)

@@ -86,6 +86,25 @@ def test_quantization_kernels_match_the_pytorch_maths(precision, cfg, varlen):
             assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 1e-3, name
 
 
+@pytest.mark.skipif(not triton_ok, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+def test_statistics_over_many_chunks(monkeypatch):
+    """K's mean and V's scales combine kv_stats_kernel's chunks in blocks of 16: 2-token chunks
+    make 25 of them per sequence (the GPU's 256-token chunks do so above 4096 tokens)."""
+    from omniattn.quant import quantize
+
+    monkeypatch.setattr(quantize, "STATS_CHUNK", 2)
+    gen = torch.Generator().manual_seed(11)
+    lens = [37, 5, 50]
+    q, k, v = offset_keys((sum(lens), 4, 32), (sum(lens), 2, 32), gen)
+    cu, args = _cu(lens), (lens, lens, max(lens), max(lens))
+    kw = dict(precision="int8-fp8", cfg=QuantConfig(), block_m=16, block_n=16, row_bias=True)
+    got = quantize_triton(q, k, v, cu, cu, *args, **kw)
+    want = quantize_torch(q, k, v, cu, cu, args[0], args[1], block_d=32, **kw)
+    for name in ("v_scale", "row_bias"):
+        b = getattr(want, name)
+        torch.testing.assert_close(getattr(got, name), b, rtol=2e-6, atol=1e-6 * max(b.abs().max().item(), 1.0))
+
+
 @pytest.fixture
 def kernel_tiles(monkeypatch):
     """The tiled backend on the interpreter kernel's tiles (16 rows x 16 keys), so the emulation

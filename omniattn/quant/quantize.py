@@ -240,17 +240,28 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     g_q, g_k = cfg.groups(block_m, block_n)
 
     # pass 1: K's mean and V's per-channel max, in parallel chunks of tokens
+    # (the token counts come from cu_k on the device: a host copy would wait for the GPU every call)
     n_chunks = max(triton.cdiv(seqlen_k, STATS_CHUNK), 1)
-    ksum = torch.zeros(nseq * hkv * n_chunks, bd, dtype=torch.float32, device=dev)
-    vmax = torch.zeros(nseq * hkv * n_chunks, bdv, dtype=torch.float32, device=dev)
+    f32 = _dummy(dev, torch.float32)
+    vm = v_scale = f32
     if (cfg.smooth_k or pv_fp8) and nseq * hkv and seqlen_k:
+        ksum = torch.empty(nseq * hkv * n_chunks, bd, dtype=torch.float32, device=dev)  # every row written
+        vmax = torch.empty(nseq * hkv * n_chunks, bdv, dtype=torch.float32, device=dev) if pv_fp8 else f32
         launch.kv_stats_kernel[(n_chunks, nseq * hkv)](
             k, v, ksum, vmax, cu_k_arg, *_strides(k), *_strides(v), seqlen_k, hkv, n_chunks, d, dv,
             IS_VARLEN=not dense, HAS_V=pv_fp8, CHUNK=STATS_CHUNK, BLOCK_D=bd, BLOCK_DV=bdv)
-    # token counts on the device without a host copy (a pageable copy would wait for the GPU every call)
-    counts = max(seqlen_k, 1) if dense else (cu_k[1:] - cu_k[:-1]).clamp(min=1).to(torch.float32).view(-1, 1, 1)
-    km = ksum.view(nseq, hkv, n_chunks, bd).sum(2) / counts  # (nseq, Hkv, BLOCK_D)
-    vm = vmax.view(nseq, hkv, n_chunks, bdv).amax(2)
+        km = torch.empty(nseq, hkv, bd, dtype=torch.float32, device=dev)
+        if pv_fp8:
+            vm = torch.empty(nseq, hkv, bdv, dtype=torch.float32, device=dev)
+            v_scale = torch.empty(nseq, hkv, dv, dtype=torch.float32, device=dev)
+        launch.kv_stats_finish_kernel[(nseq * hkv,)](
+            ksum, vmax, km, vm, v_scale, cu_k_arg, seqlen_k, hkv, n_chunks, dv,
+            IS_VARLEN=not dense, HAS_V=pv_fp8, BLOCK_C=16, BLOCK_D=bd, BLOCK_DV=bdv)
+    else:  # no smoothing, no FP8 V (or nothing to reduce): K's mean is 0, V's scales 1
+        km = torch.zeros(nseq, hkv, bd, dtype=torch.float32, device=dev)
+        if pv_fp8:
+            vm = torch.zeros(nseq, hkv, bdv, dtype=torch.float32, device=dev)
+            v_scale = torch.ones(nseq, hkv, dv, dtype=torch.float32, device=dev)
 
     # pass 2: K and V
     packed = d // 2 if mode == 2 else d
@@ -284,14 +295,13 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     qs_strides = (q_scale.stride(0), q_scale.stride(1), q_scale.stride(2)) if dense else \
         (0, q_scale.stride(0), q_scale.stride(1))
     if nseq * hq and seqlen_q:
-        f32 = _dummy(dev, torch.float32)
         launch.quant_q_kernel[(n_tiles, nseq * hq)](
             q, km, q_q, q_scale, bias if bias is not None else f32, q_mean if q_mean is not None else f32, cu_q_arg,
             *_strides(q), *_strides(q_q), *qs_strides, seqlen_q, hq, hq // hkv, d, n_tiles,
             IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=g_q, SMOOTH_Q=cfg.smooth_q,
             ROW_BIAS=bias is not None, EXACT_FP8_ROUNDING=exact_fp8, BLOCK_M=block_m, BLOCK_D=bd,
             PACKED_D=packed_bd)
-    v_scale = (torch.where(vm == 0, 1.0, vm / FP8_MAX)[..., :dv].contiguous()) if pv_fp8 else None
-    return Quantized(q=q_q, k=k_q, v=v_t if pv_fp8 else v, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+    return Quantized(q=q_q, k=k_q, v=v_t if pv_fp8 else v, q_scale=q_scale, k_scale=k_scale,
+                     v_scale=v_scale if pv_fp8 else None,
                      row_bias=bias, q_mean=q_mean, qk_mode=mode, pv_fp8=pv_fp8,
                      pv_two_level=cfg.pv_accum == "fp32+fp32", block_m=block_m, block_n=block_n)

@@ -22,6 +22,7 @@ attn_bwd_dkdv_kernel = FastLaunch(bwd.attn_bwd_dkdv_kernel)
 attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
 rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
 kv_stats_kernel = FastLaunch(quant.kv_stats_kernel)
+kv_stats_finish_kernel = FastLaunch(quant.kv_stats_finish_kernel)
 quant_kv_kernel = FastLaunch(quant.quant_kv_kernel)
 quant_q_kernel = FastLaunch(quant.quant_q_kernel)
 

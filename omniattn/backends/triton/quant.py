@@ -1,7 +1,8 @@
 """Quantization kernels for the quantized precisions (omniattn/quant/quantize.py states the maths).
 
 Two passes over K and V: kv_stats_kernel reduces each sequence's K sum (for K's mean) and V's
-per-channel max in chunks of tokens, in parallel over the sequence; quant_kv_kernel then writes K
+per-channel max in chunks of tokens, in parallel over the sequence, kv_stats_finish_kernel
+combines the chunks per sequence and head; quant_kv_kernel then writes K
 (smoothed, per-group scales) and V (FP8, transposed) in one pass, and quant_q_kernel writes Q with
 its scales, the row term q . mean(K) and the smooth-Q tile means. Inputs are only read.
 """
@@ -39,6 +40,37 @@ def kv_stats_kernel(
         v = tl.load(V + b64 * stride_vb + (start + rows)[:, None] * stride_vt + hk * stride_vh + dv[None, :],
                     mask=ok[:, None] & (dv[None, :] < head_dim_v), other=0.0)
         tl.store(VMAX + out * BLOCK_DV + dv, tl.max(tl.abs(v.to(tl.float32)), 0))
+
+
+@triton.jit
+def kv_stats_finish_kernel(
+    KSUM, VMAX, KM, VM, VS, CU_K, seqlen_k, n_kv_heads, n_chunks, head_dim_v,
+    IS_VARLEN: tl.constexpr, HAS_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Per (sequence, kv head), from kv_stats_kernel's chunks: K's mean over the sequence's tokens
+    (KM), V's per-channel max |V| (VM) and FP8 scale (VS, (sequences, Hkv, Dv)). One launch where
+    PyTorch took six small ones (host time is what a short quantized call waits for)."""
+    pid = tl.program_id(0)
+    _, length = sequence_bounds(CU_K, pid // n_kv_heads, seqlen_k, IS_VARLEN)
+    first = pid.to(tl.int64) * n_chunks
+    d = tl.arange(0, BLOCK_D)
+    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ksum += tl.sum(tl.load(KSUM + (first + c)[:, None] * BLOCK_D + d[None, :], mask=(c < n_chunks)[:, None],
+                               other=0.0), 0)
+    tl.store(KM + pid.to(tl.int64) * BLOCK_D + d, ksum / tl.maximum(length, 1).to(tl.float32))
+    if HAS_V:
+        dv = tl.arange(0, BLOCK_DV)
+        vmax = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            vmax = tl.maximum(vmax, tl.max(tl.load(VMAX + (first + c)[:, None] * BLOCK_DV + dv[None, :],
+                                                   mask=(c < n_chunks)[:, None], other=0.0), 0))
+        tl.store(VM + pid.to(tl.int64) * BLOCK_DV + dv, vmax)
+        tl.store(VS + pid.to(tl.int64) * head_dim_v + dv, tl.where(vmax == 0.0, 1.0, vmax / FP8_MAX),
+                 mask=dv < head_dim_v)
 
 
 @triton.jit
