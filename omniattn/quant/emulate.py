@@ -24,7 +24,7 @@ from .quantize import _layout, packed_vt_tokens, quantize_torch, to_e4m3, unpack
 def emulate(spec: Spec, call: Call, precision: str, cfg: QuantConfig, block_m: int = None, block_n: int = None):
     """(out, lse) in the caller's layout, as the quantized kernel computes them (up to float32 rounding)."""
     from ..backends.triton.configs import quant_fwd_config
-    from ..backends.triton.launch import block_dim
+    from ..backends.triton.configs import block_dim
 
     d = call.q.shape[-1]
     if block_m is None or block_n is None:

@@ -217,11 +217,9 @@ STATS_CHUNK = 256  # tokens per program of the K-mean / V-max pass
 def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precision: str, cfg: QuantConfig,
                     block_m: int, block_n: int, row_bias: bool) -> Quantized:
     """The same maths with the Triton quantization kernels (GPU, or the interpreter on CPU)."""
-    import triton
-
     from ..backends.triton import launch
-    from ..backends.triton.configs import interpreting
-    from ..backends.triton.launch import _dummy, _strides, block_dim
+    from ..backends.triton.configs import block_dim, cdiv, interpreting
+    from ..backends.triton.launch import _dummy, _strides
 
     mode = QK_MODE[precision]
     pv_fp8 = PV_FP8[precision]
@@ -241,7 +239,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
 
     # pass 1: K's mean and V's per-channel max, in parallel chunks of tokens
     # (the token counts come from cu_k on the device: a host copy would wait for the GPU every call)
-    n_chunks = max(triton.cdiv(seqlen_k, STATS_CHUNK), 1)
+    n_chunks = max(cdiv(seqlen_k, STATS_CHUNK), 1)
     f32 = _dummy(dev, torch.float32)
     vm = v_scale = f32
     if (cfg.smooth_k or pv_fp8) and nseq * hkv and seqlen_k:
@@ -278,7 +276,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
         (0, k_scale.stride(0), k_scale.stride(1))
     rows_k = block_n if g_k > 1 else 16
     if nseq * hkv and seqlen_k:
-        launch.quant_kv_kernel[(triton.cdiv(seqlen_k, rows_k), nseq * hkv)](
+        launch.quant_kv_kernel[(cdiv(seqlen_k, rows_k), nseq * hkv)](
             k, v, km, vm, k_q, k_scale, v_t, cu_k_arg, *_strides(k), *_strides(v), *_strides(k_q), *ks_strides,
             *vt_strides, seqlen_k, hkv, d, dv,
             IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=min(g_k, rows_k), SMOOTH_K=cfg.smooth_k,
@@ -288,7 +286,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     q_q = torch.empty(q.shape[:-1] + (packed,), dtype=k_q.dtype, device=dev)
     q_scale = torch.empty(q.shape[:-1], dtype=torch.float32, device=dev)
     bias = torch.empty_like(q_scale) if row_bias and cfg.smooth_k else None
-    n_tiles = max(triton.cdiv(seqlen_q, block_m), 1)
+    n_tiles = max(cdiv(seqlen_q, block_m), 1)
     packed_bd = bd // 2 if mode == 2 else bd
     q_mean = torch.zeros(nseq * hq * n_tiles, 2 * packed_bd, dtype=torch.float32, device=dev) if cfg.smooth_q \
         else None

@@ -23,6 +23,21 @@ class TileConfig:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1): triton.next_power_of_2 without its wrapper's per-call
+    cost (microseconds on every launch's host path)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_dim(d: int) -> int:
+    """The kernels' power-of-two channel block (at least 16) for head dim d."""
+    return max(16, next_pow2(d))
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

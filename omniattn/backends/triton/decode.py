@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, SIGMOID, SOFTMAX, allowed, key_range, online_softmax_tile, sigmoid, split_range, tanh
-from .configs import interpreting
+from .configs import block_dim, cdiv, interpreting, next_pow2
 from .launcher import FastLaunch
 
 
@@ -280,10 +280,6 @@ MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 
 
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def _override() -> Optional[tuple[int, int, int]]:
     """OMNIATTN_DECODE_CONFIG="BN,WARPS,STAGES" pins the tile config (sweeps; skips autotuning)."""
     value = os.environ.get("OMNIATTN_DECODE_CONFIG")
@@ -339,7 +335,7 @@ def choose_splits(programs: int, max_len: int, block_n: int, slots: int) -> int:
     MIN_TILES_PER_SPLIT tiles (a split also costs a partial write and a merge)."""
     if programs <= 0 or max_len <= 0:
         return 1
-    max_splits = min(MAX_SPLITS, max(1, triton.cdiv(max_len, block_n) // MIN_TILES_PER_SPLIT))
+    max_splits = min(MAX_SPLITS, max(1, cdiv(max_len, block_n) // MIN_TILES_PER_SPLIT))
     if programs >= 0.8 * slots or max_splits == 1:
         return 1
     effs = []
@@ -371,8 +367,8 @@ def decode_forward(q, k, v, seqlens, block_table, alibi, p: DecodeParams, max_le
     if out.numel() == 0:
         return out, lse
     rows = group * nq
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
+    block_m = max(16, min(64, next_pow2(rows)))
+    row_blocks = cdiv(rows, block_m)
     pinned = _override()
     if interpreting():
         config = dict(BLOCK_N=INTERPRETER_BLOCK_N)
@@ -409,11 +405,11 @@ def decode_forward(q, k, v, seqlens, block_table, alibi, p: DecodeParams, max_le
         FAST_MATH=q.dtype != torch.float32 and q.is_cuda and not interpreting(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
-        BLOCK_D=_block(d),
-        BLOCK_DV=_block(dv),
+        BLOCK_D=block_dim(d),
+        BLOCK_DV=block_dim(dv),
     )
     # the autotuner's cache key: problems of one class (context length, split count, program count)
-    tune_key = (triton.next_power_of_2(max(max_len, 1)) * 128 + splits) * 4096 + min(programs, 4095)
+    tune_key = (next_pow2(max(max_len, 1)) * 128 + splits) * 4096 + min(programs, 4095)
     kernel, tuned, choice = _fast_decode, None, None
     if not interpreting() and not pinned:
         candidates = _candidates(max(d, dv), q.element_size())
@@ -441,7 +437,7 @@ def decode_forward(q, k, v, seqlens, block_table, alibi, p: DecodeParams, max_le
             o_part, l_part if softmax else dummy_f, out, lse if softmax else dummy_f,
             *o_part.stride()[:4], *(l_part.stride()[:3] if softmax else (0, 0, 0)),
             *_strides4(out), *((lse.stride(0), lse.stride(1)) if softmax else (0, 0)),
-            nq, hq, dv, splits, SCORE=p.score, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=_block(dv),
+            nq, hq, dv, splits, SCORE=p.score, BLOCK_S=next_pow2(splits), BLOCK_DV=block_dim(dv),
         )
     return out, lse
 
@@ -462,10 +458,10 @@ def merge_states_(acc: torch.Tensor, acc_lse: Optional[torch.Tensor], out: torch
     else:
         la = lb = acc.new_empty(1, 1, 1)
     block_r = 16
-    grid = (triton.cdiv(n, block_r), bsz, heads)
+    grid = (cdiv(n, block_r), bsz, heads)
     merge_states_kernel[grid](
         acc, la, out, lb, n, heads, dv,
         acc.stride(0), acc.stride(1), acc.stride(2), la.stride(0), la.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lb.stride(0), lb.stride(1),
-        SOFTMAX_MERGE=softmax, BLOCK_R=block_r, BLOCK_DV=_block(dv),
+        SOFTMAX_MERGE=softmax, BLOCK_R=block_r, BLOCK_DV=block_dim(dv),
     )

@@ -13,7 +13,8 @@ import torch
 import triton
 
 from . import bwd, fwd, quant
-from .configs import PREPROCESS_BLOCK_M, bwd_dkdv_config, bwd_dq_config, fwd_config, interpreting, quant_fwd_config
+from .configs import (PREPROCESS_BLOCK_M, block_dim, bwd_dkdv_config, bwd_dq_config, cdiv, fwd_config, interpreting,
+                      next_pow2, quant_fwd_config)
 from .launcher import FastLaunch
 
 attn_fwd_kernel = FastLaunch(fwd.attn_fwd_kernel)
@@ -108,10 +109,11 @@ _DUMMIES: dict = {}
 
 
 def _dummy(device, dtype) -> torch.Tensor:
-    key = (str(device), dtype)
-    if key not in _DUMMIES:
-        _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _DUMMIES[key]
+    key = (device, dtype)
+    hit = _DUMMIES.get(key)
+    if hit is None:
+        hit = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return hit
 
 
 _EDGES: dict = {}
@@ -157,10 +159,6 @@ def _needs_int64(max_len: int, *tensors) -> bool:
     (the kernels then compute addresses in 64 bits; else in 32, which spills less)."""
     stride = max(t.stride(-3) for t in tensors)
     return (max_len + 512) * stride + max(t.stride(-2) * t.shape[-2] for t in tensors) >= 2**31
-
-
-def block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 class _Launch:
@@ -230,7 +228,7 @@ class _Launch:
             1.0 / (1.0 - p.dropout_p),
         )
         self.seqlens = (q.shape[1] if not self.varlen else max_q, k.shape[1] if not self.varlen else max_k)
-        self.tune_len = triton.next_power_of_2(max(max_q, 64))
+        self.tune_len = next_pow2(max(max_q, 64))
 
     def pointers(self):
         return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges)
@@ -239,7 +237,7 @@ class _Launch:
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
         if tiles is not None:
             return (tiles.shape[0],), tiles, True
-        return (triton.cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
+        return (cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
 
 
 def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False):
@@ -353,7 +351,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     delta = lse
     if L.softmax:
         delta = torch.empty_like(lse)
-        grid = (triton.cdiv(max_q, PREPROCESS_BLOCK_M), L.batch * L.hq)
+        grid = (cdiv(max_q, PREPROCESS_BLOCK_M), L.batch * L.hq)
         if grid[0] * grid[1]:
             attn_bwd_preprocess_kernel[grid](
                 out, dout, dlse.contiguous() if dlse is not None else _dummy(dev, torch.float32), delta, L.cu_q,
@@ -366,7 +364,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     if x.tiles_dkdv is not None:
         grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
     else:
-        grid, tiles, tile_list = (triton.cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
+        grid, tiles, tile_list = (cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
     windows = x.q_windows if x.q_windows is not None else _dummy(dev, torch.int32)[None]
     if x.q_windows is not None:
         dk, dv = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
@@ -385,7 +383,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
     n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
     diagonals = cfg.block_m + cfg.block_n - 1  # a tile's relative positions (bwd._add_diagonal_sums)
-    ts_pad = triton.next_power_of_2(p.num_buckets + 1) if L.has_rab else 16
+    ts_pad = next_pow2(p.num_buckets + 1) if L.has_rab else 16
     if L.has_rab:
         strips = _RabStrips(L, cfg, tile_list, n_programs, diagonals)
         part_pos = torch.zeros(strips.total, dtype=torch.float32, device=dev)
@@ -441,7 +439,7 @@ class _RabStrips:
                          torch.device("cpu")).long()
             b, head, mt = t[:, 0], t[:, 1], t[:, 2]
         else:  # 2-D grid (query tiles, batch x heads); causal launches the last tile first
-            n_m = triton.cdiv(L.max_q, bm)
+            n_m = cdiv(L.max_q, bm)
             pid_m = torch.arange(n_m).repeat(L.batch * hq)
             bh = torch.arange(L.batch * hq).repeat_interleave(n_m)
             mt = (n_m - 1 - pid_m) if L.p.causal else pid_m
@@ -469,7 +467,7 @@ class _RabStrips:
         length = L.pos_w.shape[-1]
         dpos = torch.empty(hr, length, dtype=torch.float32, device=part_pos.device)
         block = 256
-        rab_grad_reduce_kernel[(triton.cdiv(length, block), hr)](
+        rab_grad_reduce_kernel[(cdiv(length, block), hr)](
             part_pos, self.meta, dpos, self.n_live, length, L.p.rab_center, BLOCK_M=block_m, BLOCK=block)
         nb1 = L.ts_w.shape[-1]
         dts = part_ts[self.by_head, :nb1].view(hr, -1, nb1).sum(1)

@@ -18,14 +18,19 @@ import torch
 from .configs import interpreting
 
 
+_INT32 = (-(2**31), 2**31)
+
+
 def _spec(a):
+    """What Triton specializes an argument on, cheaply (this runs for every argument of every launch)."""
+    kind = type(a)
+    if kind is int:  # value 1, divisibility by 16, 32-bit range: one small int
+        return (a == 1) + ((a % 16 == 0) << 1) + ((_INT32[0] <= a < _INT32[1]) << 2)
+    if kind is float or kind is bool or a is None:
+        return kind
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool) or a is None or isinstance(a, float):
-        return type(a)
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, -(2**31) <= a < 2**31
-    return type(a), a
+    return kind, a
 
 
 class FastLaunch:
