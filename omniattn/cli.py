@@ -422,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "bench", "time omniattn against PyTorch's attention on this device (the main job)")
     p.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda if available, else cpu)")
-    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "hstu", "quant", "smoke"],
-                   help="size set (default: cpu or gpu, by device)")
+    p.add_argument("--suite", choices=["cpu", "gpu", "gpu-full", "kernels", "hstu", "quant", "smoke"],
+                   help="size set (default: cpu or gpu, by device; kernels: the kernel template's matrix; "
+                        "gpu-full: kernels + hstu + quant)")
     p.add_argument("--gpu-suite", dest="suite", action="store_const", const="gpu-full",
                    help="the full GPU matrix (softmax/sigmoid/silu, HSTU, quantized)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=PATH",

@@ -150,7 +150,8 @@ def gpu_all() -> list[Case]:
     return hstu() + quant() + gpu_full()
 
 
-SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "hstu": hstu, "quant": quant, "smoke": smoke}
+SUITES = {"cpu": cpu_default, "gpu": gpu_default, "gpu-full": gpu_all, "kernels": gpu_full, "hstu": hstu, "quant": quant,
+          "smoke": smoke}
 
 
 def default_suite(device: torch.device) -> str:
