@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -63,21 +64,38 @@ def assert_tolerance(name: str, got, ref64, ref_same, dtype, scale: float = 1.0)
     assert err <= limit, f"{name}: error {err:.3e} > {limit:.3e} (2x same-dtype torch + floor)"
 
 
+@contextlib.contextmanager
+def float64_leaves(problem: Problem):
+    """problem.q, .k, .v as float64 copies while the float64 reference runs: autograd returns a
+    leaf's gradient in the leaf's dtype, so a reference fed the 16-bit leaves themselves had its
+    float64 gradients rounded back to 16 bits (an error of up to half an ulp in the yardstick, which
+    let the same-dtype maths look exact by coincidence)."""
+    saved = (problem.q, problem.k, problem.v)
+    problem.q, problem.k, problem.v = (t.detach().double().requires_grad_(t.requires_grad) for t in saved)
+    try:
+        yield problem.leaves()
+    finally:
+        problem.q, problem.k, problem.v = saved
+
+
 def check_outputs_and_grads(problem: Problem, backend: str, gen, extra_leaves=(), fn=None, ref=None) -> None:
-    """Run backend, fp64 reference and same-dtype reference; compare output and every gradient."""
+    """Run backend, fp64 reference and same-dtype reference; compare output and every gradient.
+    ``ref(dtype)`` must read the problem's q, k, v at call time (the float64 run swaps them)."""
     dtype = problem.q.dtype
     fn = fn or (lambda *a, **kw: problem.run(api_fn(problem), backend=backend, **kw))
     ref = ref or (lambda dt: problem.run(reference_fn(problem), dtype=dt))
     leaves = problem.leaves() + list(extra_leaves)
     out = fn()
-    out64 = ref(torch.float64)
+    with float64_leaves(problem) as leaves64:
+        out64 = ref(torch.float64)
     out_same = ref(dtype)
     assert out.dtype == dtype and out.shape == out64.shape
     assert_tolerance("out", out, out64, out_same, dtype)
     dout = rand(out.shape, torch.float32, gen, out.device).to(dtype)
     want = [leaf for leaf in leaves if leaf.requires_grad]
+    want64 = [leaf for leaf in leaves64 + list(extra_leaves) if leaf.requires_grad]
     grads = torch.autograd.grad(out, want, dout, allow_unused=True)
-    grads64 = torch.autograd.grad(out64, want, dout.double(), allow_unused=True)
+    grads64 = torch.autograd.grad(out64, want64, dout.double(), allow_unused=True)
     grads_same = torch.autograd.grad(out_same, want, dout, allow_unused=True)
     names = ["dq", "dk", "dv", "d_pos_w", "d_ts_w"]
     scale = magnitude(out64, *grads64)

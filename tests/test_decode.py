@@ -202,6 +202,48 @@ def test_non_finite_key_stays_in_its_entry():
         assert torch.isnan(out[0]).all() and not torch.isnan(out[1]).any()
 
 
+@pytest.mark.parametrize("where", ["k+inf", "k-inf", "k-nan", "v+inf", "v-nan", "q+inf", "window-edge"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_inputs_follow_the_rule(monkeypatch, where, score, fused):
+    """DESIGN.md's non-finite rule on the PyTorch path: NaN exactly where the reference has it (an
+    Inf key whose scores are -inf, an Inf value, a value on the window's edge that one query row
+    sees and the other does not, a key outside the window), outputs and lse, on the float32 path
+    and the fused CPU kernel's (its zero probe row)."""
+    if fused and (DEVICE != "cpu" or score != "softmax"):
+        pytest.skip("the fused kernel is the CPU path of softmax")
+    monkeypatch.setattr(torch_decode, "FUSED_MIN_KEYS", 16 if fused else 10**9)
+    gen = torch.Generator().manual_seed(hash((where, score, fused)) % 2**31)
+    lens = [61, 40]
+    caches, seqlens, _, dense = make_cache(lens, 61, 2, 16, torch.float32, gen)
+    k, v = (t.clone() for t in caches)
+    q = rand((2, 2, 4, 16), torch.float32, gen, DEVICE)
+    kw = dict(window=(20, 0)) if where == "window-edge" else {}
+    if where == "k-inf":  # every query of the group scores -inf against it: no NaN by itself
+        q[0, :, 2:4, 1] = q[0, :, 2:4, 1].abs() + 0.5
+        k[0, 30, 1, 1] = -math.inf
+    elif where == "window-edge":  # key 39: seen by the query at 59, not the one at 60; key 3 by neither
+        k[0, 3, 0, 2], v[0, 39, 1, 7] = math.inf, math.inf
+    else:
+        t = {"k": k, "v": v, "q": q}[where[0]]
+        t[0, 1 if where[0] == "q" else 30, 1, 5] = math.nan if where.endswith("nan") else math.inf
+    out, lse = attention_with_kvcache(q, k, v, seqlens, score=score, backend="torch",
+                                      return_lse=score == "softmax", **kw) if score == "softmax" else \
+        (attention_with_kvcache(q, k, v, seqlens, score=score, backend="torch", **kw), None)
+    want = reference(q, (k, v), lens, torch.float64, score, **kw)
+    assert torch.equal(out.isnan(), want.isnan()), where
+    assert want[0].isnan().any() and not want[1].isnan().any()  # the case means something
+    if where == "window-edge":
+        assert want[0, 0].isnan().any() and not want[0, 1].isnan().any()
+    finite = ~want.isnan()
+    assert max_err(out[finite], want[finite].to(out.dtype)) < 1e-5
+    if lse is not None:
+        for b, n in enumerate(lens):
+            _, lse64 = oa.reference.attention(q[b : b + 1].double(), k[b : b + 1, :n].double(),
+                                              v[b : b + 1, :n].double(), causal=True, return_lse=True, **kw)
+            assert torch.equal(lse[b].isnan(), lse64[0].isnan())
+
+
 def test_default_seqlens_and_paged_capacity():
     gen = torch.Generator().manual_seed(15)
     caches, seqlens, table, dense = make_cache([12, 12], 12, 1, 16, torch.float32, gen, page_size=4)

@@ -19,6 +19,17 @@ first (the path above) moves ~5x the cache's bytes through memory and read a 1M-
 5.5-7.5 GB/s on a 16-core host (benchmarks/NOTES.md); the fused kernel reads it once. The keys are
 cut into pieces handed to torch_threads' workers (one intra-op thread each: a decode step has only
 batch x kv heads of parallel work otherwise) and the pieces merge by lse like any split.
+
+Non-finite inputs follow DESIGN.md's rule (NaN exactly where the maths touches a NaN/Inf), which
+the plain computation does not: an Inf key whose score is -inf, or an Inf value behind a masked
+key, would vanish or spread. Checking every key for finiteness would double a memory-bound step's
+reads, so each entry is computed as usual while noticing, almost for free, whether anything
+non-finite took part: the query rows are checked (a few values), the float32 path sums its score
+tiles and accumulators, and the fused kernel gets one all-zero query row per kv head, whose
+scores are 0 for finite keys and NaN for any key holding a NaN/Inf, and whose output, the mean of
+the values, is non-finite if any value is. A noticed entry is computed again on the float32 path
+with non-finite inputs zeroed and NaN written where the rule says (a finite overflow noticed by
+mistake only costs that second pass).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ FUSED_PIECES_PER_WORKER = 4  # pieces per worker thread: uneven piece times even
 class _Entry:
     """One batch entry's query tile and per-row constants."""
 
-    def __init__(self, spec, call, b: int, cdtype):
+    def __init__(self, spec, call, b: int, cdtype, exact: bool = False):
         q = call.q[b]  # (Nq, Hq, D)
         nq, hq, d = q.shape
         self.hkv = call.k.shape[2]
@@ -51,6 +62,13 @@ class _Entry:
         self.rows = self.g * nq  # row r = g * Nq + i
         self.qt = (q.view(nq, self.hkv, self.g, d).permute(1, 2, 0, 3).reshape(self.hkv, self.rows, d)
                    .to(cdtype) * spec.scale)
+        # exact: DESIGN.md's non-finite rule, with non-finite query rows zeroed and remembered
+        self.exact = exact
+        self.q_bad = None
+        if exact:
+            finite = torch.isfinite(self.qt)
+            self.q_bad = ~finite.all(-1).view(1, self.hkv, self.rows, 1)
+            self.qt = self.qt.masked_fill(~finite, 0.0)
         self.length = call.lens[b]
         shift = self.length - nq
         dev = q.device
@@ -95,8 +113,24 @@ def _keys(call, b: int, start: int, pieces: int, piece_len: int, j0: int, j1: in
     return kt, vt
 
 
-def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: bool, cdtype):
-    """Partial states of keys [start, start + length): (acc (P, Hkv, R, Dv), row max, row sum)."""
+class _Probe:
+    """A running sum of what an entry's computation produced: non-finite if anything non-finite
+    took part (or, harmlessly, if a sum overflowed)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.total = self.total + t.sum()
+
+    def clean(self) -> bool:
+        return bool(torch.isfinite(torch.as_tensor(self.total)))
+
+
+def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: bool, cdtype, probe: _Probe):
+    """Partial states of keys [start, start + length): (acc (P, Hkv, R, Dv), row max, row sum).
+    With ``e.exact``, NaN where DESIGN.md's non-finite rule says; else the probe sees the scores
+    and the accumulators."""
     softmax = spec.score == "softmax"
     d, dv = call.k.shape[3], call.v.shape[3]
     keys_per_step = max(16, min(STEP_ELEMS // (e.hkv * d), SCORE_ELEMS // (e.hkv * e.rows)))
@@ -109,10 +143,20 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
     lsum = torch.zeros(pieces, e.hkv, e.rows, 1, dtype=cdtype, device=dev) if softmax else None
     left, right = spec.window
     piece_start = start + torch.arange(pieces, device=dev).view(-1, 1, 1, 1) * piece_len
+    row_bad = chan_bad = None
+    if e.exact:
+        row_bad = torch.zeros(pieces, e.hkv, e.rows, 1, dtype=torch.bool, device=dev)
+        chan_bad = torch.zeros(pieces, e.hkv, e.rows, dv, dtype=torch.bool, device=dev)
     for j0 in range(0, piece_len, step):
         j1 = min(j0 + step, piece_len)
         kt, vt = _keys(call, b, start, pieces, piece_len, j0, j1, cdtype)
+        if e.exact:  # computed from zeroed inputs; which keys and values were not finite is kept
+            k_fin, v_bad = torch.isfinite(kt), ~torch.isfinite(vt)
+            k_bad = ~k_fin.all(-1).unsqueeze(-2)  # (P, Hkv, 1, n)
+            kt, vt = kt.masked_fill_(~k_fin, 0.0), vt.masked_fill_(v_bad, 0.0)
         s = torch.matmul(e.qt, kt.transpose(-1, -2))  # (P, Hkv, R, n)
+        if not e.exact:
+            probe.add(s)
         k_pos = None
         if masked or e.slope is not None:
             k_pos = piece_start + torch.arange(j0, j1, device=dev).view(1, 1, 1, -1)  # (P, 1, 1, n)
@@ -127,6 +171,10 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
                 ok = ok & (k_pos >= e.q_pos - left)
             if right >= 0:
                 ok = ok & (k_pos <= e.q_pos + right)
+        if e.exact:  # a bad score: an allowed pair with a non-finite query row or key
+            allowed = ok if ok is not None else torch.ones(1, 1, e.rows, j1 - j0, dtype=torch.bool, device=dev)
+            row_bad |= (allowed & (k_bad | e.q_bad)).any(-1, keepdim=True)
+            chan_bad |= torch.matmul(allowed.to(cdtype), v_bad.to(cdtype)) > 0  # an allowed key's bad value
         if softmax:
             if ok is not None:
                 s = s.masked_fill_(~ok, -math.inf)
@@ -145,10 +193,16 @@ def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: boo
         if ok is not None and not softmax:
             p = p.masked_fill_(~ok, 0.0)
         acc.add_(torch.matmul(p, vt))
+    if e.exact:  # NaN propagates through the merge: a bad row's max (softmax) or accumulator
+        acc.masked_fill_(chan_bad | row_bad, math.nan)
+        if softmax:
+            mx.masked_fill_(row_bad, math.nan)
+    else:
+        probe.add(acc)
     states = [(acc, mx, lsum)]
     rest = length - pieces * piece_len
     if rest:
-        states += _segment(spec, call, e, b, start + pieces * piece_len, rest, masked, cdtype)
+        states += _segment(spec, call, e, b, start + pieces * piece_len, rest, masked, cdtype, probe)
     return states
 
 
@@ -160,14 +214,17 @@ def _fused_ok(spec, call, masked: bool, length: int) -> bool:
             and torch_sdpa.channels_contiguous(q, call.k, call.v))
 
 
-def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
+def _fused_segment(spec, call, b: int, start: int, length: int, cdtype, probe: _Probe):
     """Partial states of the unmasked keys [start, start + length) by the fused CPU kernel: each
-    piece's (normalised out, lse) is a state with row max lse and row sum 1 (see _merge)."""
+    piece's (normalised out, lse) is a state with row max lse and row sum 1 (see _merge). One more
+    query row of zeros per kv head goes along for the probe (module docstring)."""
     nq, hq, d = call.q.shape[1:]
     hkv = call.k.shape[2]
     g = hq // hkv
+    rows = g * nq
     # rows of one kv head: (query head of the group, query) pairs, ordered as _Entry's rows
-    q = call.q[b].view(nq, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * nq, d)
+    q = call.q[b].view(nq, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, rows, d)
+    q = torch.cat([q, q.new_zeros(1, hkv, 1, d)], dim=2)
     k, v = call.contiguous_keys(b, start, start + length)
     workers = torch_threads.workers_for(q.device, length // FUSED_MIN_KEYS)
     pieces = max(1, min(length // FUSED_MIN_KEYS, FUSED_PIECES_PER_WORKER * workers))
@@ -183,6 +240,9 @@ def _fused_segment(spec, call, b: int, start: int, length: int, cdtype):
     torch_threads.run(piece, enumerate(bounds), threads=workers)
     acc = torch.cat([o for o, _ in done]).to(cdtype)
     mx = torch.cat([lse for _, lse in done]).to(cdtype).unsqueeze(-1)
+    probe.add(acc[:, :, rows:])
+    probe.add(mx[:, :, rows:])
+    acc, mx = acc[:, :, :rows], mx[:, :, :rows]
     return [(acc, mx, torch.ones_like(mx))]
 
 
@@ -204,6 +264,20 @@ def _merge(states, softmax: bool):
     return out, lse.squeeze(-1)
 
 
+def _entry_states(spec, call, e: _Entry, b: int, nq: int, cdtype) -> Optional[list]:
+    """One entry's partial states, or None if a non-finite input may have taken part (not exact)."""
+    probe = _Probe()
+    if not e.exact:
+        probe.add(e.qt)
+    states = []
+    for start, end, masked in _segments(spec, e.length, nq):
+        if not e.exact and _fused_ok(spec, call, masked, end - start):
+            states += _fused_segment(spec, call, b, start, end - start, cdtype, probe)
+        else:
+            states += _segment(spec, call, e, b, start, end - start, masked, cdtype, probe)
+    return states if e.exact or probe.clean() else None
+
+
 def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
     """out (B, Nq, Hq, Dv) in ``out_dtype`` (default q's) and, for softmax, lse (B, Hq, Nq) float32."""
     q = call.q
@@ -215,12 +289,10 @@ def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if softmax else None
     for b in range(bsz):
         e = _Entry(spec, call, b, cdtype)
-        states = []
-        for start, end, masked in _segments(spec, e.length, nq):
-            if _fused_ok(spec, call, masked, end - start):
-                states += _fused_segment(spec, call, b, start, end - start, cdtype)
-            else:
-                states += _segment(spec, call, e, b, start, end - start, masked, cdtype)
+        states = _entry_states(spec, call, e, b, nq, cdtype)
+        if states is None:  # something non-finite took part: again, by DESIGN.md's rule
+            e = _Entry(spec, call, b, cdtype, exact=True)
+            states = _entry_states(spec, call, e, b, nq, cdtype)
         if states:
             o, l_b = _merge(states, softmax)
         else:  # no visible key: 0, lse -inf
