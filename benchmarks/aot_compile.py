@@ -173,7 +173,7 @@ def tma() -> None:
     for (name, consts, _, _), compiled in SEEN.items():
         c = dict(consts)
         # single-byte global stores (the quantization kernel's FP8 V^T must store 16-byte vectors)
-        byte_stores = len(re.findall(r"st\.global\.[bu]8", compiled.asm["ptx"]))
+        byte_stores = len(re.findall(r"st\.global(?:\.\w+)*?\.[bsu]8\b", compiled.asm["ptx"]))
         print(f"VARIANT {name} USE_TMA={c.get('USE_TMA')} IS_VARLEN={c.get('IS_VARLEN')} SCORE={c.get('SCORE')} "
               f"QK_MODE={c.get('QK_MODE')} PV_FP8={c.get('PV_FP8')} BYTE_STORES={byte_stores}")
 

@@ -266,7 +266,8 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     k_q = torch.empty(k.shape[:-1] + (packed,), dtype=torch.float8_e4m3fn if mode == 3 else torch.int8, device=dev)
     k_scale = torch.empty(k.shape[:-1], dtype=torch.float32, device=dev)
     if pv_fp8:
-        # packed: sequences on 16-token column boundaries; the padding columns are never read unmasked
+        # packed: sequences on 16-token column boundaries, each padded with zeros to its next one (the
+        # forward reads those whole); the columns between sequences are never written nor read
         v_t = torch.empty((k.shape[0], hkv, dv, k.shape[1]) if dense else (hkv, dv, vt_width(k.shape[0], nseq)),
                           dtype=torch.float8_e4m3fn, device=dev)
         vt_strides = (v_t.stride(0), v_t.stride(1), v_t.stride(2)) if dense else (0, v_t.stride(0), v_t.stride(1))
