@@ -123,8 +123,13 @@ class _Probe:
     def add(self, t: torch.Tensor) -> None:
         self.total = self.total + t.sum()
 
-    def clean(self) -> bool:
-        return bool(torch.isfinite(torch.as_tensor(self.total)))
+
+def _noticed(probes: list, device) -> list[int]:
+    """Indices of the probes that saw something non-finite."""
+    if not probes:
+        return []
+    totals = torch.stack([torch.as_tensor(p.total, dtype=torch.float64, device=device) for p in probes])
+    return torch.nonzero(~torch.isfinite(totals)).flatten().tolist()
 
 
 def _segment(spec, call, e: _Entry, b: int, start: int, length: int, masked: bool, cdtype, probe: _Probe):
@@ -264,9 +269,8 @@ def _merge(states, softmax: bool):
     return out, lse.squeeze(-1)
 
 
-def _entry_states(spec, call, e: _Entry, b: int, nq: int, cdtype) -> Optional[list]:
-    """One entry's partial states, or None if a non-finite input may have taken part (not exact)."""
-    probe = _Probe()
+def _entry_states(spec, call, e: _Entry, b: int, nq: int, cdtype, probe: _Probe) -> list:
+    """One entry's partial states; unless ``e.exact``, the probe sees what took part."""
     if not e.exact:
         probe.add(e.qt)
     states = []
@@ -275,7 +279,7 @@ def _entry_states(spec, call, e: _Entry, b: int, nq: int, cdtype) -> Optional[li
             states += _fused_segment(spec, call, b, start, end - start, cdtype, probe)
         else:
             states += _segment(spec, call, e, b, start, end - start, masked, cdtype, probe)
-    return states if e.exact or probe.clean() else None
+    return states
 
 
 def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
@@ -287,19 +291,24 @@ def attention(spec, call, out_dtype: Optional[torch.dtype] = None):
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(bsz, nq, hq, dv, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, nq, dtype=torch.float32, device=q.device) if softmax else None
-    for b in range(bsz):
-        e = _Entry(spec, call, b, cdtype)
-        states = _entry_states(spec, call, e, b, nq, cdtype)
-        if states is None:  # something non-finite took part: again, by DESIGN.md's rule
-            e = _Entry(spec, call, b, cdtype, exact=True)
-            states = _entry_states(spec, call, e, b, nq, cdtype)
+
+    def entry(b: int, exact: bool, probe: _Probe) -> None:
+        e = _Entry(spec, call, b, cdtype, exact)
+        states = _entry_states(spec, call, e, b, nq, cdtype, probe)
         if states:
             o, l_b = _merge(states, softmax)
         else:  # no visible key: 0, lse -inf
             o = torch.zeros(hkv, e.rows, dv, dtype=cdtype, device=q.device)
             l_b = torch.full((hkv, e.rows), -math.inf, dtype=cdtype, device=q.device)
-        g = hq // hkv
-        out[b] = o.view(hkv, g, nq, dv).permute(2, 0, 1, 3).reshape(nq, hq, dv)
+        out[b] = o.view(hkv, hq // hkv, nq, dv).permute(2, 0, 1, 3).reshape(nq, hq, dv)
         if softmax:
             lse[b] = l_b.reshape(hq, nq)
+
+    probes = [_Probe() for _ in range(bsz)]
+    for b in range(bsz):
+        entry(b, False, probes[b])
+    # one look at the probes for the whole call (a device sync on GPUs): the entries where
+    # something non-finite took part go again, by DESIGN.md's rule
+    for b in _noticed(probes, q.device):
+        entry(b, True, _Probe())
     return out, lse
