@@ -1,4 +1,3 @@
-import math
 import os
 
 import pytest
@@ -11,11 +10,12 @@ if not torch.cuda.is_available():
 
 from omniattn.backends import torch_tiled  # noqa: E402
 
+from .helpers import poison  # noqa: E402
+
 
 def nan_empty(*shape, **kw):
-    """torch.empty that fills with NaN, so any element a kernel forgets to write fails the test."""
-    t = torch.empty(*shape, **kw)
-    return t.fill_(math.nan) if t.is_floating_point() else t
+    """torch.empty that poisons (NaN in floats), so any element a kernel forgets to write fails the test."""
+    return poison(torch.empty(*shape, **kw))
 
 
 @pytest.fixture

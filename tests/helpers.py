@@ -10,6 +10,29 @@ import torch
 import omniattn as oa
 from omniattn.accuracy import bound, magnitude, max_err  # noqa: F401  (max_err re-exported)
 
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh tensor with 0xFF bytes (NaN in every float format, FP8 included; -1 in ints), so
+    any element a kernel leaves unwritten shows."""
+    if t.numel() and t.dtype != torch.bool:
+        t.view(torch.uint8).fill_(0xFF)
+    return t
+
+
+class PoisonedTorch:
+    """torch for a module under test, except that empty() / empty_like() return poisoned tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **kw):
+        return poison(torch.empty(*a, **kw))
+
+    @staticmethod
+    def empty_like(*a, **kw):
+        return poison(torch.empty_like(*a, **kw))
+
+
 def rand(shape, dtype, gen, device="cpu", scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
 

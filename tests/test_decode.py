@@ -12,30 +12,18 @@ from omniattn.backends import torch_decode, torch_threads
 from omniattn.backends.triton import supported
 from omniattn.decode import attention_with_kvcache
 
-from .helpers import assert_tolerance, max_err, rand
+from .helpers import PoisonedTorch, assert_tolerance, max_err, rand
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = supported(torch.device(DEVICE), explicit=True)[0]
-
-
-class _PoisonedTorch:
-    """torch, except that empty() starts floating tensors as NaN: unwritten outputs fail."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*a, **kw):
-        t = torch.empty(*a, **kw)
-        return t.fill_(math.nan) if t.is_floating_point() else t
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     from omniattn.backends.triton import decode as triton_decode
 
-    monkeypatch.setattr(triton_decode, "torch", _PoisonedTorch())
-    monkeypatch.setattr(torch_decode, "torch", _PoisonedTorch())
+    monkeypatch.setattr(triton_decode, "torch", PoisonedTorch())
+    monkeypatch.setattr(torch_decode, "torch", PoisonedTorch())
     # small pieces and steps, so the PyTorch path cuts entries into several pieces and steps
     monkeypatch.setattr(torch_decode, "MIN_PIECE", 8)
     monkeypatch.setattr(torch_decode, "STEP_ELEMS", 24 * 2 * 16)

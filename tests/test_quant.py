@@ -12,6 +12,7 @@ import omniattn as oa
 from omniattn.backends.triton import supported
 from omniattn.quant.config import QK_MODE, QuantConfig
 from omniattn.quant.quantize import VT_ALIGN, _layout, packed_vt_tokens, quantize_torch, quantize_triton, unpack_int4
+from .helpers import PoisonedTorch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = supported(torch.device(DEVICE), explicit=True)[0]
@@ -41,26 +42,6 @@ def _cu(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
-class _PoisonedTorch:
-    """torch, except that empty() / empty_like() fill new tensors with the byte 0x55: what a kernel
-    leaves unwritten shows (fresh allocations are often zeros)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t):
-        if t.numel() and t.dtype != torch.bool:
-            t.view(torch.uint8).fill_(0x55)
-        return t
-
-    def empty(self, *a, **kw):
-        return self._poison(torch.empty(*a, **kw))
-
-    def empty_like(self, *a, **kw):
-        return self._poison(torch.empty_like(*a, **kw))
-
-
 @pytest.mark.skipif(not triton_ok, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("cfg", [QuantConfig(), QuantConfig("per_warp", smooth_q=True), QuantConfig("per_thread", False)],
@@ -69,7 +50,7 @@ class _PoisonedTorch:
 def test_quantization_kernels_match_the_pytorch_maths(monkeypatch, precision, cfg, varlen):
     from omniattn.quant import quantize
 
-    monkeypatch.setattr(quantize, "torch", _PoisonedTorch())
+    monkeypatch.setattr(quantize, "torch", PoisonedTorch())
     gen = torch.Generator().manual_seed(QK_MODE[precision] * 7 + varlen)
     lens = [37, 5, 50]
     if varlen:
