@@ -180,3 +180,22 @@ def test_last_tile_projection_pieces(rows):
     assert all(p % TILE_ALIGN == 0 for p in pieces[:-1])
     assert len(pieces) == 1 or min(pieces) >= LAST_TILE_MIN_PIECE
     assert all(a >= b for a, b in zip(pieces[:-2], pieces[1:-1]))
+
+
+def test_benchmark_compare_to_fewer_gpus():
+    """--compare-to: a context-parallel row gains its per-GPU throughput over the same problem's on
+    fewer GPUs; other lengths, strategies, the tiling-AllReduce rows and equal world sizes don't."""
+    from omniattn.bench.distributed import compare_to
+
+    def row(op, n, world, strategy, per_gpu):
+        return dict(op=op, mode="fwdbwd", seqlen=n, heads=32, kv_heads=8, head_dim=128, dtype="bf16",
+                    world_size=world, strategy=strategy, tflops_per_gpu=per_gpu)
+
+    two = [row("cp-softmax", 262144, 2, "ring", 340.0), row("cp-softmax", 262144, 2, "allgather", 300.0),
+           row("cp-sigmoid", 262144, 2, "ring", 380.0), row("cp-softmax", 262144, 1, "single-gpu", 360.0)]
+    four = [row("cp-softmax", 262144, 4, "ring", 306.0), row("cp-softmax", 1048576, 4, "ring", 330.0),
+            row("cp-sigmoid", 262144, 4, "allgather", 350.0), row("cp-softmax", 262144, 2, "allgather", 310.0),
+            dict(op="tp-allreduce", mode="fwd", seqlen=32768, world_size=4, strategy="tiling-allreduce")]
+    compare_to(four, two)
+    assert four[0]["efficiency_vs_2gpu"] == 0.9
+    assert not any(k.startswith("efficiency_vs_") for r in four[1:] for k in r)

@@ -29,6 +29,11 @@ the row gives as ``baseline_seqlen``.
 ``cp-hstu`` runs the all-gather HSTU path (omniattn.distributed.hstu): K/V gathered, each rank's
 kernels visit only its own (zigzag) query rows.
 
+Against fewer GPUs (``--compare-to`` an earlier run's JSON, e.g. the same command at
+``--world-size 2`` on the same machine): each context-parallel row that has a row of the same
+problem and strategy there gains ``efficiency_vs_<P'>gpu`` = its per-GPU throughput / that row's
+(strong scaling: the same N, so each of the P GPUs does P'/P of a P'-GPU rank's work).
+
 Tiling-AllReduce rows (op "tp-allreduce"): ParallelAttention at TP = P, forward; ``ms`` with the
 overlap, ``ms_plain`` the plain layer (overlap=False), ``ms_tiled_sync`` the same tiles with each
 all-reduce waited at once, ``ms_allreduce`` the all-reduce of the whole output alone;
@@ -540,10 +545,25 @@ def run_rank(group, cfg: Config, device: Optional[torch.device] = None, log=None
 # processes
 
 
+def compare_to(rows: list[dict], fewer: list[dict]) -> None:
+    """Add ``efficiency_vs_<P'>gpu`` to the context-parallel rows of ``rows`` (P GPUs) that
+    ``fewer`` (an earlier run's rows, P' < P GPUs) measured too: same op, mode, length, heads and
+    strategy; per-GPU throughput at P over that at P'."""
+    def key(r):
+        return (r["op"], r["mode"], r["seqlen"], r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["strategy"])
+
+    earlier = {key(r): r for r in fewer if r["op"].startswith("cp-") and r.get("tflops_per_gpu")}
+    for r in rows:
+        e = earlier.get(key(r)) if r["op"].startswith("cp-") and r.get("tflops_per_gpu") else None
+        if e is not None and e["world_size"] < r["world_size"]:
+            r[f"efficiency_vs_{e['world_size']}gpu"] = round(r["tflops_per_gpu"] / e["tflops_per_gpu"], 3)
+
+
 def _print_row(row: dict) -> None:
     keys = ("op", "mode", "seqlen", "world_size", "strategy", "tiles", "ms", "tflops", "efficiency", "ms_plain",
             "ms_allreduce", "hidden_fraction", "max_err", "peak_mb_per_gpu", "error")
-    print("  " + "  ".join(f"{k}={row[k]}" for k in keys if k in row), flush=True)
+    vs = [k for k in row if k.startswith("efficiency_vs_")]
+    print("  " + "  ".join(f"{k}={row[k]}" for k in keys + tuple(vs) if k in row), flush=True)
 
 
 def _write(path: str, rows: list[dict], device: torch.device) -> None:
@@ -584,6 +604,12 @@ def _main_rank(rank: int, world: int, args, port: Optional[int]) -> None:
     rows = run_rank(dist.group.WORLD, cfg, device, log=_print_row)
     if rank == 0:
         print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.compare_to:
+            with open(args.compare_to) as f:
+                compare_to(rows, json.load(f)["rows"])
+            for row in rows:
+                if any(k.startswith("efficiency_vs_") for k in row):
+                    _print_row(row)
         if args.json:
             _write(args.json, rows, device)
             print(f"wrote {args.json}", flush=True)
@@ -612,7 +638,10 @@ def main(argv=None) -> int:
     p.add_argument("--ops", help="comma-separated scores of the plan: softmax,sigmoid,silu,hstu")
     p.add_argument("--strategies", help="comma-separated: ring,allgather")
     p.add_argument("--no-tp", action="store_true", help="skip the tiling-AllReduce rows")
+    p.add_argument("--compare-to", metavar="JSON", help="an earlier run on fewer GPUs: add efficiency_vs_<P>gpu to the rows")
     args = p.parse_args(argv)
+    if args.compare_to and not os.path.isfile(args.compare_to):
+        p.error(f"--compare-to: no such file: {args.compare_to}")
     os.environ.update({k: v for k, v in MULTICAST_OFF.items() if k not in os.environ})
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         _main_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
