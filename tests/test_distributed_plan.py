@@ -199,3 +199,31 @@ def test_benchmark_compare_to_fewer_gpus():
     compare_to(four, two)
     assert four[0]["efficiency_vs_2gpu"] == 0.9
     assert not any(k.startswith("efficiency_vs_") for r in four[1:] for k in r)
+
+
+def test_benchmark_out_of_memory_becomes_a_row():
+    """A measurement that runs out of GPU memory gives None (an error row), not a dead run; the
+    ranks' agreement decides: a rank that fitted still reports None when another ran out."""
+    import torch
+
+    from omniattn.bench.distributed import _timed_or_out_of_memory
+
+    class FakeClock:
+        device = torch.device("cpu")
+
+        def __init__(self, others_failed):
+            self.others_failed = others_failed
+
+        def time_ms(self, fn, warmup, reps):
+            fn()
+            return 12.5
+
+        def agree_max(self, value):
+            return max(value, 1.0 if self.others_failed else 0.0)
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    assert _timed_or_out_of_memory(FakeClock(False), lambda: None, 1, 1) == 12.5
+    assert _timed_or_out_of_memory(FakeClock(False), oom, 1, 1) is None
+    assert _timed_or_out_of_memory(FakeClock(True), lambda: None, 1, 1) is None

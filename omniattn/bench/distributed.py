@@ -458,7 +458,13 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
             dout = _dout(op, n // world, heads, cfg, device, gen, mode)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            ms = clock.time_ms(_step(prob, mode, dout), warmup=warm, reps=reps)
+            ms = _timed_or_out_of_memory(clock, _step(prob, mode, dout), warm, reps)
+            if ms is None:
+                rows.append(_row(op, mode, n, cfg, None, world, strategy, heads, kv, error="out of GPU memory"))
+                log(rows[-1])
+                del prob, dout
+                _free(device)
+                continue
             extra = {"baseline_seqlen": n1, "baseline_ms": None if t1 is None else round(t1, 3)}
             if device.type == "cuda":  # the largest per-GPU peak (inputs included)
                 extra["peak_mb_per_gpu"] = round(clock.agree_max(torch.cuda.max_memory_allocated(device) / 2**20), 1)
@@ -472,6 +478,19 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
             del prob, dout
             _free(device)
     return rows
+
+
+def _timed_or_out_of_memory(clock: Clock, fn: Callable, warmup: int, reps: int) -> Optional[float]:
+    """clock.time_ms, or None where the GPU ran out of memory (the all-gather HSTU backward keeps
+    float32 dK/dV of the whole sequence: 1M tokens x 32 heads do not fit an 80 GB card). Every rank
+    holds the same shapes, so all of them fail at the same allocation, before the next collective;
+    they agree on the outcome before going on."""
+    try:
+        ms = clock.time_ms(fn, warmup, reps)
+    except torch.OutOfMemoryError:
+        ms = None
+    _free(clock.device)
+    return None if clock.agree_max(1.0 if ms is None else 0.0) else ms
 
 
 @torch.no_grad()
@@ -601,7 +620,15 @@ def _main_rank(rank: int, world: int, args, port: Optional[int]) -> None:
     if args.budget_s is not None:
         cfg = replace(cfg, budget_s=args.budget_s)
     start = time.perf_counter()
-    rows = run_rank(dist.group.WORLD, cfg, device, log=_print_row)
+    so_far = []
+
+    def log(row):  # rows are written as they come: a run cut short keeps what it measured
+        _print_row(row)
+        so_far.append(row)
+        if args.json:
+            _write(args.json, so_far, device)
+
+    rows = run_rank(dist.group.WORLD, cfg, device, log=log)
     if rank == 0:
         print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
         if args.compare_to:
