@@ -406,9 +406,14 @@ def case_triton_interpreter(group, strategy):
 
 def case_tensor_parallel(group, score, causal, hkv, tiles, seed):
     """ParallelAttention (heads over the group, tiling-AllReduce) equals the unsplit layer,
-    forward and backward, overlapped or not."""
+    forward and backward, overlapped or not: one sequence (the tiles write their rows of the output
+    in place) and a batch of two (the tiles are concatenated)."""
+    return [f for b in (1, 2) for f in _tensor_parallel(group, score, causal, hkv, tiles, seed, b)]
+
+
+def _tensor_parallel(group, score, causal, hkv, tiles, seed, b):
     size = dist.get_world_size(group)
-    dim, hq, hd, b, n = 16, 4, 4, 2, 11
+    dim, hq, hd, n = 16, 4, 4, 11
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
     x = _rand((b, n, dim), dt, gen)
@@ -439,7 +444,7 @@ def case_tensor_parallel(group, score, causal, hkv, tiles, seed):
         y = layer(xl)
         y.backward(dy)
         outs[overlap] = y.detach()
-        label = f"tp={size} {score} causal={causal} hkv={hkv} tiles={tiles} overlap={overlap}"
+        label = f"tp={size} b={b} {score} causal={causal} hkv={hkv} tiles={tiles} overlap={overlap}"
         scale = magnitude(y_ref, *grads_ref)
         _check(failures, f"{label} y", y.detach(), y_ref.detach(), y_ref.detach(), dt)
         _check(failures, f"{label} dx", xl.grad, grads_ref[0], grads_ref[0], dt, scale)
@@ -450,7 +455,7 @@ def case_tensor_parallel(group, score, causal, hkv, tiles, seed):
             _check(failures, f"{label} d{name}", getattr(layer, name).grad, r, r, dt, scale)
     parallel.LAST_TILE_MIN_PIECE = min_piece
     if not torch.allclose(outs[True], outs[False], rtol=0, atol=1e-13):
-        failures.append(f"overlap vs plain differ by {max_err(outs[True], outs[False]):.2e}")
+        failures.append(f"b={b}: overlap vs plain differ by {max_err(outs[True], outs[False]):.2e}")
     return failures
 
 

@@ -617,6 +617,8 @@ def _main_rank(rank: int, world: int, args, port: Optional[int]) -> None:
         cfg = replace(cfg, cp_plan=_plan([(n, ops, ("fwdbwd", "fwd"), strategies) for n in seqlens]))
     if args.no_tp:
         cfg = replace(cfg, tp_shapes=())
+    if args.no_cp:
+        cfg = replace(cfg, cp_plan=())
     if args.budget_s is not None:
         cfg = replace(cfg, budget_s=args.budget_s)
     start = time.perf_counter()
@@ -665,6 +667,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", help="comma-separated scores of the plan: softmax,sigmoid,silu,hstu")
     p.add_argument("--strategies", help="comma-separated: ring,allgather")
     p.add_argument("--no-tp", action="store_true", help="skip the tiling-AllReduce rows")
+    p.add_argument("--no-cp", action="store_true", help="skip the context-parallel rows")
     p.add_argument("--compare-to", metavar="JSON", help="an earlier run on fewer GPUs: add efficiency_vs_<P>gpu to the rows")
     args = p.parse_args(argv)
     if args.compare_to and not os.path.isfile(args.compare_to):
