@@ -76,7 +76,9 @@ def _setup_context(ctx, inputs, output):
     q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats = inputs
     out, lse = output
     ctx.n_others = len(others)
-    ctx.save_for_backward(q, k, v, out, lse, pos_w, ts_w, *others)
+    # only softmax's backward reads the output (its row term out . dout): sigmoid and SiLU keep the
+    # (empty) lse in its place, so an output nothing else holds is freed after the forward
+    ctx.save_for_backward(q, k, v, out if ints[0] == 0 else lse, lse, pos_w, ts_w, *others)
     ctx.sizes = (max_q, max_k, ints, floats)
 
 

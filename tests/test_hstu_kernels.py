@@ -119,17 +119,21 @@ def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, monkeypatch):
     check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_query_windows_skip_rows_and_keep_the_read_ones(causal):
+@pytest.mark.parametrize("causal, heads_per_launch", [(True, 2), (False, 2), (True, 1)])
+def test_query_windows_skip_rows_and_keep_the_read_ones(causal, heads_per_launch, monkeypatch):
     """Context-parallel HSTU reads a rank's rows of the whole batch (Call.query_windows): the
     kernels launch only the query tiles that meet those rows and visit only them from each key
     tile, and give the read rows' outputs, dQ, and dK/dV of the full call (the other rows: zero
-    queries, zero output gradients)."""
+    queries, zero output gradients). ``heads_per_launch`` 1: the float32 dK/dV budget forces one
+    head per dK/dV launch (as 1M tokens x 32 heads do on a GPU)."""
     import dataclasses
 
     from omniattn import backends
     from omniattn import spec as _spec
-    from omniattn.backends.triton import launch_params
+    from omniattn.backends.triton import launch, launch_params
+
+    if heads_per_launch == 1:
+        monkeypatch.setattr(launch, "WINDOW_GRAD_BYTES", 153 * 64 * 4)  # one head's float32 dK + dV
 
     gen = torch.Generator().manual_seed(5)
     lens, windows = [70, 33, 50], (((0, 17), (52, 70)), ((9, 20),), ())  # windows: per sequence
@@ -155,6 +159,8 @@ def test_query_windows_skip_rows_and_keep_the_read_ones(causal):
     (full_x, full, full_g), (win_x, win, win_g) = results
     assert win_x.tiles_fwd.shape[0] < full_x.tiles_fwd.shape[0] and win_x.tiles_dq.shape[0] < full_x.tiles_dq.shape[0]
     assert win_x.q_windows is not None and full_x.q_windows is None
+    assert launch.window_heads_per_launch(2, k, v) == heads_per_launch
+    assert win_x.tiles_dkdv.shape[0] * (2 // heads_per_launch) == full_x.tiles_dkdv.shape[0]
     torch.testing.assert_close(win[read], full[read], rtol=0, atol=1e-6)
     torch.testing.assert_close(win_g[0][read], full_g[0][read], rtol=0, atol=1e-6)
     for got, want in zip(win_g[1:], full_g[1:]):

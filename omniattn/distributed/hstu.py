@@ -150,8 +150,11 @@ def context_parallel_hstu_attention(
         ts = (ts.index_select(0, ts_map) if ts_map is not None else ts)[: sum(lengths)]
     rows_idx = _layout.global_rows(lay, g.rank, q.device)
     q_full = q.new_zeros((sum(lengths),) + tuple(q.shape[1:])).index_copy(0, rows_idx, q)
+    # one split, not two slices: its backward writes dK and dV into one gathered-size buffer
+    # (two slices' backwards made a zero-padded full-size gradient each, then summed them)
+    k_full, v_full = kv.split([d, kv.shape[-1] - d], -1)
     spec, call = _spec.hstu_call(
-        q_full, kv[..., :d], kv[..., d:], seq_offsets, max_seq_len, alpha=alpha, causal=causal,
+        q_full, k_full, v_full, seq_offsets, max_seq_len, alpha=alpha, causal=causal,
         num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
         timestamps=ts, silu_norm=silu_norm, precision="exact", backend=backend,
     )

@@ -365,20 +365,24 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
     else:
         grid, tiles, tile_list = (cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
-    windows = x.q_windows if x.q_windows is not None else _dummy(dev, torch.int32)[None]
-    if x.q_windows is not None:
-        dk, dv = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
-    for w in range(windows.shape[0] if grid[0] * (grid[1] if len(grid) > 1 else 1) else 0):
-        attn_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask, windows[w],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
-            *L.seqlens, L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            TILE_LIST=tile_list, HAS_Q_WIN=x.q_windows is not None, ACCUMULATE=w > 0, **L.meta,
-            **cfg.launch_kwargs(),
-        )
-    if x.q_windows is not None:
-        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    launches = grid[0] * (grid[1] if len(grid) > 1 else 1) > 0
+    if x.q_windows is None:
+        if launches:
+            _dkdv(L, cfg, grid, tiles, tile_list, q, k, v, dout, lse, delta, dk, dv, None, False)
+    else:
+        # query windows: each window's launch adds into float32 dK/dV, a chunk of heads at a time
+        # (window_heads_per_launch; the tile list was built for that many heads)
+        heads = window_heads_per_launch(L.hkv, k, v, x.alibi is not None or x.attn_mask is not None)
+        group = L.hq // L.hkv
+        for h0 in range(0, L.hkv if launches else 0, heads):
+            dk32, dv32 = (torch.empty_like(t.narrow(-2, h0, heads), dtype=torch.float32) for t in (k, v))
+            q_c, dout_c = (t.narrow(-2, h0 * group, heads * group) for t in (q, dout))
+            lse_c, delta_c = (t.narrow(-2, h0 * group, heads * group) if t.dim() > 1 else t for t in (lse, delta))
+            for w in range(x.q_windows.shape[0]):
+                _dkdv(L, cfg, grid, tiles, tile_list, q_c, k.narrow(-2, h0, heads), v.narrow(-2, h0, heads), dout_c,
+                      lse_c, delta_c, dk32, dv32, x.q_windows[w], w > 0, heads)
+            dk.narrow(-2, h0, heads).copy_(dk32)
+            dv.narrow(-2, h0, heads).copy_(dv32)
     cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
     grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
     n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
@@ -404,6 +408,43 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         return dq, dk, dv, None, None
     dpos, dts = strips.reduce(part_pos, part_ts, cfg.block_m)
     return dq, dk, dv, dpos.to(x.pos_w.dtype).view(x.pos_w.shape), dts.to(x.ts_w.dtype).view(x.ts_w.shape)
+
+
+def _dkdv(L: _Launch, cfg, grid, tiles, tile_list: bool, q, k, v, dout, lse, delta, dk, dv,
+          window: Optional[torch.Tensor], accumulate: bool, heads: Optional[int] = None) -> None:
+    """One launch of the dK/dV kernel over ``heads`` key/value heads (default all: q, k, v, dout,
+    lse, delta, dk, dv may be views of a chunk of heads), visiting only the query rows of
+    ``window`` (one row of Extras.q_windows) if given."""
+    heads = heads or L.hkv
+    attn_bwd_dkdv_kernel[grid](
+        q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask,
+        _dummy(q.device, torch.int32) if window is None else window,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
+        *L.seqlens, heads, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
+        TILE_LIST=tile_list, HAS_Q_WIN=window is not None, ACCUMULATE=accumulate, **L.meta,
+        **cfg.launch_kwargs(),
+    )
+
+
+WINDOW_GRAD_BYTES = 2**31  # at most this much float32 dK + dV per launch where query windows sum
+
+
+def window_heads_per_launch(hkv: int, k: torch.Tensor, v: torch.Tensor, per_head_tables: bool = False) -> int:
+    """Key/value heads per dK/dV launch of a call with query windows (context-parallel HSTU), whose
+    launches add into float32 dK/dV: all heads, unless those buffers would pass WINDOW_GRAD_BYTES
+    (1M tokens x 32 heads x D=128: 34 GB, which with the rest did not fit an 80 GB card); then the
+    largest divisor of hkv that stays under it. ``per_head_tables`` (ALiBi slopes or a mask with a
+    head axis, which the launch indexes from head 0): all heads. Shared with launch_params, whose
+    dK/dV tile list is built for this many heads."""
+    if per_head_tables:
+        return hkv
+    tokens = k.numel() // max(k.shape[-1] * hkv, 1)
+    per_head = tokens * (k.shape[-1] + v.shape[-1]) * 4
+    heads = max(1, min(hkv, WINDOW_GRAD_BYTES // max(per_head, 1)))
+    while hkv % heads:
+        heads -= 1
+    return heads
 
 
 class _RabStrips:
