@@ -459,6 +459,39 @@ def _tensor_parallel(group, score, causal, hkv, tiles, seed, b):
     return failures
 
 
+def case_tensor_parallel_autocast(group):
+    """ParallelAttention with float32 weights under autocast (bfloat16): the output in bfloat16, the
+    gradients in the weights' and input's float32, close to the float32 layer; one sequence (tiles
+    written in place) and a batch of two."""
+    dim, hq, hkv, n = 32, 4, 2, 37
+    failures = []
+    for b in (1, 2):
+        gen = torch.Generator().manual_seed(21 + b)
+        x = _rand((b, n, dim), torch.float32, gen)
+        dy = _rand((b, n, dim), torch.float32, gen)
+        torch.manual_seed(3)  # the same weights on every rank for both layers
+        layer = ParallelAttention(dim, hq, hkv, group=group, causal=True, bias=True, tiles=3, backend="torch")
+        results = []
+        for amp in (False, True):
+            layer.zero_grad()
+            xl = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = layer(xl)
+            y.float().backward(dy)
+            results.append((y.detach(), xl.grad, layer.qkv_weight.grad.clone(), layer.out_weight.grad.clone(),
+                            layer.out_bias.grad.clone()))
+        (y32, *g32), (y16, *g16) = results
+        if y16.dtype != torch.bfloat16:
+            failures.append(f"b={b}: autocast output is {y16.dtype}, expected bfloat16")
+        for name, want, got in zip(("y", "dx", "dqkv_weight", "dout_weight", "dout_bias"), (y32, *g32), (y16, *g16)):
+            if got.dtype != want.dtype and name != "y":
+                failures.append(f"b={b}: {name} is {got.dtype}, expected {want.dtype}")
+            err = max_err(got.float(), want)
+            if not err <= 3e-2 * (want.abs().max().item() + 1e-6):
+                failures.append(f"b={b}: {name} under autocast is {err:.2e} from float32")
+    return failures
+
+
 def case_compile(group, strategy):
     """Under torch.compile (dynamo; graphs run eagerly): the same result and gradients as without,
     and the all-gather strategy's K/V gather is a functional collective inside a compiled graph."""
@@ -638,6 +671,10 @@ def test_triton_backend_blocks(pool):
     (2, "softmax", True, 2, 3), (2, "sigmoid", False, 4, 4), (4, "silu", True, 4, 2), (4, "softmax", False, 4, 5)])
 def test_tensor_parallel_tiling_allreduce(pool, size, score, causal, hkv, tiles):
     pool.run("case_tensor_parallel", size, score, causal, hkv, tiles, 13)
+
+
+def test_tensor_parallel_under_autocast(pool):
+    pool.run("case_tensor_parallel_autocast", 2)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])

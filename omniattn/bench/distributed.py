@@ -481,10 +481,10 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
 
 
 def _timed_or_out_of_memory(clock: Clock, fn: Callable, warmup: int, reps: int) -> Optional[float]:
-    """clock.time_ms, or None where the GPU ran out of memory (the all-gather HSTU backward keeps
-    float32 dK/dV of the whole sequence: 1M tokens x 32 heads do not fit an 80 GB card). Every rank
-    holds the same shapes, so all of them fail at the same allocation, before the next collective;
-    they agree on the outcome before going on."""
+    """clock.time_ms, or None where the GPU ran out of memory (a long sequence's all-gather holds
+    the whole sequence on every rank: 1M-token HSTU forward+backward needed more than an 80 GB card
+    before its float32 dK/dV went in chunks of heads). Every rank holds the same shapes, so all of
+    them fail at the same allocation, before the next collective; they agree on the outcome."""
     try:
         ms = clock.time_ms(fn, warmup, reps)
     except torch.OutOfMemoryError:

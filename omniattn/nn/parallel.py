@@ -33,6 +33,11 @@ from ..distributed.layout import Segment
 from ..distributed.plan import pair_piece
 
 
+# Under autocast the projections run in the autocast dtype while the weights (and the layer's
+# input) may be float32: the backward products are taken in dy's dtype, as autocast took the
+# forward's, and each gradient is returned in its input's dtype.
+
+
 class _ColumnParallelLinear(torch.autograd.Function):
     """y = x W^T + b on this rank's output columns; backward all-reduces dx over the group while
     it computes dW (Megatron's asynchronous tensor-parallel all-reduce)."""
@@ -40,28 +45,28 @@ class _ColumnParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pg, size: int):
         ctx.save_for_backward(x, weight)
-        ctx.pg, ctx.size, ctx.has_bias = pg, size, bias is not None
+        ctx.pg, ctx.size, ctx.bias_dtype = pg, size, None if bias is None else bias.dtype
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = dy.matmul(weight)
+        dx = dy.matmul(weight.to(dy.dtype))
         work = dist.all_reduce(dx, group=ctx.pg, async_op=True) if ctx.size > 1 else None
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]))
-        db = dy2.sum(0) if ctx.has_bias else None
+        dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]).to(dy.dtype))
+        db = dy2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         if work is not None:
             work.wait()
-        return dx, dw, db, None, None
+        return dx.to(x.dtype), dw.to(weight.dtype), db, None, None
 
 
 def _projection_grads(dy_rows, a, weight):
     """Gradients of a partial output projection y = a W^T (its all-reduce's gradient is the
     identity: every rank holds the whole dy)."""
-    da = dy_rows.matmul(weight)
-    dw = dy_rows.reshape(-1, dy_rows.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]))
-    return da, dw
+    da = dy_rows.matmul(weight.to(dy_rows.dtype))
+    dw = dy_rows.reshape(-1, dy_rows.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]).to(dy_rows.dtype))
+    return da.to(a.dtype), dw.to(weight.dtype)
 
 
 class _RowParallelTile(torch.autograd.Function):
@@ -95,7 +100,7 @@ class _RowParallelRowsInto(torch.autograd.Function):
         ctx.save_for_backward(a, weight)
         ctx.r0 = r0
         rows = y[0, r0 : r0 + a.shape[1]]
-        torch.mm(a[0], weight.t(), out=rows)
+        torch.mm(a[0].to(y.dtype), weight.t().to(y.dtype), out=rows)  # (autocast has no out= variants)
         if size > 1:
             works.append(dist.all_reduce(rows, group=pg, async_op=True))
         ctx.mark_dirty(y)
@@ -300,7 +305,7 @@ class ParallelAttention(nn.Module):
             w.wait()
         if y is None:
             y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return y + self.out_bias if self.out_bias is not None else y
+        return y + self.out_bias.to(y.dtype) if self.out_bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, tp={self.tp_size}, "
