@@ -208,3 +208,29 @@ def test_causal_with_any_right_window_is_clipped():
     a = oa.attention(q, k, v, causal=True, window=(4, 4), backend="torch")
     b = oa.attention(q, k, v, causal=True, window=(4, 0), backend="torch")
     assert torch.equal(a, b)
+
+
+def test_autocast_runs_attention_in_its_dtype_like_pytorch():
+    """Inside an autocast region attention is a lower-precision op, as PyTorch's SDPA: float32 (and
+    mixed) q, k, v run as the region's dtype, the output comes in it, gradients reach the float32
+    inputs in float32; float64 stays float64; outside the region nothing changes."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (rand((2, 3, 37, 16), torch.float32, gen) for _ in range(3))
+    as_bf16 = oa.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        got = oa.scaled_dot_product_attention(*leaves, is_causal=True)
+        mixed = oa.scaled_dot_product_attention(q, k, v.bfloat16(), is_causal=True)
+        dense = oa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+        wide = oa.attention(*(t.transpose(1, 2).double() for t in (q, k, v)), causal=True)
+    assert got.dtype == mixed.dtype == dense.dtype == want.dtype == torch.bfloat16
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(got, as_bf16, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, as_bf16, rtol=0, atol=0)
+    torch.testing.assert_close(dense.transpose(1, 2), as_bf16, rtol=0, atol=0)
+    ref64 = F.scaled_dot_product_attention(*(t.bfloat16().double() for t in (q, k, v)), is_causal=True)
+    assert_tolerance("autocast", got, ref64, want, torch.bfloat16)
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 and t.grad.isfinite().all() for t in leaves)
+    assert oa.scaled_dot_product_attention(q, k, v, is_causal=True).dtype == torch.float32  # no region: float32
