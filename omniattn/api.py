@@ -17,7 +17,7 @@ def _autocast(q, k, v):
     (a float32 query from a float32 rotary embedding meets a bfloat16 value there). Masks, ALiBi
     slopes and the relative bias' weights keep their dtypes: the kernels read them in float32."""
     device_type = q.device.type if isinstance(q, Tensor) else None
-    if device_type is None or not torch.is_autocast_enabled(device_type):
+    if device_type in (None, "meta") or not torch.is_autocast_enabled(device_type):  # (meta: no autocast there)
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t

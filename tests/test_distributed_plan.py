@@ -206,24 +206,25 @@ def test_benchmark_out_of_memory_becomes_a_row():
     ranks' agreement decides: a rank that fitted still reports None when another ran out."""
     import torch
 
-    from omniattn.bench.distributed import _timed_or_out_of_memory
+    from omniattn.bench.distributed import Clock
 
-    class FakeClock:
-        device = torch.device("cpu")
-
+    class FakeClock(Clock):  # the agreement of the other ranks, without a process group
         def __init__(self, others_failed):
-            self.others_failed = others_failed
+            self.device, self.others_failed = torch.device("cpu"), others_failed
 
-        def time_ms(self, fn, warmup, reps):
-            fn()
-            return 12.5
+        def align(self):
+            pass
 
         def agree_max(self, value):
             return max(value, 1.0 if self.others_failed else 0.0)
 
-    def oom():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+    calls = []
 
-    assert _timed_or_out_of_memory(FakeClock(False), lambda: None, 1, 1) == 12.5
-    assert _timed_or_out_of_memory(FakeClock(False), oom, 1, 1) is None
-    assert _timed_or_out_of_memory(FakeClock(True), lambda: None, 1, 1) is None
+    def oom_on_second_call():
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    assert FakeClock(False).time_ms_or_none(lambda: None, 1, 2) >= 0
+    assert FakeClock(False).time_ms_or_none(oom_on_second_call, 1, 2) is None  # the first timed call
+    assert FakeClock(True).time_ms_or_none(lambda: None, 1, 1) is None

@@ -599,6 +599,30 @@ def case_shard_helpers(group):
     return failures
 
 
+def case_bench_out_of_memory_agreement(group):
+    """Only rank 0 runs out of memory (in its first timed call): every rank gets None at the same
+    point, and the group's next collective still pairs up."""
+    from omniattn.bench import distributed as bench
+
+    rank = dist.get_rank(group)
+    clock = bench.Clock(group, torch.device("cpu"))
+    calls = []
+
+    def step():
+        calls.append(1)
+        if rank == 0 and len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    failures = []
+    if clock.time_ms_or_none(step, 1, 3) is not None:
+        failures.append(f"rank {rank}: a measurement in which rank 0 ran out of memory was timed")
+    after = torch.tensor([float(rank + 1)])
+    dist.all_reduce(after, group=group)
+    if after.item() != sum(range(1, dist.get_world_size(group) + 1)):
+        failures.append(f"rank {rank}: the next all-reduce gave {after.item()}")
+    return failures
+
+
 def case_bench_smoke(group):
     """The multi-GPU benchmark's per-rank code at tiny sizes on gloo: rows in the results format."""
     from omniattn.bench import distributed as bench
@@ -688,6 +712,10 @@ def test_fsdp2_recipe(pool):
 
 def test_shard_helpers(pool):
     pool.run("case_shard_helpers", 4)
+
+
+def test_benchmark_out_of_memory_on_one_rank(pool):
+    pool.run("case_bench_out_of_memory_agreement", 2)
 
 
 def test_benchmark_smoke(pool):

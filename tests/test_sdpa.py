@@ -234,3 +234,17 @@ def test_autocast_runs_attention_in_its_dtype_like_pytorch():
     got.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 and t.grad.isfinite().all() for t in leaves)
     assert oa.scaled_dot_product_attention(q, k, v, is_causal=True).dtype == torch.float32  # no region: float32
+    # the packed entry points too: varlen (mixed inputs) and HSTU (its bias weights stay float32)
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32)
+    qv, kv, vv = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (37, 3, 16)
+    rab = oa.hstu.RelativeBias(37, num_buckets=8)
+    ts = torch.arange(37) * 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        varlen = oa.attention_varlen(qv, kv, vv.bfloat16(), cu, cu, 20, 20, causal=True)
+        hstu = oa.hstu_attention(qv, kv, vv, cu, 20, rab=rab, timestamps=ts)
+    want_varlen = oa.attention_varlen(qv.bfloat16(), kv.bfloat16(), vv.bfloat16(), cu, cu, 20, 20, causal=True)
+    want_hstu = oa.hstu_attention(qv.bfloat16(), kv.bfloat16(), vv.bfloat16(), cu, 20, rab=rab, timestamps=ts)
+    torch.testing.assert_close(varlen, want_varlen, rtol=0, atol=0)
+    torch.testing.assert_close(hstu, want_hstu, rtol=0, atol=0)
+    hstu.float().sum().backward()
+    assert rab.pos_w.grad is not None and rab.pos_w.grad.dtype == torch.float32

@@ -164,6 +164,33 @@ class Clock:
             times.append((time.perf_counter() - t0) * 1e3)
         return self.agree_max(statistics.median(times))
 
+    def time_ms_or_none(self, fn: Callable, warmup: int, reps: int) -> Optional[float]:
+        """time_ms, or None where a rank's GPU ran out of memory: after every call (untimed) the
+        ranks agree whether any of them failed, so all take the same branch at the same point.
+        A rank failing between two collectives inside ``fn`` while the others go on cannot be
+        caught from here (they wait in that collective until the group's timeout)."""
+        def failed(call) -> bool:
+            try:
+                call()
+                bad = 0.0
+            except torch.OutOfMemoryError:
+                bad = 1.0
+                _free(self.device)
+            return self.agree_max(bad) > 0
+
+        for _ in range(warmup):
+            if failed(fn):
+                return None
+        _sync(self.device)
+        times = []
+        for _ in range(reps):
+            self.align()
+            t0 = time.perf_counter()
+            if failed(lambda: (fn(), _sync(self.device))):
+                return None
+            times.append((time.perf_counter() - t0) * 1e3)
+        return self.agree_max(statistics.median(times))
+
 
 class Budget:
     """Decides on rank 0's clock (broadcast, so every rank runs or skips the same measurements)."""
@@ -458,7 +485,9 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
             dout = _dout(op, n // world, heads, cfg, device, gen, mode)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            ms = _timed_or_out_of_memory(clock, _step(prob, mode, dout), warm, reps)
+            # (a long sequence's all-gather holds it whole on every rank: the 1M-token HSTU
+            # forward+backward needed more than an 80 GB card before its dK/dV went in head chunks)
+            ms = clock.time_ms_or_none(_step(prob, mode, dout), warm, reps)
             if ms is None:
                 rows.append(_row(op, mode, n, cfg, None, world, strategy, heads, kv, error="out of GPU memory"))
                 log(rows[-1])
@@ -478,19 +507,6 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
             del prob, dout
             _free(device)
     return rows
-
-
-def _timed_or_out_of_memory(clock: Clock, fn: Callable, warmup: int, reps: int) -> Optional[float]:
-    """clock.time_ms, or None where the GPU ran out of memory (a long sequence's all-gather holds
-    the whole sequence on every rank: 1M-token HSTU forward+backward needed more than an 80 GB card
-    before its float32 dK/dV went in chunks of heads). Every rank holds the same shapes, so all of
-    them fail at the same allocation, before the next collective; they agree on the outcome."""
-    try:
-        ms = clock.time_ms(fn, warmup, reps)
-    except torch.OutOfMemoryError:
-        ms = None
-    _free(clock.device)
-    return None if clock.agree_max(1.0 if ms is None else 0.0) else ms
 
 
 @torch.no_grad()
@@ -562,6 +578,9 @@ def run_rank(group, cfg: Config, device: Optional[torch.device] = None, log=None
 
 # ------------------------------------------------------------------------------------------------
 # processes
+
+
+COMPARE_KEYS = {"op", "mode", "seqlen", "heads", "kv_heads", "head_dim", "dtype", "strategy", "world_size"}
 
 
 def compare_to(rows: list[dict], fewer: list[dict]) -> None:
@@ -670,8 +689,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-cp", action="store_true", help="skip the context-parallel rows")
     p.add_argument("--compare-to", metavar="JSON", help="an earlier run on fewer GPUs: add efficiency_vs_<P>gpu to the rows")
     args = p.parse_args(argv)
-    if args.compare_to and not os.path.isfile(args.compare_to):
-        p.error(f"--compare-to: no such file: {args.compare_to}")
+    if args.compare_to:  # checked before any measurement: it is read once they are done
+        try:
+            with open(args.compare_to) as f:
+                earlier = json.load(f)["rows"]
+            bad = [r for r in earlier if r.get("op", "").startswith("cp-") and not COMPARE_KEYS <= r.keys()]
+        except OSError as e:
+            p.error(f"--compare-to: cannot read {args.compare_to}: {e.strerror}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            p.error(f"--compare-to: {args.compare_to} is not a results file of this benchmark ({type(e).__name__}: {e})")
+        if bad:
+            p.error(f"--compare-to: a row of {args.compare_to} lacks {sorted(COMPARE_KEYS - bad[0].keys())}")
     os.environ.update({k: v for k, v in MULTICAST_OFF.items() if k not in os.environ})
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         _main_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)

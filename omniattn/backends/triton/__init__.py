@@ -105,7 +105,7 @@ def launch_params(spec: Spec, call: Call):
     varlen tile schedules of the forward, dQ and dK/dV kernels."""
     from . import schedule
     from .configs import bwd_dkdv_config, bwd_dq_config
-    from .launch import Extras, forward_config, window_heads_per_launch
+    from .launch import Extras, forward_config, whole_heads_only, window_heads_per_launch
 
     check_inputs(call)
     p = _params(spec, call)
@@ -126,7 +126,7 @@ def launch_params(spec: Spec, call: Call):
         hq, hkv = call.q.shape[-2], call.k.shape[-2]
         # with query windows the dK/dV kernel runs on chunks of heads (launch.window_heads_per_launch)
         dkdv_heads = hkv if windows is None else window_heads_per_launch(
-            hkv, call.k, call.v, call.alibi is not None or call.attn_mask is not None)
+            hkv, call.k, call.v, whole_heads_only(call.alibi, call.attn_mask, rab, spec.dropout_p, call.dense))
         tiles = (schedule.tile_list(lq, lk, fwd, p.causal, True, hq, dev, windows),
                  schedule.tile_list(lq, lk, dq, p.causal, True, hq, dev, windows),
                  schedule.tile_list(lk, lq, dkdv.block_n, p.causal, False, dkdv_heads, dev))

@@ -372,7 +372,8 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     else:
         # query windows: each window's launch adds into float32 dK/dV, a chunk of heads at a time
         # (window_heads_per_launch; the tile list was built for that many heads)
-        heads = window_heads_per_launch(L.hkv, k, v, x.alibi is not None or x.attn_mask is not None)
+        heads = window_heads_per_launch(
+            L.hkv, k, v, whole_heads_only(x.alibi, x.attn_mask, x.pos_w, p.dropout_p, dense=x.tiles_dkdv is None))
         group = L.hq // L.hkv
         for h0 in range(0, L.hkv if launches else 0, heads):
             dk32, dv32 = (torch.empty_like(t.narrow(-2, h0, heads), dtype=torch.float32) for t in (k, v))
@@ -430,13 +431,20 @@ def _dkdv(L: _Launch, cfg, grid, tiles, tile_list: bool, q, k, v, dout, lse, del
 WINDOW_GRAD_BYTES = 2**31  # at most this much float32 dK + dV per launch where query windows sum
 
 
+def whole_heads_only(alibi, attn_mask, bias_weights, dropout_p: float, dense: bool) -> bool:
+    """Whether the dK/dV kernel must run over all heads at once: a launch over a chunk of heads
+    would read something by absolute head (ALiBi slopes, a mask or relative-bias weights with a
+    head axis, dropout's hash) or has no tile list to run a chunk's heads on (dense calls). None
+    of these comes with query windows today."""
+    return alibi is not None or attn_mask is not None or bias_weights is not None or dropout_p > 0 or dense
+
+
 def window_heads_per_launch(hkv: int, k: torch.Tensor, v: torch.Tensor, per_head_tables: bool = False) -> int:
     """Key/value heads per dK/dV launch of a call with query windows (context-parallel HSTU), whose
     launches add into float32 dK/dV: all heads, unless those buffers would pass WINDOW_GRAD_BYTES
     (1M tokens x 32 heads x D=128: 34 GB, which with the rest did not fit an 80 GB card); then the
-    largest divisor of hkv that stays under it. ``per_head_tables`` (ALiBi slopes or a mask with a
-    head axis, which the launch indexes from head 0): all heads. Shared with launch_params, whose
-    dK/dV tile list is built for this many heads."""
+    largest divisor of hkv that stays under it. ``per_head_tables`` (whole_heads_only): all heads.
+    Shared with launch_params, whose dK/dV tile list is built for this many heads."""
     if per_head_tables:
         return hkv
     tokens = k.numel() // max(k.shape[-1] * hkv, 1)
