@@ -60,6 +60,10 @@ def _run(spec: Spec, call: Call, backend: str) -> tuple[torch.Tensor, torch.Tens
 
         return run_quantized(spec, call, backend)
     name = resolve(backend, spec, call)
+    if name in ("torch", "sdpa") and call.dense and spec.dropout_p == 0 and torch.compiler.is_compiling():
+        from .. import _ops_torch  # one opaque op while dynamo traces (the eager code decides on data)
+
+        return _ops_torch.attention(spec, call, name)
     if name == "sdpa":
         from . import torch_sdpa
 

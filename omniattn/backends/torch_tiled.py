@@ -721,16 +721,23 @@ class _Inputs:
         return cls(_zero_nonfinite(q).to(cd), _zero_nonfinite(k).to(cd), v.masked_fill(bv, 0).to(cd), bad)
 
 
+def _forward_any(p: _Plan, q, k, v, pos_w, ts_w, needs_grad: bool):
+    """The forward for inputs in the caller's dtypes, non-finite values included: packed output
+    (in the compute dtype where the backward's delta needs it, else q's) and lse. Softmax's
+    backward takes delta_i = dO_i . O_i: from the float32 O, not the 16-bit one returned (its
+    rounding, up to 2^-9 of |O|, is magnified where dP - delta cancels)."""
+    x = _Inputs.of(p, q, k, v)
+    wide = p.spec.score == "softmax" and q.dtype != p.cdtype and needs_grad
+    out, lse = _forward(p, x.q, x.k, x.v, pos_w, ts_w, p.cdtype if wide else None)
+    if x.bad is not None:
+        _forward_nan(p, *x.bad, out, lse)
+    return out, lse
+
+
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_w, ts_w, plan: _Plan):
-        x = _Inputs.of(plan, q, k, v)
-        # softmax's backward takes delta_i = dO_i . O_i: from the float32 O, not the 16-bit one
-        # returned (its rounding, up to 2^-9 of |O|, is magnified where dP - delta cancels)
-        wide = plan.spec.score == "softmax" and q.dtype != plan.cdtype and any(ctx.needs_input_grad[:3])
-        out, lse = _forward(plan, x.q, x.k, x.v, pos_w, ts_w, plan.cdtype if wide else None)
-        if x.bad is not None:
-            _forward_nan(plan, *x.bad, out, lse)
+        out, lse = _forward_any(plan, q, k, v, pos_w, ts_w, any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(q, k, v, out, lse, pos_w, ts_w)
         ctx.plan = plan
         if plan.spec.score != "softmax":
@@ -787,6 +794,20 @@ def attention(spec: Spec, call: Call, p_round=None, key_tiles: Optional[int] = N
         plan.p_round = p_round
         out, lse = _TiledAttention.apply(q, k, v, pos_w, ts_w, plan)
     return out, (lse if spec.score == "softmax" else None)
+
+
+def forward_without_autograd(spec: Spec, call: Call, needs_grad: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Packed output (Tq, Hq, Dv) in q's dtype, lse (Hq, Tq) (empty but for softmax) and, where a
+    backward will need it (``needs_grad``, softmax on 16-bit inputs), the output in the compute
+    dtype (else None): the forward of a call without a relative bias, for a custom op
+    (omniattn._ops_torch), whose backward is :func:`backward`."""
+    q, k, v = call.packed()
+    with torch_threads.caller_on_one_thread(q.device):
+        plan = _Plan.build(spec, call)
+        out, lse = _forward_any(plan, q, k, v, None, None, needs_grad)
+    wide = out if out.dtype != q.dtype else None
+    return out.to(q.dtype), lse, wide
 
 
 def block_backward(spec: Spec, call: Call, out: torch.Tensor, lse: Optional[torch.Tensor], dout: torch.Tensor):
