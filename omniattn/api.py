@@ -11,19 +11,6 @@ from . import backends, padding as _padding, spec as _spec, usage
 Tensor = torch.Tensor
 
 
-def _autocast(q, k, v):
-    """q, k, v as autocast gives PyTorch's own attention (an op it runs in lower precision): inside
-    an autocast region for their device, floating tensors other than float64 in the region's dtype
-    (a float32 query from a float32 rotary embedding meets a bfloat16 value there). Masks, ALiBi
-    slopes and the relative bias' weights keep their dtypes: the kernels read them in float32."""
-    device_type = q.device.type if isinstance(q, Tensor) else None
-    if device_type in (None, "meta") or not torch.is_autocast_enabled(device_type):  # (meta: no autocast there)
-        return q, k, v
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (q, k, v))
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -86,7 +73,7 @@ def attention(
         out = omniattn.attention(q, k, v, score="sigmoid")              # FlashSigmoid
         out = omniattn.attention(q, k, v, score="silu", window=(256, 0))
     """
-    q, k, v = _autocast(q, k, v)
+    q, k, v = _spec.autocast_qkv(q, k, v)
     spec, call = _spec.dense_call(
         q, k, v, score=score, causal=causal, window=window, scale=scale, sigmoid_bias=sigmoid_bias,
         silu_norm=silu_norm, softcap=softcap, alibi_slopes=alibi_slopes, precision=precision,
@@ -137,7 +124,7 @@ def attention_varlen(
         cu = torch.tensor([0, 3, 10], dtype=torch.int32)      # two sequences: 3 and 7 tokens
         out = omniattn.attention_varlen(q, k, v, cu, cu, 7, 7, causal=True)
     """
-    q, k, v = _autocast(q, k, v)
+    q, k, v = _spec.autocast_qkv(q, k, v)
     spec, call = _spec.varlen_call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, score=score, causal=causal,
         window=window, scale=scale, sigmoid_bias=sigmoid_bias, silu_norm=silu_norm, softcap=softcap,
@@ -194,7 +181,7 @@ def hstu_attention(
         rab = omniattn.hstu.RelativeBias(max_seq_len=256)
         out = omniattn.hstu_attention(q, k, v, offsets, 256, num_targets=nt, rab=rab, timestamps=ts)
     """
-    q, k, v = _autocast(q, k, v)
+    q, k, v = _spec.autocast_qkv(q, k, v)
     spec, call = _spec.hstu_call(
         q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab, timestamps=timestamps,
@@ -254,7 +241,7 @@ def scaled_dot_product_attention(
         torch.nn.functional.scaled_dot_product_attention = omniattn.scaled_dot_product_attention
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask)
     """
-    query, key, value = _autocast(query, key, value)
+    query, key, value = _spec.autocast_qkv(query, key, value)
     reason = _sdpa_unsupported(query, key, value, attn_mask)
     if reason is not None:
         usage.fallback("sdpa", reason)

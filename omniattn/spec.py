@@ -147,6 +147,19 @@ class Call:
 # small checks, each naming the argument and what was expected
 
 
+def autocast_qkv(q, k, v):
+    """q, k, v as autocast gives PyTorch's own attention (an op it runs in lower precision): inside
+    an autocast region for their device, floating tensors other than float64 in the region's dtype
+    (a float32 query from a float32 rotary embedding meets a bfloat16 value there). Masks, ALiBi
+    slopes and the relative bias' weights keep their dtypes: the kernels read them in float32."""
+    device_type = q.device.type if isinstance(q, torch.Tensor) else None
+    if device_type in (None, "meta") or not torch.is_autocast_enabled(device_type):  # (meta: no autocast there)
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
+
+
 def _require_tensor(name: str, t, ndim: int, layout: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {layout}, got {type(t).__name__}")

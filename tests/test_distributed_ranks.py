@@ -492,6 +492,35 @@ def case_tensor_parallel_autocast(group):
     return failures
 
 
+def case_autocast(group):
+    """Context-parallel attention and HSTU under autocast (bfloat16) with float32 shards: computed as
+    the bfloat16 shards are, output in bfloat16, gradients to the float32 shards in float32."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    gen = torch.Generator().manual_seed(17)
+    q, k, v, dout, cu = _problem("dense", (4 * size,), 4, 2, 8, 8, torch.float32, gen, batch=1)
+    rows = _local_rows(_layout("dense", (4 * size,), size, "zigzag"), rank)
+    ql, kl, vl = (_shard_rows(t, rows, "dense") for t in (q, k, v))
+    hq, hk, hv = ql[0], ql[0] * 0.5, ql[0].flip(-1)  # HSTU: (T_local, H, D), as many kv heads as q heads
+    offsets = torch.tensor([0, 4 * size], dtype=torch.int32)
+    failures = []
+    for name, fn, args in (
+        ("cp", lambda a, b, c: cp.context_parallel_attention(a, b, c, group=group, causal=True, backend="torch"),
+         (ql, kl, vl)),
+        ("cp-hstu", lambda a, b, c: cp.context_parallel_hstu_attention(a, b, c, offsets, 4 * size, group=group,
+                                                                       backend="torch"), (hq, hk, hv)),
+    ):
+        leaves = [t.clone().requires_grad_() for t in args]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fn(*leaves)
+        want = fn(*(t.bfloat16() for t in args))
+        if got.dtype != torch.bfloat16 or not torch.equal(got, want):
+            failures.append(f"{name}: under autocast {got.dtype}, {max_err(got.float(), want.float()):.2e} from bfloat16 shards")
+        got.float().sum().backward()
+        if any(t.grad is None or t.grad.dtype != torch.float32 for t in leaves):
+            failures.append(f"{name}: the float32 shards got no float32 gradient")
+    return failures
+
+
 def case_compile(group, strategy):
     """Under torch.compile (dynamo; graphs run eagerly): the same result and gradients as without,
     and the all-gather strategy's K/V gather is a functional collective inside a compiled graph."""
@@ -695,6 +724,10 @@ def test_triton_backend_blocks(pool):
     (2, "softmax", True, 2, 3), (2, "sigmoid", False, 4, 4), (4, "silu", True, 4, 2), (4, "softmax", False, 4, 5)])
 def test_tensor_parallel_tiling_allreduce(pool, size, score, causal, hkv, tiles):
     pool.run("case_tensor_parallel", size, score, causal, hkv, tiles, 13)
+
+
+def test_context_parallel_under_autocast(pool):
+    pool.run("case_autocast", 2)
 
 
 def test_tensor_parallel_under_autocast(pool):

@@ -144,6 +144,7 @@ def context_parallel_attention(
         out_local = omniattn.distributed.context_parallel_attention(
             q_local, k_local, v_local, group=group, causal=True)
     """
+    q, k, v = _spec.autocast_qkv(q, k, v)  # as omniattn.attention (DESIGN.md)
     prep = _prepare(q, k, v, group, score, causal, window, scale, sigmoid_bias, silu_norm, softcap, strategy,
                     load_balance, cu_seqlens, max_seqlen, backend)
     if prep.strategy == "allgather":

@@ -104,6 +104,7 @@ def context_parallel_hstu_attention(
     The Triton kernels compute only this rank's rows (see the module docstring).
     """
     what = "context_parallel_hstu_attention"
+    q, k, v = _spec.autocast_qkv(q, k, v)  # as omniattn.hstu_attention (DESIGN.md)
     g = resolve_group(group)
     error, lengths = None, ()
     try:
