@@ -225,6 +225,6 @@ def test_benchmark_out_of_memory_becomes_a_row():
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
 
-    assert FakeClock(False).time_ms_or_none(lambda: None, 1, 2) >= 0
-    assert FakeClock(False).time_ms_or_none(oom_on_second_call, 1, 2) is None  # the first timed call
-    assert FakeClock(True).time_ms_or_none(lambda: None, 1, 1) is None
+    assert FakeClock(False).time_ms(lambda: None, 1, 2, out_of_memory_ok=True) >= 0
+    assert FakeClock(False).time_ms(oom_on_second_call, 1, 2, out_of_memory_ok=True) is None  # the first timed call
+    assert FakeClock(True).time_ms(lambda: None, 1, 1, out_of_memory_ok=True) is None

@@ -151,25 +151,16 @@ class Clock:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
         return float(t.item())
 
-    def time_ms(self, fn: Callable, warmup: int, reps: int) -> float:
-        for _ in range(warmup):
-            fn()
-        _sync(self.device)
-        times = []
-        for _ in range(reps):
-            self.align()
-            t0 = time.perf_counter()
-            fn()
-            _sync(self.device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return self.agree_max(statistics.median(times))
-
-    def time_ms_or_none(self, fn: Callable, warmup: int, reps: int) -> Optional[float]:
-        """time_ms, or None where a rank's GPU ran out of memory: after every call (untimed) the
-        ranks agree whether any of them failed, so all take the same branch at the same point.
-        A rank failing between two collectives inside ``fn`` while the others go on cannot be
-        caught from here (they wait in that collective until the group's timeout)."""
+    def time_ms(self, fn: Callable, warmup: int, reps: int, out_of_memory_ok: bool = False) -> Optional[float]:
+        """Median ms of ``reps`` calls (after ``warmup``), the slowest rank's. ``out_of_memory_ok``:
+        None where a rank's GPU ran out of memory; after every call (outside the timing) the ranks
+        agree whether any of them failed, so all take the same branch at the same point. A rank
+        failing between two collectives inside ``fn`` while the others go on cannot be caught from
+        here (they wait in that collective until the group's timeout)."""
         def failed(call) -> bool:
+            if not out_of_memory_ok:
+                call()
+                return False
             try:
                 call()
                 bad = 0.0
@@ -186,9 +177,10 @@ class Clock:
         for _ in range(reps):
             self.align()
             t0 = time.perf_counter()
-            if failed(lambda: (fn(), _sync(self.device))):
+            elapsed = []
+            if failed(lambda: (fn(), _sync(self.device), elapsed.append(time.perf_counter() - t0))):
                 return None
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(elapsed[0] * 1e3)
         return self.agree_max(statistics.median(times))
 
 
@@ -487,7 +479,7 @@ def run_cp(g, cfg: Config, device, clock: Clock, budget: Budget, log) -> list[di
                 torch.cuda.reset_peak_memory_stats(device)
             # (a long sequence's all-gather holds it whole on every rank: the 1M-token HSTU
             # forward+backward needed more than an 80 GB card before its dK/dV went in head chunks)
-            ms = clock.time_ms_or_none(_step(prob, mode, dout), warm, reps)
+            ms = clock.time_ms(_step(prob, mode, dout), warm, reps, out_of_memory_ok=True)
             if ms is None:
                 rows.append(_row(op, mode, n, cfg, None, world, strategy, heads, kv, error="out of GPU memory"))
                 log(rows[-1])
