@@ -27,7 +27,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 
 import omniattn as oa  # noqa: E402
 from omniattn.backends import triton as tb  # noqa: E402
-from omniattn.backends.triton import bwd, fwd, launch  # noqa: E402
+from omniattn.backends.triton import bwd, fwd, launch, rab_cache  # noqa: E402
 from omniattn.backends.triton import quant as quant_kernels  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -105,7 +105,8 @@ def resources(compiled) -> str:
 def install() -> None:
     """Kernel launches become compiles; CPU tensors are accepted as if on the GPU target."""
     for mod, name in ((fwd, "attn_fwd_kernel"), (bwd, "attn_bwd_dkdv_kernel"), (bwd, "attn_bwd_dq_kernel"),
-                      (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel")):
+                      (bwd, "attn_bwd_preprocess_kernel"), (bwd, "rab_grad_reduce_kernel"),
+                      (rab_cache, "rab_cache_kernel")):
         setattr(launch, name, Compiling(getattr(mod, name)))
     for name in ("kv_stats_kernel", "kv_stats_finish_kernel", "quant_kv_kernel", "quant_q_kernel"):  # quantization (their outputs stay empty)
         setattr(launch, name, Compiling(getattr(quant_kernels, name)))
@@ -134,8 +135,12 @@ def hstu_long(int64: bool) -> None:
     offsets = torch.tensor([0, n, n + 50])
     q = torch.randn(n + 50, 2, 128).to(torch.bfloat16).requires_grad_()
     rab = oa.hstu.RelativeBias(n, 16)
-    out = oa.hstu_attention(q, q, q, offsets, n, backend="triton", rab=rab, timestamps=torch.arange(n + 50))
-    out.sum().backward()
+    for table_mb in (None, "0"):  # the bias read from the call's table (rab_cache), then per pair
+        if table_mb is not None:
+            os.environ["OMNIATTN_RAB_CACHE_MB"] = table_mb
+        out = oa.hstu_attention(q, q, q, offsets, n, backend="triton", rab=rab, timestamps=torch.arange(n + 50))
+        out.sum().backward()
+    os.environ.pop("OMNIATTN_RAB_CACHE_MB")
     import dataclasses
 
     from omniattn import backends, spec
@@ -148,7 +153,7 @@ def hstu_long(int64: bool) -> None:
     for name, consts, _, _ in SEEN:
         c = dict(consts)
         print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')} "
-              f"HAS_Q_WIN={c.get('HAS_Q_WIN')}")
+              f"HAS_Q_WIN={c.get('HAS_Q_WIN')} RAB_CACHED={c.get('RAB_CACHED')}")
 
 
 def tma() -> None:

@@ -33,13 +33,17 @@ def _compile(*args: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("addressing", ["int32", "int64"])
 def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
-    """Sequences >= 2048 take 128x64 tiles (non-square); the relative bias; 64-bit addressing; the
-    dK/dV kernel over query windows (context-parallel HSTU)."""
+    """Sequences >= 2048 take 128x64 tiles (non-square); the relative bias, read from the call's
+    table (rab_cache) and per pair; 64-bit addressing; the dK/dV kernel over query windows
+    (context-parallel HSTU)."""
     variants = _compile("--hstu-long", addressing)
     names = {v[0] for v in variants}
-    assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= names
-    assert ["attn_fwd_kernel", "128x64", f"INT64_OFFSETS={addressing == 'int64'}", "HAS_Q_WIN=None"] in variants
-    assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-1] == "HAS_Q_WIN=True" for v in variants)  # query windows
+    assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "rab_cache_kernel"} <= names
+    for cached in (True, False):
+        assert ["attn_fwd_kernel", "128x64", f"INT64_OFFSETS={addressing == 'int64'}", "HAS_Q_WIN=None",
+                f"RAB_CACHED={cached}"] in variants
+        assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-1] == f"RAB_CACHED={cached}" for v in variants)
+    assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-2] == "HAS_Q_WIN=True" for v in variants)  # query windows
 
 
 def test_tma_forward_compiles_for_sm90():

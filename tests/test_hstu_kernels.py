@@ -48,9 +48,38 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
-def test_relative_bias_matches_reference(case):
+def _poisoned_tables(monkeypatch, mode: str) -> list:
+    """``mode`` "cached": the kernels' bias table (rab_cache) starts as NaN, so an entry read but
+    never written fails the comparison; "per-pair": no table. Returns the list the tables built
+    are recorded in."""
+    from omniattn.backends.triton import rab_cache
+
+    built = []
+    if mode == "per-pair":
+        monkeypatch.setenv("OMNIATTN_RAB_CACHE_MB", "0")
+        return built
+
+    def poisoned(rows, stride, device):
+        built.append((rows, stride))
+        return torch.full((rows, stride), float("nan"), device=device)
+
+    monkeypatch.setattr(rab_cache, "new_table", poisoned)
+    return built
+
+
+# weights shared by the heads: the bias read from the call's table, and with the table turned off;
+# per-head weights always take the per-pair path
+TABLE_CASES = [(case, tables) for case in CASES
+               for tables in (("cached", "per-pair") if case[-1] is None else ("cached",))]
+
+
+@pytest.mark.parametrize("case, tables", TABLE_CASES,
+                         ids=lambda c: "-".join(str(x) for x in c) if isinstance(c, tuple) else c)
+def test_relative_bias_matches_reference(case, tables, monkeypatch):
+    """Both ways the kernels get the bias: the per-call table (weights shared by the heads) and
+    per pair (per-head weights, or the table turned off)."""
     kind, nb, bucketization, causal, targets, heads = case
+    built = _poisoned_tables(monkeypatch, tables)
     gen = torch.Generator().manual_seed(10 * CASES.index(case))
     lens = [37, 50, 21]
     p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
@@ -70,6 +99,9 @@ def test_relative_bias_matches_reference(case):
         return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, 64, dtype=dtype, **kw)
 
     check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+    # the forward and the backward build the table when the weights are shared, never otherwise
+    shared = heads is None and tables == "cached"
+    assert len(built) == (2 if shared else 0), built
 
 
 @triton.jit

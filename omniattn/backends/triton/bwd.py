@@ -27,6 +27,7 @@ from .common import (
     sequence_constants,
     sigmoid,
     split_range,
+    table_rows,
     tile_program,
     time_bucket_range,
     wide,
@@ -116,11 +117,13 @@ def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
     scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
-    tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads, drop_threshold, drop_scale,
+    rab_base, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads,
+    drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_RAB: tl.constexpr,
-    BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    RAB_CACHED: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
 ):
@@ -142,7 +145,15 @@ def _dkdv_tiles(
             lse = 0.0
             delta = 0.0
         rab = 0.0
-        if HAS_RAB:
+        if RAB_CACHED:  # the call's bias table (rab_cache), [BN, BM]: read only where the mask allows
+            rab_ptrs = rab_base + (tl.minimum(offs_m, lq - 1) * stride_rab)[None, :] + jj
+            if MASKED:
+                rab = tl.load(rab_ptrs, mask=allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id,
+                                                     max_attn_len, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
+                                                     HAS_CONTEXT, HAS_MAX_ATTN), other=0.0)
+            else:
+                rab = tl.load(rab_ptrs)
+        elif HAS_RAB:
             t_next = next_timestamps(ts_base, offs_m, lq)
             rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                               tgt_start, False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
@@ -167,7 +178,8 @@ def _dkdv_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK, Q_WIN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, RAB_BIAS, stride_rab,
+    TILES, MASK, Q_WIN,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -177,7 +189,8 @@ def attn_bwd_dkdv_kernel(
     SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_CACHED: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_Q_WIN: tl.constexpr = False, ACCUMULATE: tl.constexpr = False,
@@ -209,6 +222,7 @@ def attn_bwd_dkdv_kernel(
         t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
     else:
         t_key = 0
+    rab_base = RAB_BIAS + table_rows(q_start, b64, seqlen_q, 0, lq, stride_rab, IS_VARLEN)
 
     n_last = tl.minimum(n0 + BLOCK_N, lk) - 1
     lo, hi, full_lo, full_hi, ctx_hi = query_range(n0, n_last, lq, lk, shift, window_left, window_right, contextual,
@@ -238,8 +252,8 @@ def attn_bwd_dkdv_kernel(
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
                 max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_EDGES,
-                rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, b, h,
-                n_kv_heads * group, drop_threshold, drop_scale)
+                rab_center, num_buckets, rab_base, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed,
+                b, h, n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)
         # contextual rows before the query range (they see these keys too), masked head, unmasked middle, tail
@@ -249,7 +263,7 @@ def attn_bwd_dkdv_kernel(
                     dk, dv, *tiles, (0, start, mid_lo, mid_hi)[part], (ctx_end, mid_lo, mid_hi, hi)[part], *args,
                     MASKED=part != 2, BLOCK_M=BLOCK_M, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
                     HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
-                    HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
+                    HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB, RAB_CACHED=RAB_CACHED,
                     BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL,
                     HAS_DROPOUT=HAS_DROPOUT, HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION,
                     INT64_OFFSETS=INT64_OFFSETS)
@@ -359,7 +373,7 @@ def _dq_tiles(
         rab = 0.0
         t_key = 0
         bucket = 0
-        if HAS_RAB:
+        if HAS_RAB:  # per pair: reading rab_cache's table here measured slower (NOTES.md, session 9)
             t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
             rab, bucket = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                                    tgt_start, True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
@@ -483,21 +497,25 @@ def attn_bwd_dq_kernel(
 
 
 @triton.jit
-def rab_grad_reduce_kernel(PART, STRIPS, OUT, n_programs, strip_max, rab_center, BLOCK_M: tl.constexpr,
+def rab_grad_reduce_kernel(PART, STRIPS, OUT, n_programs, strip_max, rab_center, chunk, BLOCK_M: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """d pos_w[h, r] = sum over the programs p of head h (in a fixed order) of their strip value at
-    s = r - C + m0_p + BM - 1. STRIPS: (head-sorted programs, 4) int64 = (start, length, m0, head)."""
+    """OUT[c, h, r] = sum over the programs p of head h in chunk c (a fixed order) of their strip
+    value at s = r - C + m0_p + BM - 1; the caller adds the chunks (their order fixed too).
+    STRIPS: (head-sorted programs, 4) int64 = (start, length, m0, head), then (first, end) per head."""
     pid_r = tl.program_id(0)
     h = tl.program_id(1)
+    c = tl.program_id(2)
     r = pid_r * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = tl.load(STRIPS + 4 * n_programs + 2 * h)
     last = tl.load(STRIPS + 4 * n_programs + 2 * h + 1)
-    for p in range(first, last):
+    lo = first + c * chunk
+    hi = tl.minimum(lo + chunk, last)
+    for p in range(lo, hi):
         start = tl.load(STRIPS + 4 * p)
         length = tl.load(STRIPS + 4 * p + 1)
         m0 = tl.load(STRIPS + 4 * p + 2)
         s = r - rab_center + m0 + BLOCK_M - 1
         ok = (s >= 0) & (s < length)
         acc += tl.load(PART + start + s, mask=ok, other=0.0)
-    tl.store(OUT + h * strip_max + r, acc, mask=r < strip_max)
+    tl.store(OUT + (c * tl.num_programs(1) + h) * strip_max + r, acc, mask=r < strip_max)

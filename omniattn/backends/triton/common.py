@@ -241,6 +241,15 @@ def rab_tile(
 
 
 @triton.jit
+def table_rows(q_start, b64, seqlen_q, offs_m, lq, stride_row, IS_VARLEN: tl.constexpr):
+    """Offsets of query rows ``offs_m`` in a (query rows, keys) table of the call (rab_cache): the
+    sequence's first row is its packed start (varlen) or b * seqlen_q. Rows past the sequence
+    read its last row (unmasked tiles load them; they are never used)."""
+    row0 = q_start if IS_VARLEN else b64 * seqlen_q
+    return (row0 + tl.minimum(offs_m, lq - 1)) * stride_row
+
+
+@triton.jit
 def fmix32(x):
     """MurmurHash3's 32-bit finaliser (uint32, wrapping): the dropout hash of DESIGN.md."""
     x ^= x >> 16

@@ -40,6 +40,7 @@ from .common import (
     sequence_constants,
     sigmoid,
     split_range,
+    table_rows,
     tile_program,
     to_fp8,
     unpack_int4,
@@ -78,12 +79,13 @@ def _fwd_tiles(
     offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v,
     shift, left, right, contextual, max_id, max_attn_len,
     scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, ts_edges, rab_center, num_buckets,
-    tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
+    rab_rows, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
     KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias, fold,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
     HAS_MAX_ATTN: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_CACHED: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, FAST_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HAS_ROW_BIAS: tl.constexpr, EXACT_FP8_ROUNDING: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -120,19 +122,25 @@ def _fwd_tiles(
                                     SMOOTH_Q)
         if HAS_ROW_BIAS:  # q . mean(K), removed by K's smoothing: restored for sigmoid, SiLU and the lse
             qk += row_bias[:, None]
+        if MASKED:
+            ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
+                         MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
         if HAS_MODS:
             valid = (ii < lq) & (jj < lk)
             rab = 0.0
-            if HAS_RAB:
+            if RAB_CACHED:  # the call's bias table (rab_cache): read only where the mask allows
+                rab_ptrs = rab_rows + (tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N))[None, :]
+                if MASKED:
+                    rab = tl.load(rab_ptrs, mask=ok, other=0.0)
+                else:
+                    rab = tl.load(rab_ptrs)
+            elif HAS_RAB:
                 t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
                 rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets, tgt_start,
                                True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
             s, _, mask_ok = modify_scores(qk * s_scale, ii, jj, shift, slope, softcap, rab,
                                           mask_base + ii * stride_mi + jj * stride_mj, valid, HAS_SOFTCAP,
                                           HAS_ALIBI, HAS_RAB, HAS_ATTN_MASK, MASK_IS_BOOL, FAST_MATH)
-        if MASKED:
-            ok = allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id, max_attn_len,
-                         MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN)
         if HAS_ATTN_MASK:
             if MASKED:
                 ok = ok & mask_ok
@@ -200,8 +208,8 @@ def _fwd_tiles(
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "contextual", "max_attn_len", "rab_center", "num_buckets",
                                 "window_left", "window_right", "drop_seed", "drop_threshold"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, TILES, MASK,
-    QS, KS, VS, RB, QM,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, POS_W, TS_W, TS, TS_EDGES, RAB_BIAS, stride_rab,
+    TILES, MASK, QS, KS, VS, RB, QM,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, stride_pos_h, stride_ts_h,
     stride_mb, stride_mh, stride_mi, stride_mj,
@@ -212,7 +220,8 @@ def attn_fwd_kernel(
     SCORE: tl.constexpr, IS_VARLEN: tl.constexpr, TILE_LIST: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_RAB: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_CACHED: tl.constexpr, BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr,
+    HAS_ATTN_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_MODS: tl.constexpr, DEFAULT_SIG_BIAS: tl.constexpr,
     STORE_LSE: tl.constexpr, FAST_MATH: tl.constexpr,
     QK_MODE: tl.constexpr, PV_FP8: tl.constexpr, PV_TWO_LEVEL: tl.constexpr, SMOOTH_Q: tl.constexpr,
@@ -279,6 +288,7 @@ def attn_fwd_kernel(
         t_next = next_timestamps(ts_base, offs_m, lq)
     else:
         t_next = 0
+    rab_rows = RAB_BIAS + table_rows(q_start, b64, seqlen_q, offs_m, lq, stride_rab, IS_VARLEN)[:, None]
     mask_base = MASK + b64 * stride_mb + h * stride_mh
     drop_row = 0
     if HAS_DROPOUT:
@@ -295,8 +305,8 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     args = (offs_m, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
             max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, t_next, ts_base, pos_w, ts_w, TS_EDGES,
-            rab_center, num_buckets, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold, drop_scale,
-            KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias, fold)
+            rab_center, num_buckets, rab_rows, tgt_start, mask_base, stride_mi, stride_mj, drop_row, drop_threshold,
+            drop_scale, KS, ks_base, stride_kst, qm, qm_hi, sq, row_bias, fold)
     k_desc = k_base
     v_desc = v_base
     if USE_TMA:  # per program: the descriptor's bounds are this sequence's keys
@@ -316,7 +326,7 @@ def attn_fwd_kernel(
             MASKED=part != 1, BLOCK_N=BLOCK_N, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
             HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN,
             HAS_TARGETS=HAS_TARGETS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_RAB=HAS_RAB,
-            BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            RAB_CACHED=RAB_CACHED, BUCKET_LOG=BUCKET_LOG, GPU_GATHER=GPU_GATHER, HAS_ATTN_MASK=HAS_ATTN_MASK, MASK_IS_BOOL=MASK_IS_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             HAS_MODS=HAS_MODS, FAST_MATH=FAST_MATH, DOT_PRECISION=DOT_PRECISION, QK_MODE=QK_MODE, PV_FP8=PV_FP8,
             PV_TWO_LEVEL=PV_TWO_LEVEL, SMOOTH_Q=SMOOTH_Q, HAS_ROW_BIAS=HAS_ROW_BIAS,
             EXACT_FP8_ROUNDING=EXACT_FP8_ROUNDING, INT64_OFFSETS=INT64_OFFSETS, USE_TMA=USE_TMA, IS_VARLEN=IS_VARLEN)

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from . import bwd, fwd, quant
+from . import bwd, fwd, quant, rab_cache
 from .configs import (PREPROCESS_BLOCK_M, block_dim, bwd_dkdv_config, bwd_dq_config, cdiv, fwd_config, interpreting,
                       next_pow2, quant_fwd_config)
 from .launcher import FastLaunch
@@ -22,6 +22,7 @@ attn_bwd_preprocess_kernel = FastLaunch(bwd.attn_bwd_preprocess_kernel)
 attn_bwd_dkdv_kernel = FastLaunch(bwd.attn_bwd_dkdv_kernel)
 attn_bwd_dq_kernel = FastLaunch(bwd.attn_bwd_dq_kernel)
 rab_grad_reduce_kernel = FastLaunch(bwd.rab_grad_reduce_kernel)
+rab_cache_kernel = FastLaunch(rab_cache.rab_cache_kernel)
 kv_stats_kernel = FastLaunch(quant.kv_stats_kernel)
 kv_stats_finish_kernel = FastLaunch(quant.kv_stats_finish_kernel)
 quant_kv_kernel = FastLaunch(quant.quant_kv_kernel)
@@ -186,6 +187,7 @@ class _Launch:
         self.ts_edges = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, f32)
         self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
         self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
+        self.rab_table = (_dummy(dev, f32), 0)  # rab_cache's (table, row stride)
         self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
         self.mask_strides = _mask_strides(x.attn_mask)
         self.lse_shape, (self.stride_lb, self.stride_lh) = _lse_shape_strides(q, self.batch)
@@ -204,6 +206,7 @@ class _Launch:
             HAS_SOFTCAP=p.softcap > 0,
             HAS_ALIBI=x.alibi is not None,
             HAS_RAB=self.has_rab,
+            RAB_CACHED=False,
             BUCKET_LOG=bool(p.bucket_log),
             GPU_GATHER=q.is_cuda and not interpreting(),
             HAS_ATTN_MASK=has_mask,
@@ -233,6 +236,31 @@ class _Launch:
     def pointers(self):
         return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges)
 
+    def build_rab_table(self, q) -> None:
+        """With a relative bias shared by the heads (and room for it), compute every visible pair's
+        bias once for all heads (rab_cache); the kernels then read it instead of recomputing it."""
+        if not self.has_rab:
+            return
+        rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
+        shared = self.pos_w.shape[0] == 1 and self.ts_w.shape[0] == 1
+        if self.max_q > 0 and rab_cache.wanted(shared, self.hq, rows, self.max_k, q.device):
+            stride = rab_cache.table_stride(self.max_k)
+            table = rab_cache.new_table(rows, stride, q.device)
+            m, p = self.meta, self.p
+            block_m, block_n = (16, 16) if interpreting() else (rab_cache.CACHE_BLOCK_M, rab_cache.CACHE_BLOCK_N)
+            kwargs = {} if interpreting() else dict(num_warps=rab_cache.CACHE_WARPS, num_stages=1)
+            rab_cache_kernel[(cdiv(self.max_q, block_m), self.batch)](
+                self.cu_q, self.cu_k, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges, table, stride,
+                *self.seqlens, p.window_left, p.window_right, p.contextual, p.max_attn_len, p.rab_center,
+                p.num_buckets,
+                IS_VARLEN=self.varlen, MASK_KIND=m["MASK_KIND"], HAS_LEFT=m["HAS_LEFT"], HAS_RIGHT=m["HAS_RIGHT"],
+                HSTU_CAUSAL=m["HSTU_CAUSAL"], HAS_TARGETS=m["HAS_TARGETS"], HAS_CONTEXT=m["HAS_CONTEXT"],
+                HAS_MAX_ATTN=m["HAS_MAX_ATTN"], BUCKET_LOG=m["BUCKET_LOG"], GPU_GATHER=m["GPU_GATHER"],
+                BLOCK_M=block_m, BLOCK_N=block_n, **kwargs,
+            )
+            self.rab_table = (table, stride)
+            self.meta["RAB_CACHED"] = True
+
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
         """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
         if tiles is not None:
@@ -240,15 +268,16 @@ class _Launch:
         return (cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
 
 
-def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False):
+def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False, bias_table: bool = False):
     """The forward kernel's tiles for this call (configs.fwd_config) and whether it loads K/V by
     TMA: non-causal calls of head dims above 64 where the GPU and the layout allow it (measured
-    faster there; benchmarks/NOTES.md). The varlen tile schedule is built from the same tiles."""
+    faster there; benchmarks/NOTES.md). The varlen tile schedule is built from the same tiles
+    (only their block_m, which ``bias_table`` does not change)."""
     head_dim = max(q.shape[-1], v.shape[-1])
     tma = (not quantized and p.mask_kind == 0 and not p.causal and head_dim > 64
            and q.dtype in (torch.float16, torch.bfloat16) and _tma_ok(k, v))
     cfg = fwd_config(head_dim, q.element_size(), p.score, p.causal, hstu_long=p.mask_kind == 1 and max_q >= 2048,
-                     tma=tma)
+                     tma=tma, bias_table=bias_table)
     return cfg, tma
 
 
@@ -295,10 +324,12 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
-    # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
-    cfg, tma = forward_config(q, k, v, p, max_q, quantized=quant is not None)
-    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    given = (q, k, v)
+    q, k, v = (_last_contiguous(t) for t in given)
     L = _Launch(q, k, v, x, max_q, max_k, p)
+    L.build_rab_table(q)
+    # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
+    cfg, tma = forward_config(*given, p, max_q, quantized=quant is not None, bias_table=L.meta["RAB_CACHED"])
     dev = q.device
     # with query windows the rows of skipped tiles stay zero
     out = (torch.empty if x.q_windows is None else torch.zeros)(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
@@ -331,7 +362,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     else:
         v_strides = _strides(v)
     attn_fwd_kernel[grid](
-        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), *L.pointers(), tiles, L.mask, *scales,
+        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), *L.pointers(), *L.rab_table, tiles, L.mask,
+        *scales,
         *_strides(q), *_strides(k), *v_strides, *_strides(out), L.stride_lb, L.stride_lh,
         L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides, *scale_strides,
         *L.seqlens, L.hq, L.hq // L.hkv, q.shape[-1] if quant is not None else L.d, L.dv, *L.scalars, L.tune_len,
@@ -344,6 +376,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     """(dq, dk, dv, d pos_w, d ts_w); the last two None without a relative bias."""
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     L = _Launch(q, k, v, x, max_q, max_k, p)
+    L.build_rab_table(q)
     dev = q.device
     # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
     new = torch.empty_like if x.q_windows is None else torch.zeros_like
@@ -398,12 +431,14 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         part_pos = part_ts = _dummy(dev, torch.float32)
         strip_start = _dummy(dev, torch.int64)
     if n_programs:
+        meta = dict(L.meta)
+        del meta["RAB_CACHED"]  # the dQ kernel computes the bias per pair (reading the table measured slower)
         attn_bwd_dq_kernel[grid](
             q, k, v, dout, lse, delta, dq, *L.pointers(), tiles, L.mask, part_pos, part_ts, strip_start,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
             *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            TILE_LIST=tile_list, TS_PAD=ts_pad, **L.meta, **cfg.launch_kwargs(),
+            TILE_LIST=tile_list, TS_PAD=ts_pad, **meta, **cfg.launch_kwargs(),
         )
     if not L.has_rab:
         return dq, dk, dv, None, None
@@ -418,7 +453,7 @@ def _dkdv(L: _Launch, cfg, grid, tiles, tile_list: bool, q, k, v, dout, lse, del
     ``window`` (one row of Extras.q_windows) if given."""
     heads = heads or L.hkv
     attn_bwd_dkdv_kernel[grid](
-        q, k, v, dout, lse, delta, dk, dv, *L.pointers(), tiles, L.mask,
+        q, k, v, dout, lse, delta, dk, dv, *L.pointers(), *L.rab_table, tiles, L.mask,
         _dummy(q.device, torch.int32) if window is None else window,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
@@ -453,6 +488,10 @@ def window_heads_per_launch(hkv: int, k: torch.Tensor, v: torch.Tensor, per_head
     while hkv % heads:
         heads -= 1
     return heads
+
+
+REDUCE_TARGET_PROGRAMS = 2048  # rab_grad_reduce_kernel's grid: about this many (weight block, head, chunk) programs
+REDUCE_CHUNK_MIN = 16  # strips per program at least
 
 
 class _RabStrips:
@@ -514,10 +553,15 @@ class _RabStrips:
     def reduce(self, part_pos, part_ts, block_m: int):
         L, hr = self.L, self.hr
         length = L.pos_w.shape[-1]
-        dpos = torch.empty(hr, length, dtype=torch.float32, device=part_pos.device)
         block = 256
-        rab_grad_reduce_kernel[(cdiv(length, block), hr)](
-            part_pos, self.meta, dpos, self.n_live, length, L.p.rab_center, BLOCK_M=block_m, BLOCK=block)
+        # programs split into chunks so that the grid fills the GPU (one program per block of
+        # weights and head walked every strip: 2.9 ms of a 21 ms step at B=32, N=4096 on an H100)
+        chunk = max(REDUCE_CHUNK_MIN, cdiv(self.n_live * cdiv(length, block) * hr, REDUCE_TARGET_PROGRAMS))
+        n_chunks = max(1, cdiv(self.n_live, chunk))
+        parts = torch.empty(n_chunks, hr, length, dtype=torch.float32, device=part_pos.device)
+        rab_grad_reduce_kernel[(cdiv(length, block), hr, n_chunks)](
+            part_pos, self.meta, parts, self.n_live, length, L.p.rab_center, chunk, BLOCK_M=block_m, BLOCK=block)
+        dpos = parts[0] if n_chunks == 1 else parts.sum(0)
         nb1 = L.ts_w.shape[-1]
         dts = part_ts[self.by_head, :nb1].view(hr, -1, nb1).sum(1)
         return dpos, dts
