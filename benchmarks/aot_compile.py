@@ -135,12 +135,11 @@ def hstu_long(int64: bool) -> None:
     offsets = torch.tensor([0, n, n + 50])
     q = torch.randn(n + 50, 2, 128).to(torch.bfloat16).requires_grad_()
     rab = oa.hstu.RelativeBias(n, 16)
-    for table_mb in (None, "0"):  # the bias read from the call's table (rab_cache), then per pair
-        if table_mb is not None:
-            os.environ["OMNIATTN_RAB_CACHE_MB"] = table_mb
+    for table_mb in ("64", "0"):  # the bias read from the call's table (rab_cache, opt-in), then per pair
+        os.environ[rab_cache.BUDGET_ENV] = table_mb
         out = oa.hstu_attention(q, q, q, offsets, n, backend="triton", rab=rab, timestamps=torch.arange(n + 50))
         out.sum().backward()
-    os.environ.pop("OMNIATTN_RAB_CACHE_MB")
+    os.environ.pop(rab_cache.BUDGET_ENV)
     import dataclasses
 
     from omniattn import backends, spec

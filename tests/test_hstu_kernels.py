@@ -55,9 +55,10 @@ def _poisoned_tables(monkeypatch, mode: str) -> list:
     from omniattn.backends.triton import rab_cache
 
     built = []
-    if mode == "per-pair":
-        monkeypatch.setenv("OMNIATTN_RAB_CACHE_MB", "0")
+    if mode == "per-pair":  # the default: no budget for a table
+        monkeypatch.delenv(rab_cache.BUDGET_ENV, raising=False)
         return built
+    monkeypatch.setenv(rab_cache.BUDGET_ENV, "64")
 
     def poisoned(rows, stride, device):
         built.append((rows, stride))

@@ -60,10 +60,13 @@ def test_long_varlen_with_window_alibi_softcap():
 
 @pytest.mark.parametrize("rab", [None, "shared", "shared-per-pair", "heads"])
 def test_hstu_bf16(rab, monkeypatch):
-    """``shared``: the bias read from the call's table (rab_cache); ``shared-per-pair``: the table
-    turned off, every kernel computes the bias per pair; ``heads``: per-head weights (per pair)."""
+    """``shared``: the bias read from the call's table (rab_cache, opt-in); ``shared-per-pair``:
+    the default, every kernel computes the bias per pair; ``heads``: per-head weights (per pair)."""
+    if rab == "shared":
+        monkeypatch.setenv("OMNIATTN_RAB_CACHE_MB", "1024")
+    else:
+        monkeypatch.delenv("OMNIATTN_RAB_CACHE_MB", raising=False)
     if rab == "shared-per-pair":
-        monkeypatch.setenv("OMNIATTN_RAB_CACHE_MB", "0")
         rab = "shared"
     case = dict(lens=[700, 1, 0, 1024, 33], causal=True, contextual=0, targets=[20, 0, 0, 20, 5], max_attn_len=0,
                 rab=rab, bucketization="log", heads=4, d=128, dv=128, extra_len=0, dtype=torch.bfloat16, seed=4)

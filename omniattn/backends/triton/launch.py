@@ -237,13 +237,14 @@ class _Launch:
         return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges)
 
     def build_rab_table(self, q) -> None:
-        """With a relative bias shared by the heads (and room for it), compute every visible pair's
-        bias once for all heads (rab_cache); the kernels then read it instead of recomputing it."""
+        """With a relative bias shared by the heads and the opt-in budget for it, compute every
+        visible pair's bias once for all heads (rab_cache); the kernels then read it instead of
+        recomputing it."""
         if not self.has_rab:
             return
         rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
         shared = self.pos_w.shape[0] == 1 and self.ts_w.shape[0] == 1
-        if self.max_q > 0 and rab_cache.wanted(shared, self.hq, rows, self.max_k, q.device):
+        if self.max_q > 0 and rab_cache.wanted(shared, self.hq, rows, self.max_k):
             stride = rab_cache.table_stride(self.max_k)
             table = rab_cache.new_table(rows, stride, q.device)
             m, p = self.meta, self.p

@@ -10,8 +10,10 @@ plain 2-D loads the software pipeliner prefetches. The dQ kernel, which also nee
 time bucket for the bias gradient, measured faster computing the bias itself (benchmarks/NOTES.md,
 session 9).
 
-The table costs 4 bytes per (query row, longest key sequence) pair, so it is built only while
-that stays under a budget (OMNIATTN_RAB_CACHE_MB, default 1/8 of the device's memory); longer
+The table costs 4 bytes per (query row, longest key sequence) pair: an (N, N)-sized tensor,
+which DESIGN.md's memory contract (O(N), no (Nq, Nk) tensor) rules out by default. So it is
+opt-in: OMNIATTN_RAB_CACHE_MB=<budget> builds it for calls whose table fits the budget (2.0 GB at
+32 sequences of <= 4096; forward 1.8x, forward+backward 1.2x faster, NOTES.md, session 9); other
 calls keep the per-pair path. Only the tiles the forward would visit are written; the kernels
 read a pair only where the mask allows it (masked loads), so nothing unwritten is read.
 """
@@ -73,24 +75,23 @@ def rab_cache_kernel(
         tl.store(rows + jj, rab, mask=(ii < lq) & (jj < lk))
 
 
-def budget_bytes(device: torch.device) -> int:
-    """OMNIATTN_RAB_CACHE_MB (0 turns the table off), else 1/8 of the device's memory (CPU: 1 GiB)."""
-    value = os.environ.get("OMNIATTN_RAB_CACHE_MB")
-    if value is not None:
-        return int(float(value) * 2**20)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 8
-    return 2**30
+BUDGET_ENV = "OMNIATTN_RAB_CACHE_MB"
+
+
+def budget_bytes() -> int:
+    """The table's budget: OMNIATTN_RAB_CACHE_MB megabytes; unset or 0, no table (the default)."""
+    value = os.environ.get(BUDGET_ENV, "")
+    return int(float(value) * 2**20) if value else 0
 
 
 def table_stride(max_k: int) -> int:
     return triton.cdiv(max_k, TABLE_ALIGN) * TABLE_ALIGN
 
 
-def wanted(shared_weights: bool, heads: int, rows: int, max_k: int, device) -> bool:
+def wanted(shared_weights: bool, heads: int, rows: int, max_k: int) -> bool:
     """Whether a call builds the table: weights shared by two or more heads (per-head weights
     would need a table per head and save nothing) and the table within the budget."""
-    return shared_weights and heads >= 2 and rows * table_stride(max_k) * 4 <= budget_bytes(device)
+    return shared_weights and heads >= 2 and rows * table_stride(max_k) * 4 <= budget_bytes()
 
 
 def new_table(rows: int, stride: int, device) -> torch.Tensor:
