@@ -105,6 +105,37 @@ def test_relative_bias_matches_reference(case, tables, monkeypatch):
     assert len(built) == (2 if shared else 0), built
 
 
+def test_relative_bias_table_only_within_its_budget(monkeypatch):
+    """A call whose table would pass OMNIATTN_RAB_CACHE_MB computes the bias per pair (same
+    results); a budget that is not a number of megabytes is a clear error."""
+    from omniattn.backends.triton import rab_cache
+
+    gen = torch.Generator().manual_seed(31)
+    lens = [40, 23]
+    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
+    rab = oa.hstu.RelativeBias(64, num_buckets=16).to(DEVICE)
+    ts = _timestamps("unsorted", sum(lens), gen).to(DEVICE)
+    built = []
+    monkeypatch.setattr(rab_cache, "new_table", lambda *a: built.append(a) or torch.zeros(a[0], a[1], device=a[2]))
+
+    def run():
+        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", rab=rab, timestamps=ts)
+
+    monkeypatch.delenv(rab_cache.BUDGET_ENV, raising=False)
+    per_pair = run()
+    table_bytes = sum(lens) * rab_cache.table_stride(max(lens)) * 4  # rows x the longest sequence
+    monkeypatch.setenv(rab_cache.BUDGET_ENV, str((table_bytes - 1) / 2**20))
+    torch.testing.assert_close(run(), per_pair, rtol=0, atol=0)
+    assert built == []
+    monkeypatch.setenv(rab_cache.BUDGET_ENV, str(table_bytes / 2**20))
+    torch.testing.assert_close(run(), per_pair, rtol=0, atol=0)  # the table holds the per-pair values
+    assert len(built) == 1
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(rab_cache.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match="OMNIATTN_RAB_CACHE_MB"):
+            run()
+
+
 @triton.jit
 def _bucket_kernel(DT, EDGES, OUT, n, num_buckets, BUCKET_LOG: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

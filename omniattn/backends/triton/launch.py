@@ -243,9 +243,10 @@ class _Launch:
         if not self.has_rab:
             return
         rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
+        width = int(self.x.lens_host[1].max()) if self.batch else 0  # the longest key sequence (host copy)
         shared = self.pos_w.shape[0] == 1 and self.ts_w.shape[0] == 1
-        if self.max_q > 0 and rab_cache.wanted(shared, self.hq, rows, self.max_k):
-            stride = rab_cache.table_stride(self.max_k)
+        if self.max_q > 0 and width > 0 and rab_cache.wanted(shared, self.hq, rows, width):
+            stride = rab_cache.table_stride(width)
             table = rab_cache.new_table(rows, stride, q.device)
             m, p = self.meta, self.p
             block_m, block_n = (16, 16) if interpreting() else (rab_cache.CACHE_BLOCK_M, rab_cache.CACHE_BLOCK_N)

@@ -13,7 +13,8 @@ session 9).
 The table costs 4 bytes per (query row, longest key sequence) pair: an (N, N)-sized tensor,
 which DESIGN.md's memory contract (O(N), no (Nq, Nk) tensor) rules out by default. So it is
 opt-in: OMNIATTN_RAB_CACHE_MB=<budget> builds it for calls whose table fits the budget (2.0 GB at
-32 sequences of <= 4096; forward 1.8x, forward+backward 1.2x faster, NOTES.md, session 9); other
+32 sequences of <= 4096; forward 1.5-1.8x, forward+backward 1.1x faster on an H100, NOTES.md,
+session 9); other
 calls keep the per-pair path. Only the tiles the forward would visit are written; the kernels
 read a pair only where the mask allows it (masked loads), so nothing unwritten is read.
 """
@@ -80,8 +81,16 @@ BUDGET_ENV = "OMNIATTN_RAB_CACHE_MB"
 
 def budget_bytes() -> int:
     """The table's budget: OMNIATTN_RAB_CACHE_MB megabytes; unset or 0, no table (the default)."""
-    value = os.environ.get(BUDGET_ENV, "")
-    return int(float(value) * 2**20) if value else 0
+    value = os.environ.get(BUDGET_ENV, "").strip()
+    if not value:
+        return 0
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0 or mb == float("inf"):
+        raise ValueError(f"{BUDGET_ENV}: expected a number of megabytes >= 0, got {value!r}")
+    return round(mb * 2**20)
 
 
 def table_stride(max_k: int) -> int:
