@@ -1,6 +1,8 @@
 """GPU-only: the quantized precisions in bf16 at real sizes, every score, against the exact reference
 on outlier-key inputs (cosine and relative L1), plus the emulation agreement at kernel tiles."""
 
+import os
+
 import pytest
 import torch
 
@@ -43,10 +45,15 @@ def test_quantized_varlen_and_hstu():
     rab = oa.hstu.RelativeBias(1200, 64).to(DEV)
     ts = torch.randint(0, 10**6, (1933,), device=DEV).sort().values
     kw = dict(num_targets=torch.tensor([5, 1, 9], device=DEV), rab=rab, timestamps=ts)
-    with torch.no_grad():
-        got = oa.hstu_attention(q, k, v, cu, 1200, precision="int8-fp8", **kw)
-        want = oa.reference.hstu_attention(q.float(), k.float(), v.float(), cu, 1200, dtype=torch.float32, **kw)
-    assert cosine(got, want) >= 0.999
+    want = oa.reference.hstu_attention(q.float(), k.float(), v.float(), cu, 1200, dtype=torch.float32, **kw)
+    for table_mb in ("", "64"):  # the bias per pair (default), then from the opt-in table (rab_cache)
+        os.environ["OMNIATTN_RAB_CACHE_MB"] = table_mb
+        try:
+            with torch.no_grad():
+                got = oa.hstu_attention(q, k, v, cu, 1200, precision="int8-fp8", **kw)
+        finally:
+            os.environ.pop("OMNIATTN_RAB_CACHE_MB")
+        assert cosine(got, want) >= 0.999, table_mb
 
 
 def test_auto_is_exact_where_int8_is_not_faster():
