@@ -152,7 +152,7 @@ def hstu_long(int64: bool) -> None:
     for name, consts, _, _ in SEEN:
         c = dict(consts)
         print(f"VARIANT {name} {c.get('BLOCK_M')}x{c.get('BLOCK_N')} INT64_OFFSETS={c.get('INT64_OFFSETS')} "
-              f"HAS_Q_WIN={c.get('HAS_Q_WIN')} RAB_CACHED={c.get('RAB_CACHED')}")
+              f"HAS_Q_WIN={c.get('HAS_Q_WIN')} HAS_RAB={c.get('HAS_RAB')} RAB_CACHED={c.get('RAB_CACHED')}")
 
 
 def tma() -> None:

@@ -39,11 +39,12 @@ def test_hstu_with_bias_compiles_for_sm90_on_long_sequences(addressing):
     variants = _compile("--hstu-long", addressing)
     names = {v[0] for v in variants}
     assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "rab_cache_kernel"} <= names
-    for cached in (True, False):
+    for cached in (True, False):  # with the bias: read from the table, computed per pair
         assert ["attn_fwd_kernel", "128x64", f"INT64_OFFSETS={addressing == 'int64'}", "HAS_Q_WIN=None",
-                f"RAB_CACHED={cached}"] in variants
-        assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-1] == f"RAB_CACHED={cached}" for v in variants)
-    assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-2] == "HAS_Q_WIN=True" for v in variants)  # query windows
+                "HAS_RAB=True", f"RAB_CACHED={cached}"] in variants
+        assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-2:] == ["HAS_RAB=True", f"RAB_CACHED={cached}"]
+                   for v in variants)
+    assert any(v[0] == "attn_bwd_dkdv_kernel" and v[-3] == "HAS_Q_WIN=True" for v in variants)  # query windows
 
 
 def test_tma_forward_compiles_for_sm90():

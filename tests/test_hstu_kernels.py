@@ -105,6 +105,33 @@ def test_relative_bias_matches_reference(case, tables, monkeypatch):
     assert len(built) == (2 if shared else 0), built
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_relative_bias_table_with_contextual_prefix_and_max_attn_len(causal, monkeypatch):
+    """The table (poisoned first) under the masks whose tiles the kernels visit in the most
+    ways: a contextual prefix (the dK/dV kernel's extra pass over the prefix rows), a window of
+    max_attn_len ids and targets, against the reference (outputs and every gradient)."""
+    built = _poisoned_tables(monkeypatch, "cached")
+    gen = torch.Generator().manual_seed(41 + causal)
+    lens = [53, 30, 44]
+    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
+    rab = oa.hstu.RelativeBias(64, num_buckets=24).to(DEVICE)
+    with torch.no_grad():
+        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
+        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
+    ts = _timestamps("unsorted", sum(lens), gen).to(DEVICE)
+    kw = dict(causal=causal, contextual_seq_len=3, max_attn_len=9, num_targets=torch.tensor([4, 0, 2], device=DEVICE),
+              rab=rab, timestamps=ts)
+
+    def fn():
+        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", **kw)
+
+    def ref(dtype):
+        return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, **kw)
+
+    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+    assert len(built) == 2, built
+
+
 def test_relative_bias_table_only_within_its_budget(monkeypatch):
     """A call whose table would pass OMNIATTN_RAB_CACHE_MB computes the bias per pair (same
     results); a budget that is not a number of megabytes is a clear error."""

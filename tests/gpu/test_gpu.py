@@ -62,10 +62,13 @@ def test_long_varlen_with_window_alibi_softcap():
 def test_hstu_bf16(rab, monkeypatch):
     """``shared``: the bias read from the call's table (rab_cache, opt-in); ``shared-per-pair``:
     the default, every kernel computes the bias per pair; ``heads``: per-head weights (per pair)."""
-    if rab == "shared":
-        monkeypatch.setenv("OMNIATTN_RAB_CACHE_MB", "1024")
-    else:
-        monkeypatch.delenv("OMNIATTN_RAB_CACHE_MB", raising=False)
+    from omniattn.backends.triton import rab_cache
+
+    built = []
+    table = rab_cache.new_table
+    monkeypatch.setattr(rab_cache, "new_table", lambda *a: built.append(a) or table(*a))
+    monkeypatch.setenv(rab_cache.BUDGET_ENV, "1024" if rab == "shared" else "0")
+    expect_tables = 2 if rab == "shared" else 0  # forward and backward
     if rab == "shared-per-pair":
         rab = "shared"
     case = dict(lens=[700, 1, 0, 1024, 33], causal=True, contextual=0, targets=[20, 0, 0, 20, 5], max_attn_len=0,
@@ -85,6 +88,7 @@ def test_hstu_bf16(rab, monkeypatch):
         return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, max_len, dtype=dtype, **kw)
 
     check_outputs_and_grads(p, "triton", gen, extra_leaves=extra, fn=fn, ref=ref)
+    assert len(built) == expect_tables, built
 
 
 def test_auto_picks_triton_on_this_gpu():

@@ -1,8 +1,6 @@
 """GPU-only: the quantized precisions in bf16 at real sizes, every score, against the exact reference
 on outlier-key inputs (cosine and relative L1), plus the emulation agreement at kernel tiles."""
 
-import os
-
 import pytest
 import torch
 
@@ -32,7 +30,7 @@ def test_quantized_bf16(precision, score, causal, d):
     assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
 
 
-def test_quantized_varlen_and_hstu():
+def test_quantized_varlen_and_hstu(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     cu = torch.tensor([0, 700, 733, 1933], device=DEV, dtype=torch.int32)
     q, k, v = offset_keys((1933, 8, 128), (1933, 8, 128), gen, dtype=torch.bfloat16, device=DEV)
@@ -46,14 +44,17 @@ def test_quantized_varlen_and_hstu():
     ts = torch.randint(0, 10**6, (1933,), device=DEV).sort().values
     kw = dict(num_targets=torch.tensor([5, 1, 9], device=DEV), rab=rab, timestamps=ts)
     want = oa.reference.hstu_attention(q.float(), k.float(), v.float(), cu, 1200, dtype=torch.float32, **kw)
-    for table_mb in ("", "64"):  # the bias per pair (default), then from the opt-in table (rab_cache)
-        os.environ["OMNIATTN_RAB_CACHE_MB"] = table_mb
-        try:
-            with torch.no_grad():
-                got = oa.hstu_attention(q, k, v, cu, 1200, precision="int8-fp8", **kw)
-        finally:
-            os.environ.pop("OMNIATTN_RAB_CACHE_MB")
+    from omniattn.backends.triton import rab_cache
+
+    built = []
+    table = rab_cache.new_table
+    monkeypatch.setattr(rab_cache, "new_table", lambda *a: built.append(a) or table(*a))
+    for table_mb in ("0", "64"):  # the bias per pair (the default), then from the opt-in table (rab_cache)
+        monkeypatch.setenv(rab_cache.BUDGET_ENV, table_mb)
+        with torch.no_grad():
+            got = oa.hstu_attention(q, k, v, cu, 1200, precision="int8-fp8", **kw)
         assert cosine(got, want) >= 0.999, table_mb
+        assert len(built) == (table_mb != "0"), built
 
 
 def test_auto_is_exact_where_int8_is_not_faster():

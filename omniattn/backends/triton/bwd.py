@@ -117,7 +117,7 @@ def _dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end,
     offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, left, right, contextual, max_id, max_attn_len,
     scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
-    rab_base, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads,
+    rab_cols, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed, drop_b, drop_h, n_heads,
     drop_threshold, drop_scale,
     MASKED: tl.constexpr, SCORE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HSTU_CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
@@ -145,8 +145,8 @@ def _dkdv_tiles(
             lse = 0.0
             delta = 0.0
         rab = 0.0
-        if RAB_CACHED:  # the call's bias table (rab_cache), [BN, BM]: read only where the mask allows
-            rab_ptrs = rab_base + (tl.minimum(offs_m, lq - 1) * stride_rab)[None, :] + jj
+        if RAB_CACHED:  # the call's bias table (rab_cache), [BN, BM]; masked tiles read only allowed pairs
+            rab_ptrs = rab_cols + (tl.minimum(offs_m, lq - 1).to(tl.int64) * stride_rab)[None, :]
             if MASKED:
                 rab = tl.load(rab_ptrs, mask=allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id,
                                                      max_attn_len, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
@@ -222,7 +222,10 @@ def attn_bwd_dkdv_kernel(
         t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
     else:
         t_key = 0
-    rab_base = RAB_BIAS + table_rows(q_start, b64, seqlen_q, 0, lq, stride_rab, IS_VARLEN)
+    # the table's column of each key of the tile, in the sequence's first row (columns clamped into
+    # the sequence: an unmasked tile never reads past the row, whatever the mask)
+    rab_cols = (RAB_BIAS + table_rows(q_start, b64, seqlen_q, 0, lq, stride_rab, IS_VARLEN)
+                + tl.minimum(offs_n, lk - 1)[:, None])
 
     n_last = tl.minimum(n0 + BLOCK_N, lk) - 1
     lo, hi, full_lo, full_hi, ctx_hi = query_range(n0, n_last, lq, lk, shift, window_left, window_right, contextual,
@@ -252,7 +255,7 @@ def attn_bwd_dkdv_kernel(
         mask_base = MASK + b64 * stride_mb + h * stride_mh
         args = (offs_n, offs_d, offs_dv, lq, lk, head_dim, head_dim_v, shift, window_left, window_right, contextual,
                 max_id, max_attn_len, scale, softcap, slope, sig_bias, silu_scale, ts_base, t_key, pos_w, ts_w, TS_EDGES,
-                rab_center, num_buckets, rab_base, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed,
+                rab_center, num_buckets, rab_cols, stride_rab, tgt_start, mask_base, stride_mi, stride_mj, drop_seed,
                 b, h, n_kv_heads * group, drop_threshold, drop_scale)
         # constexprs go by keyword: inside a tuple they would become run-time values
         tiles = (k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot)

@@ -251,7 +251,7 @@ class _Launch:
             m, p = self.meta, self.p
             block_m, block_n = (16, 16) if interpreting() else (rab_cache.CACHE_BLOCK_M, rab_cache.CACHE_BLOCK_N)
             kwargs = {} if interpreting() else dict(num_warps=rab_cache.CACHE_WARPS, num_stages=1)
-            rab_cache_kernel[(cdiv(self.max_q, block_m), self.batch)](
+            rab_cache_kernel[(self.batch, cdiv(self.max_q, block_m))](
                 self.cu_q, self.cu_k, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges, table, stride,
                 *self.seqlens, p.window_left, p.window_right, p.contextual, p.max_attn_len, p.rab_center,
                 p.num_buckets,

@@ -15,8 +15,9 @@ which DESIGN.md's memory contract (O(N), no (Nq, Nk) tensor) rules out by defaul
 opt-in: OMNIATTN_RAB_CACHE_MB=<budget> builds it for calls whose table fits the budget (2.0 GB at
 32 sequences of <= 4096; forward 1.5-1.8x, forward+backward 1.1x faster on an H100, NOTES.md,
 session 9); other
-calls keep the per-pair path. Only the tiles the forward would visit are written; the kernels
-read a pair only where the mask allows it (masked loads), so nothing unwritten is read.
+calls keep the per-pair path. Only the tiles the forward would visit are written. The kernels'
+masked tiles load only allowed pairs; their unmasked tiles are those whose every pair is visible,
+hence written; so nothing unwritten is read (the tests poison the table to check it).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def rab_cache_kernel(
     HSTU_CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_MAX_ATTN: tl.constexpr,
     BUCKET_LOG: tl.constexpr, GPU_GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (query tiles, sequences): the bias of every pair of the key tiles the query tile's rows
-    may see (key_range: the forward's own bounds), at row (sequence's first row + i)."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    """Grid (sequences, query tiles) (sequences on axis 0: more than 65535 of them is fine): the
+    bias of every pair of the key tiles the query tile's rows may see (key_range: the forward's
+    own bounds), at row (sequence's first row + i)."""
+    b = tl.program_id(0)
+    pid_m = tl.program_id(1)
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
     lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN)[1]
     m0 = pid_m * BLOCK_M
