@@ -157,6 +157,9 @@ def test_relative_bias_table_only_within_its_budget(monkeypatch):
     monkeypatch.setenv(rab_cache.BUDGET_ENV, str(table_bytes / 2**20))
     torch.testing.assert_close(run(), per_pair, rtol=0, atol=0)  # the table holds the per-pair values
     assert len(built) == 1
+    monkeypatch.setattr(rab_cache, "MAX_ENTRIES", sum(lens) * rab_cache.table_stride(max(lens)) - 1)
+    run()  # a table past 2^31 entries (here: past the patched limit) is never built, whatever the budget
+    assert len(built) == 1
     for bad in ("lots", "-1", "nan"):
         monkeypatch.setenv(rab_cache.BUDGET_ENV, bad)
         with pytest.raises(ValueError, match="OMNIATTN_RAB_CACHE_MB"):

@@ -146,7 +146,8 @@ def _dkdv_tiles(
             delta = 0.0
         rab = 0.0
         if RAB_CACHED:  # the call's bias table (rab_cache), [BN, BM]; masked tiles read only allowed pairs
-            rab_ptrs = rab_cols + (tl.minimum(offs_m, lq - 1).to(tl.int64) * stride_rab)[None, :]
+            # 32-bit row offsets: the table holds fewer than 2^31 entries (rab_cache.wanted)
+            rab_ptrs = rab_cols + (tl.minimum(offs_m, lq - 1) * stride_rab)[None, :]
             if MASKED:
                 rab = tl.load(rab_ptrs, mask=allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id,
                                                      max_attn_len, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
