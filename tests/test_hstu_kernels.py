@@ -68,6 +68,28 @@ def _poisoned_tables(monkeypatch, mode: str) -> list:
     return built
 
 
+def _bias_problem(lens, num_buckets, ts_kind, gen, bucketization="log", heads=None):
+    """A float32 varlen problem (2 heads of 16), a RelativeBias with random weights (max_seq_len 64)
+    and timestamps of ``ts_kind``."""
+    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
+    rab = oa.hstu.RelativeBias(64, num_buckets=num_buckets, bucketization=bucketization, num_heads=heads).to(DEVICE)
+    with torch.no_grad():
+        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
+        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
+    return p, rab, _timestamps(ts_kind, sum(lens), gen).to(DEVICE)
+
+
+def _check_hstu(p, rab, gen, **kw) -> None:
+    """The Triton HSTU call against the reference: output and every gradient, the bias weights' too."""
+    def fn():
+        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", rab=rab, **kw)
+
+    def ref(dtype):
+        return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, rab=rab, **kw)
+
+    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+
+
 # weights shared by the heads: the bias read from the call's table, and with the table turned off;
 # per-head weights always take the per-pair path
 TABLE_CASES = [(case, tables) for case in CASES
@@ -82,24 +104,9 @@ def test_relative_bias_matches_reference(case, tables, monkeypatch):
     kind, nb, bucketization, causal, targets, heads = case
     built = _poisoned_tables(monkeypatch, tables)
     gen = torch.Generator().manual_seed(10 * CASES.index(case))
-    lens = [37, 50, 21]
-    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
-    offsets = p.varlen[0]
-    rab = oa.hstu.RelativeBias(64, num_buckets=nb, bucketization=bucketization, num_heads=heads).to(DEVICE)
-    with torch.no_grad():
-        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
-        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
-    ts = _timestamps(kind, sum(lens), gen).to(DEVICE)
+    p, rab, ts = _bias_problem([37, 50, 21], nb, kind, gen, bucketization, heads)
     nt = torch.tensor(targets, device=DEVICE) if targets is not None else None
-    kw = dict(causal=causal, num_targets=nt, rab=rab, timestamps=ts)
-
-    def fn():
-        return oa.hstu_attention(p.q, p.k, p.v, offsets, 64, backend="triton", **kw)
-
-    def ref(dtype):
-        return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, 64, dtype=dtype, **kw)
-
-    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+    _check_hstu(p, rab, gen, causal=causal, num_targets=nt, timestamps=ts)
     # the forward and the backward build the table when the weights are shared, never otherwise
     shared = heads is None and tables == "cached"
     assert len(built) == (2 if shared else 0), built
@@ -112,23 +119,9 @@ def test_relative_bias_table_with_contextual_prefix_and_max_attn_len(causal, mon
     max_attn_len ids and targets, against the reference (outputs and every gradient)."""
     built = _poisoned_tables(monkeypatch, "cached")
     gen = torch.Generator().manual_seed(41 + causal)
-    lens = [53, 30, 44]
-    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
-    rab = oa.hstu.RelativeBias(64, num_buckets=24).to(DEVICE)
-    with torch.no_grad():
-        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
-        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
-    ts = _timestamps("unsorted", sum(lens), gen).to(DEVICE)
-    kw = dict(causal=causal, contextual_seq_len=3, max_attn_len=9, num_targets=torch.tensor([4, 0, 2], device=DEVICE),
-              rab=rab, timestamps=ts)
-
-    def fn():
-        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", **kw)
-
-    def ref(dtype):
-        return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, **kw)
-
-    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+    p, rab, ts = _bias_problem([53, 30, 44], 24, "unsorted", gen)
+    _check_hstu(p, rab, gen, causal=causal, contextual_seq_len=3, max_attn_len=9,
+                num_targets=torch.tensor([4, 0, 2], device=DEVICE), timestamps=ts)
     assert len(built) == 2, built
 
 
@@ -195,22 +188,8 @@ def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, monkeypatch):
     reference, targets included."""
     monkeypatch.setenv("OMNIATTN_DQ_CONFIG", dq_tiles)
     gen = torch.Generator().manual_seed(77)
-    lens = [45, 29, 60]
-    p = varlen_problem(lens, lens, 2, 2, 16, 16, torch.float32, gen, DEVICE)
-    rab = oa.hstu.RelativeBias(64, num_buckets=32).to(DEVICE)
-    with torch.no_grad():
-        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
-        rab.ts_w.copy_(rand(rab.ts_w.shape, torch.float32, gen, DEVICE))
-    ts = _timestamps("close", sum(lens), gen).to(DEVICE)
-    kw = dict(num_targets=torch.tensor([2, 0, 5], device=DEVICE), rab=rab, timestamps=ts)
-
-    def fn():
-        return oa.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, backend="triton", **kw)
-
-    def ref(dtype):
-        return oa.reference.hstu_attention(p.q, p.k, p.v, p.varlen[0], 64, dtype=dtype, **kw)
-
-    check_outputs_and_grads(p, "triton", gen, extra_leaves=[rab.pos_w, rab.ts_w], fn=fn, ref=ref)
+    p, rab, ts = _bias_problem([45, 29, 60], 32, "close", gen)
+    _check_hstu(p, rab, gen, num_targets=torch.tensor([2, 0, 5], device=DEVICE), timestamps=ts)
 
 
 @pytest.mark.parametrize("causal, heads_per_launch", [(True, 2), (False, 2), (True, 1)])
