@@ -146,7 +146,7 @@ def _dkdv_tiles(
             delta = 0.0
         rab = 0.0
         if RAB_CACHED:  # the call's bias table (rab_cache), [BN, BM]; masked tiles read only allowed pairs
-            # 32-bit row offsets: the table holds fewer than 2^31 entries (rab_cache.wanted)
+            # 32-bit row offsets: the table holds fewer than 2^31 entries (rab_cache.fits)
             rab_ptrs = rab_cols + (tl.minimum(offs_m, lq - 1) * stride_rab)[None, :]
             if MASKED:
                 rab = tl.load(rab_ptrs, mask=allowed(ii, jj, lq, lk, shift, left, right, contextual, max_id,

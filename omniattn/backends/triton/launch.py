@@ -242,10 +242,13 @@ class _Launch:
         recomputing it."""
         if not self.has_rab:
             return
-        rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
-        width = int(self.x.lens_host[1].max()) if self.batch else 0  # the longest key sequence (host copy)
+        budget = rab_cache.budget_bytes()  # first: a malformed budget is an error on every call with the bias
         shared = self.pos_w.shape[0] == 1 and self.ts_w.shape[0] == 1
-        if self.max_q > 0 and width > 0 and rab_cache.wanted(shared, self.hq, rows, width):
+        if not (budget and shared and self.hq >= 2 and self.batch and self.max_q > 0):
+            return  # the default: nothing more on this path
+        rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
+        width = int(self.x.lens_host[1].max())  # the longest key sequence (host copy)
+        if width > 0 and rab_cache.fits(rows, width, budget):
             stride = rab_cache.table_stride(width)
             table = rab_cache.new_table(rows, stride, q.device)
             m, p = self.meta, self.p

@@ -102,13 +102,12 @@ def table_stride(max_k: int) -> int:
 MAX_ENTRIES = 2**31 - 1  # the dK/dV kernel offsets rows within a sequence in 32 bits (an 8 GB table)
 
 
-def wanted(shared_weights: bool, heads: int, rows: int, max_k: int) -> bool:
-    """Whether a call builds the table: weights shared by two or more heads (per-head weights
-    would need a table per head and save nothing) and the table within the budget (and below
-    MAX_ENTRIES, whatever the budget)."""
-    budget = budget_bytes()  # first: a malformed budget is an error on every call with the bias
+def fits(rows: int, max_k: int, budget: int) -> bool:
+    """Whether the table of ``rows`` x ``max_k`` fits ``budget`` bytes and MAX_ENTRIES. (The caller
+    builds it only for weights shared by two or more heads: per-head weights would need a table
+    per head and save nothing.)"""
     entries = rows * table_stride(max_k)
-    return shared_weights and heads >= 2 and entries <= MAX_ENTRIES and entries * 4 <= budget
+    return entries <= MAX_ENTRIES and entries * 4 <= budget
 
 
 def new_table(rows: int, stride: int, device) -> torch.Tensor:
