@@ -42,7 +42,7 @@ class Compiling:
     def __getitem__(self, grid):
         return self
 
-    def __call__(self, *args, num_warps=4, num_stages=3, **constexprs):
+    def __call__(self, *args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
         names = self.kernel.arg_names
         values = dict(zip(names, args))
         values.update(constexprs)
@@ -68,8 +68,15 @@ class Compiling:
         if key in SEEN:
             return
         start = time.time()
-        src = triton.compiler.ASTSource(fn=self.kernel, signature=signature, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+        if getattr(self.kernel, "is_gluon", lambda: False)():
+            from triton.experimental.gluon._runtime import GluonASTSource as Source
+        else:
+            Source = triton.compiler.ASTSource
+        src = Source(fn=self.kernel, signature=signature, constexprs=consts, attrs=attrs)
+        options = dict(num_warps=num_warps, num_stages=num_stages)
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
+        compiled = triton.compile(src, target=TARGET, options=options)
         SEEN[key] = compiled
         flags = ",".join(k for k, v in consts.items() if v is True)
         blocks = "x".join(str(consts[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in consts)
@@ -182,6 +189,25 @@ def tma() -> None:
               f"QK_MODE={c.get('QK_MODE')} PV_FP8={c.get('PV_FP8')} BYTE_STORES={byte_stores}")
 
 
+def sm90() -> None:
+    """Hopper's Gluon forward (fwd_sm90): softmax, sigmoid and SiLU, causal or not, dense (GQA) and
+    packed, bf16 and fp16 with head dims 128 and 96; prints the variant keys."""
+    module, _ = launch._sm90_kernel()
+    launch._SM90[0] = (module, Compiling(module.attn_fwd_sm90_kernel))
+    launch.sm90_forward_ok = lambda *args, **kwargs: True
+    for dtype, d in ((torch.bfloat16, 128), (torch.float16, 96)):
+        q = torch.randn(2, 300, 4, d).to(dtype)
+        kv = torch.randn(2, 300, 2, d).to(dtype)
+        offsets = torch.tensor([0, 100, 256])
+        for score, causal in itertools.product(("softmax", "sigmoid", "silu"), (False, True)):
+            oa.attention(q, kv, kv, score=score, causal=causal, backend="triton")
+            oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
+                                causal=causal, backend="triton")
+    for name, consts, _, _ in SEEN:
+        c = dict(consts)
+        print(f"VARIANT {name} SCORE={c.get('SCORE')} CAUSAL={c.get('CAUSAL')} IS_VARLEN={c.get('IS_VARLEN')}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="bf16 only")
@@ -190,10 +216,13 @@ def main():
     parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
     parser.add_argument("--hstu-long", choices=["int32", "int64"], help="only HSTU+bias on a long sequence")
     parser.add_argument("--tma", action="store_true", help="only the forward's TMA variants")
+    parser.add_argument("--sm90", action="store_true", help="only Hopper's Gluon forward")
     args = parser.parse_args()
     install()
     if args.hstu_long:
         return hstu_long(args.hstu_long == "int64")
+    if args.sm90:
+        return sm90()
     if args.tma:
         return tma()
     g = torch.Generator().manual_seed(0)

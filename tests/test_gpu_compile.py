@@ -66,3 +66,18 @@ def test_tma_forward_compiles_for_sm90():
     assert {"kv_stats_kernel", "kv_stats_finish_kernel", "quant_kv_kernel", "quant_q_kernel"} <= {v[0] for v in variants}
     packed_vt = [v for v in variants if v[0] == "quant_kv_kernel" and v[2] == "IS_VARLEN=True" and v[5] == "PV_FP8=True"]
     assert packed_vt and all(v[6] == "BYTE_STORES=0" for v in packed_vt)
+
+
+def test_hopper_gluon_forward_compiles_for_sm90():
+    """Hopper's Gluon forward (fwd_sm90: warp-specialized, TMA, asynchronous wgmma): every score
+    function, causal or not, dense and packed, reached through the public API with the launch
+    rule forced (no GPU here, so the rule itself would say no)."""
+    try:
+        from omniattn.backends.triton import fwd_sm90  # noqa: F401
+    except (ImportError, AttributeError):
+        pytest.skip("this Triton has no Gluon for Hopper")
+    variants = _compile("--sm90")
+    for score in ("0", "1", "2"):
+        for causal in ("False", "True"):
+            for varlen in ("False", "True"):
+                assert ["attn_fwd_sm90_kernel", f"SCORE={score}", f"CAUSAL={causal}", f"IS_VARLEN={varlen}"] in variants

@@ -327,11 +327,67 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
                  EXACT_FP8_ROUNDING=False)
 
 
+def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> bool:
+    """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
+    65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU, causal or
+    not, GQA, dense or packed; nothing else on the scores (windows, softcap, ALiBi, bias, masks,
+    dropout, quantized precisions), a positive scale (its softmax keeps the running max of the raw
+    scores) and tensors a descriptor can address. OMNIATTN_SM90=0 turns it off."""
+    if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1] or not 64 < q.shape[-1] <= 128:
+        return False
+    if p.mask_kind != 0 or p.window_left >= 0 or p.window_right > 0 or p.softcap > 0 or p.dropout_p > 0:
+        return False
+    if p.scale <= 0:
+        return False
+    if any(t is not None for t in (x.alibi, x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
+        return False
+    return _sm90_kernel() is not None and _tma_ok(q, k, v)
+
+
+_SM90: list = []
+
+
+def _sm90_kernel():
+    """The Hopper forward's launcher, or None where this Triton has no Gluon for Hopper."""
+    if not _SM90:
+        try:
+            from . import fwd_sm90
+
+            _SM90.append((fwd_sm90, FastLaunch(fwd_sm90.attn_fwd_sm90_kernel)))
+        except (ImportError, AttributeError):
+            _SM90.append(None)
+    return _SM90[0]
+
+
+def _forward_sm90(q, k, v, L: "_Launch", p: Params):
+    """The forward by fwd_sm90 (sm90_forward_ok): same outputs as the template's."""
+    module, kernel = _sm90_kernel()
+    dev = q.device
+    out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
+    lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
+    grid = (cdiv(L.max_q, module.BLOCK_M), L.batch * L.hq)
+    if grid[0] * grid[1] == 0:
+        return out, lse
+    qk_scale = p.scale * 1.4426950408889634 if L.softmax else p.scale  # softmax runs in base 2
+    kernel[grid](
+        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
+        *L.seqlens, L.hq, L.hq // L.hkv, L.d, qk_scale, p.sigmoid_bias, p.silu_scale,
+        SCORE=p.score, CAUSAL=p.window_right == 0, IS_VARLEN=L.varlen, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
+        STORE_LSE=L.softmax, **module.config(q.dtype),
+    )
+    return out, lse
+
+
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
     given = (q, k, v)
     q, k, v = (_last_contiguous(t) for t in given)
     L = _Launch(q, k, v, x, max_q, max_k, p)
+    if sm90_forward_ok(*given, x, p, quantized=quant is not None):
+        return _forward_sm90(q, k, v, L, p)
     L.build_rab_table(q)
     # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
     cfg, tma = forward_config(*given, p, max_q, quantized=quant is not None, bias_table=L.meta["RAB_CACHED"])

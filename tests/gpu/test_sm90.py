@@ -1,0 +1,97 @@
+"""GPU-only: Hopper's Gluon forward (fwd_sm90) — taken where its rule says so, equal to the reference,
+every output element written (outputs poisoned with NaN first), gradients through the template's
+backward from its output and lse."""
+
+import pytest
+import torch
+
+import omniattn as oa
+from omniattn.backends.triton import launch
+
+from ..helpers import PoisonedTorch, check_outputs_and_grads, dense_problem, varlen_problem
+
+DEV = "cuda"
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9 or launch._sm90_kernel() is None,
+    reason="Hopper (sm_90) with Triton's Gluon only")
+
+
+@pytest.fixture
+def sm90_calls(monkeypatch):
+    """Counts the calls that took the Hopper kernel; every tensor launch.py allocates starts as NaN."""
+    calls = []
+    real = launch._forward_sm90
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_forward_sm90", counting)
+    monkeypatch.setattr(launch, "torch", PoisonedTorch())
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 777, 1333, 8, 2, 128), (1, 1500, 700, 4, 4, 96), (3, 129, 129, 2, 1, 128)])
+def test_dense(sm90_calls, dtype, score, causal, shape):
+    """Odd lengths (a last tile crossing the end), GQA, Lq > Lk under causal (rows with no key: 0,
+    lse -inf) and Lq < Lk, head dim 96 (channels zero-filled by the descriptors)."""
+    b, nq, nk, hq, hkv, d = shape
+    gen = torch.Generator().manual_seed(nq * 7 + nk + d + causal)
+    p = dense_problem(b, nq, nk, hq, hkv, d, d, dtype, gen, DEV, score=score, causal=causal)
+    check_outputs_and_grads(p, "triton", gen)
+    assert sm90_calls
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_with_empty_sequences(sm90_calls, score, causal):
+    """Packed sequences, one without queries and one without keys (its descriptor reads one masked
+    row at the tensor's start), lengths off the 128-row tiles."""
+    gen = torch.Generator().manual_seed(11 + causal)
+    lens_q = [0, 300, 1, 129, 200, 517]
+    lens_k = [5, 0, 77, 129, 400, 517]
+    p = varlen_problem(lens_q, lens_k, 6, 3, 128, 128, torch.bfloat16, gen, DEV, score=score, causal=causal)
+    check_outputs_and_grads(p, "triton", gen)
+    assert sm90_calls
+
+
+def test_sigmoid_bias_and_scale(sm90_calls):
+    gen = torch.Generator().manual_seed(5)
+    p = dense_problem(2, 400, 300, 4, 2, 128, 128, torch.bfloat16, gen, DEV, score="sigmoid", sigmoid_bias=-2.5,
+                      scale=0.05)
+    check_outputs_and_grads(p, "triton", gen)
+    assert sm90_calls
+
+
+@pytest.mark.parametrize("kwargs,taken", [
+    (dict(), True),
+    (dict(causal=True), True),
+    (dict(window=(64, 0)), False),
+    (dict(softcap=30.0), False),
+    (dict(dtype=torch.float32), False),
+    (dict(d=64), False),
+    (dict(scale=-0.1), False),
+])
+def test_rule(sm90_calls, kwargs, taken):
+    """Which calls take the Hopper kernel: anything on the scores beyond causal, float32, head
+    dims of 64 and below and scales <= 0 stay on the template."""
+    dtype = kwargs.pop("dtype", torch.bfloat16)
+    d = kwargs.pop("d", 128)
+    q = torch.randn(1, 256, 2, d, device=DEV, dtype=dtype)
+    out = oa.attention(q, q, q, **kwargs)
+    assert torch.isfinite(out).all()
+    assert bool(sm90_calls) == taken
+
+
+def test_switch_off_gives_the_template(sm90_calls, monkeypatch):
+    """OMNIATTN_SM90=0 sends the call to the template; both agree within 16-bit rounding."""
+    q, k, v = (torch.randn(2, 1000, 4, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    fast = oa.attention(q, k, v, causal=True)
+    assert len(sm90_calls) == 1
+    monkeypatch.setenv("OMNIATTN_SM90", "0")
+    slow = oa.attention(q, k, v, causal=True)
+    assert len(sm90_calls) == 1
+    assert (fast.float() - slow.float()).abs().max().item() < 2e-2
