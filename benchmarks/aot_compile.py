@@ -191,7 +191,8 @@ def tma() -> None:
 
 def sm90() -> None:
     """Hopper's Gluon forward (fwd_sm90): softmax, sigmoid and SiLU, causal or not, dense (GQA) and
-    packed, bf16 and fp16 with head dims 128 and 96; prints the variant keys."""
+    packed, bf16 and fp16 with head dims 128 and 96, and softmax with a sliding window, softcap
+    and ALiBi; prints the variant keys."""
     module, _ = launch._sm90_kernel()
     launch._SM90[0] = (module, Compiling(module.attn_fwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, **kwargs: True
@@ -203,9 +204,14 @@ def sm90() -> None:
             oa.attention(q, kv, kv, score=score, causal=causal, backend="triton")
             oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
                                 causal=causal, backend="triton")
+    q = torch.randn(2, 300, 4, 128).to(torch.bfloat16)
+    oa.attention(q, q, q, window=(64, 0), backend="triton")
+    oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton")
+    oa.attention(q, q, q, causal=True, alibi_slopes=torch.rand(4), backend="triton")
+    keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
-        print(f"VARIANT {name} SCORE={c.get('SCORE')} CAUSAL={c.get('CAUSAL')} IS_VARLEN={c.get('IS_VARLEN')}")
+        print(f"VARIANT {name} " + " ".join(f"{k}={c.get(k)}" for k in keys))
 
 
 def main():

@@ -70,8 +70,8 @@ def test_tma_forward_compiles_for_sm90():
 
 def test_hopper_gluon_forward_compiles_for_sm90():
     """Hopper's Gluon forward (fwd_sm90: warp-specialized, TMA, asynchronous wgmma): every score
-    function, causal or not, dense and packed, reached through the public API with the launch
-    rule forced (no GPU here, so the rule itself would say no)."""
+    function, causal or not, dense and packed, and a sliding window, softcap and ALiBi, reached
+    through the public API with the launch rule forced (no GPU here, so the rule itself would say no)."""
     try:
         from omniattn.backends.triton import fwd_sm90  # noqa: F401
     except (ImportError, AttributeError):
@@ -80,4 +80,9 @@ def test_hopper_gluon_forward_compiles_for_sm90():
     for score in ("0", "1", "2"):
         for causal in ("False", "True"):
             for varlen in ("False", "True"):
-                assert ["attn_fwd_sm90_kernel", f"SCORE={score}", f"CAUSAL={causal}", f"IS_VARLEN={varlen}"] in variants
+                assert ["attn_fwd_sm90_kernel", f"SCORE={score}", "HAS_LEFT=False", f"HAS_RIGHT={causal}",
+                        "HAS_SOFTCAP=False", "HAS_ALIBI=False", f"IS_VARLEN={varlen}"] in variants
+    for left, right, softcap, alibi in (("True", "True", "False", "False"), ("True", "True", "True", "False"),
+                                         ("False", "True", "False", "True")):
+        assert ["attn_fwd_sm90_kernel", "SCORE=0", f"HAS_LEFT={left}", f"HAS_RIGHT={right}", f"HAS_SOFTCAP={softcap}",
+                f"HAS_ALIBI={alibi}", "IS_VARLEN=False"] in variants

@@ -58,6 +58,22 @@ def test_packed_with_empty_sequences(sm90_calls, score, causal):
     assert sm90_calls
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("mods", [dict(window=(100, 0)), dict(window=(64, 64)), dict(window=(-1, 50)),
+                                  dict(window=(300, -1)), dict(softcap=5.0), dict(causal=True, alibi=True),
+                                  dict(window=(200, 0), softcap=20.0, alibi=True)])
+def test_windows_softcap_alibi(sm90_calls, score, mods):
+    """Sliding windows (left only, right only, both; tiles skipped before the window's start),
+    softcap and ALiBi (DESIGN.md's order), on lengths off the tiles with Lq != Lk and GQA."""
+    mods = dict(mods)
+    gen = torch.Generator().manual_seed(len(str(mods)) + len(score))
+    if mods.pop("alibi", False):
+        mods["alibi_slopes"] = torch.rand(2, 6, generator=gen).to(DEV) * 0.1
+    p = dense_problem(2, 700, 901, 6, 2, 128, 128, torch.bfloat16, gen, DEV, score=score, **mods)
+    check_outputs_and_grads(p, "triton", gen)
+    assert sm90_calls
+
+
 def test_sigmoid_bias_and_scale(sm90_calls):
     gen = torch.Generator().manual_seed(5)
     p = dense_problem(2, 400, 300, 4, 2, 128, 128, torch.bfloat16, gen, DEV, score="sigmoid", sigmoid_bias=-2.5,
@@ -69,18 +85,22 @@ def test_sigmoid_bias_and_scale(sm90_calls):
 @pytest.mark.parametrize("kwargs,taken", [
     (dict(), True),
     (dict(causal=True), True),
-    (dict(window=(64, 0)), False),
-    (dict(softcap=30.0), False),
+    (dict(window=(64, 0)), True),
+    (dict(softcap=30.0), True),
+    (dict(attn_mask=True), False),
+    (dict(dropout_p=0.1), False),
     (dict(dtype=torch.float32), False),
     (dict(d=64), False),
     (dict(scale=-0.1), False),
 ])
 def test_rule(sm90_calls, kwargs, taken):
-    """Which calls take the Hopper kernel: anything on the scores beyond causal, float32, head
-    dims of 64 and below and scales <= 0 stay on the template."""
+    """Which calls take the Hopper kernel: attention masks, dropout, float32, head dims of 64 and
+    below and scales <= 0 stay on the template."""
     dtype = kwargs.pop("dtype", torch.bfloat16)
     d = kwargs.pop("d", 128)
     q = torch.randn(1, 256, 2, d, device=DEV, dtype=dtype)
+    if kwargs.pop("attn_mask", False):
+        kwargs["attn_mask"] = torch.rand(256, 256, device=DEV) > 0.3
     out = oa.attention(q, q, q, **kwargs)
     assert torch.isfinite(out).all()
     assert bool(sm90_calls) == taken

@@ -3,24 +3,29 @@
 The Triton template (fwd.py) runs each key tile as MMA, wait, softmax, MMA, wait: on an H100 the
 tensor cores idle while the exponentials run (benchmarks/NOTES.md: issue slots 40% busy, no
 eligible warp in 59% of cycles). Triton 3.6 waits for every wgmma right after issuing it, so the
-overlap has to be written by hand; Gluon exposes the asynchronous wgmma and TMA directly.
+overlap has to be written by hand; Gluon exposes the asynchronous wgmma, TMA, mbarriers and warp
+specialization directly.
 
-One program computes BLOCK_M (128) query rows of one (sequence, head) with two warpgroups of 64
-rows each. Per key tile j (FlashAttention-3's intra-warpgroup overlap):
+One program computes BLOCK_M (128) query rows of one (sequence, head) in three partitions:
+
+- a producer warp loads Q once and K/V tile by tile by TMA into a ring of STAGES buffers each
+  (tensor descriptors made in the kernel over this sequence's rows: rows past the sequence and
+  channels past the head dim arrive as zeros, the output store stops there; dense and packed
+  sequences alike), refilling a buffer once both consumers have released it;
+- two consumer warpgroups of 64 rows each. Per key tile j (FlashAttention-3's overlap):
 
     issue S_j = Q K_j^T            (async)
     issue O  += P_{j-1} V_{j-1}    (async, P from registers)
     wait for S_j; softmax of S_j   <- runs while P_{j-1} V_{j-1} is on the tensor cores
-    wait for the P V product; rescale O; refill the freed K/V buffers by TMA
+    wait for the P.V product; rescale O; release K_j and V_{j-1}
 
-K and V arrive by TMA into a ring of STAGES buffers each (tensor descriptors made in the kernel
-over this sequence's rows, so rows past the sequence arrive as zeros and the output store stops
-at its end: dense and packed sequences alike).
+  and with PINGPONG the two warpgroups take turns to issue, so one's softmax also runs under the
+  other's products.
 
-The score function and the causal mask are compile-time branches, as in the template; calls with
-anything else (windows, bias, masks, dropout, quantized precisions, float32) take the template.
-The maths is DESIGN.md's, as fwd.py computes it (same scale, base-2 online softmax, -ln(Lk)
-sigmoid bias, one-instruction tanh for 16-bit inputs).
+The score function, window (causal included), softcap and ALiBi are compile-time branches, as in
+the template; calls with anything else (relative bias, masks, dropout, quantized precisions,
+float32) take the template (launch.sm90_forward_ok). The maths is DESIGN.md's, as fwd.py computes
+it (same scale, base-2 online softmax, -ln(Lk) sigmoid bias, one-instruction tanh for 16-bit inputs).
 """
 
 import functools
@@ -50,54 +55,74 @@ PRODUCER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _sigmoid(x):
-    # (1 + tanh(x / 2)) / 2: one MUFU instruction (the template's FAST_MATH sigmoid)
-    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * x], dtype=gl.float32, is_pure=True,
-                                  pack=1)
-    return 0.5 + 0.5 * t
+def _tanh(x):
+    # one MUFU instruction, as the template's FAST_MATH tanh (16-bit inputs only take this kernel)
+    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
-def _tile_p(s, j, m_i, l_i, m0, rows, cols, lk, shift, qk_scale, sig_bias, silu_scale,
-            SCORE: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-    """P of key tile j from its raw scores s = q.k (float32), with the running max and sum
-    (softmax) and the factor the accumulator must be rescaled by."""
-    j0 = j * BLOCK_N
-    # only tiles crossing the sequence's end or the causal diagonal need the mask
-    need_mask = j0 + BLOCK_N > lk
-    if CAUSAL:
-        need_mask = need_mask | (j0 + BLOCK_N - 1 > m0 + shift)
+def _sigmoid(x):
+    return 0.5 + 0.5 * _tanh(0.5 * x)  # (1 + tanh(x / 2)) / 2
+
+
+@gluon.jit
+def _allowed(ii, kj, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """Key kj visible from query ii: inside the keys and the window (DESIGN.md, bottom-right aligned)."""
+    ok = kj < lk
+    if HAS_LEFT:
+        ok = ok & (kj >= ii + shift - left)
+    if HAS_RIGHT:
+        ok = ok & (kj <= ii + shift + right)
+    return ok
+
+
+@gluon.jit
+def _tile_p(s, t, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi, qk_scale, scale, softcap, slope,
+            sig_bias, silu_scale, SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, BLOCK_N: gl.constexpr):
+    """P of key tile t from its raw scores s = q.k (float32), with the running max and sum
+    (softmax) and the factor the accumulator must be rescaled by. [full_lo, full_hi): the keys
+    every row of the warpgroup sees (tiles inside need no mask)."""
+    j0 = t * BLOCK_N
+    need_mask = (j0 < full_lo) | (j0 + BLOCK_N > full_hi)
     kj = gl.expand_dims(j0 + cols, 0)
-    if SCORE == SOFTMAX:  # the running max in raw score units: P = exp2(s * scale - m * scale), one FMA
+    ii = gl.expand_dims(rows, 1)
+    if HAS_SOFTCAP or HAS_ALIBI:  # DESIGN.md's order: scale, softcap, then ALiBi
+        s = s * scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        if HAS_ALIBI:
+            s = s - slope * gl.abs(ii + shift - kj).to(gl.float32)
+        if SCORE == SOFTMAX:
+            c = LOG2E
+        else:
+            c = 1.0
+    else:
+        c = qk_scale
+    if SCORE == SOFTMAX:  # the running max in units of s: P = exp2(s * c - m * c), one FMA
         if need_mask:
-            ok = kj < lk
-            if CAUSAL:
-                ok = ok & (kj <= gl.expand_dims(rows, 1) + shift)
-            s = gl.where(ok, s, float("-inf"))
+            s = gl.where(_allowed(ii, kj, lk, shift, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale  # a row with nothing allowed yet
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-        alpha = gl.exp2(m_i * qk_scale - m_use)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new) * c  # a row with nothing allowed yet
+        p = gl.exp2(s * c - gl.expand_dims(m_use, 1))
+        alpha = gl.exp2(m_i * c - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
     else:
-        x = s * qk_scale
+        x = s * c
         if SCORE == SIGMOID:
             p = _sigmoid(x + sig_bias)
         else:
             p = x * silu_scale * _sigmoid(x)
         if need_mask:
-            ok = kj < lk
-            if CAUSAL:
-                ok = ok & (kj <= gl.expand_dims(rows, 1) + shift)
-            p = gl.where(ok, p, 0.0)
+            p = gl.where(_allowed(ii, kj, lk, shift, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         alpha = m_i  # unused
     return p, m_i, l_i, alpha
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, m0, n_tiles,
-              STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, m0, t_lo,
+              n_tiles, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr):
     """One warp: Q once (two halves, one per consumer warpgroup), then K and V tile by tile into
     the ring, each buffer as soon as both warpgroups have released it."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -108,17 +133,19 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
         free = ((j // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
         mbarrier.wait(k_empty.index(stage), free)
         mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [j * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
+        _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), free)
         mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [j * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
+        _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o_desc, lse_ptr, m0, lq, lk, shift,
-              n_tiles, qk_scale, sig_bias, silu_scale,
-              WG: gl.constexpr, SCORE: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
-              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0, lq, lk,
+              shift, left, right, t_lo, n_tiles, qk_scale, scale, softcap, slope, sig_bias, silu_scale,
+              WG: gl.constexpr, SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+              HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, STORE_LSE: gl.constexpr,
+              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              PINGPONG: gl.constexpr):
     """One warpgroup: HALF_M query rows against every key tile of the program, the softmax of
     tile j overlapping the product of tile j - 1 with V."""
     dtype: gl.constexpr = q_smem.dtype
@@ -136,6 +163,18 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o
     m_i = gl.full([HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
     l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
     o = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
+    # the keys every row of this warpgroup sees: tiles inside [full_lo, full_hi) skip the mask
+    w_last = gl.minimum(mw + HALF_M, lq) - 1
+    full_lo = 0
+    full_hi = lk
+    if HAS_LEFT:
+        full_lo = gl.maximum(w_last + shift - left, 0)
+    if HAS_RIGHT:
+        full_hi = gl.minimum(mw + shift + right + 1, lk)
+    # the softmax's exponent multiplier: scale·log2(e) on raw scores, log2(e) on modified ones
+    lse_c = qk_scale
+    if HAS_SOFTCAP or HAS_ALIBI:
+        lse_c = LOG2E
 
     # tile 0: scores, then P (its product with V is issued after tile 1's scores)
     mbarrier.wait(q_bar, 0)
@@ -143,20 +182,26 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o
     s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, l_i, alpha = _tile_p(s, 0, m_i, l_i, mw, rows, cols, lk, shift, qk_scale, sig_bias, silu_scale, SCORE,
-                                 CAUSAL, BLOCK_N)
+    p, m_i, l_i, alpha = _tile_p(s, t_lo, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi, qk_scale,
+                                 scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE, HAS_LEFT=HAS_LEFT,
+                                 HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
     for j in range(1, n_tiles):
         stage = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(k_full.index(stage), (j // STAGES) & 1)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+        if PINGPONG:  # the warpgroups take turns to issue, so one's softmax runs under the other's products
+            mbarrier.wait(turn.index(WG), ((j - 1) & 1) ^ (1 - WG))  # warpgroup 0 goes first
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         o = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
         s = warpgroup_mma_wait(1, deps=(s, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, m_i, l_i, alpha = _tile_p(s, j, m_i, l_i, mw, rows, cols, lk, shift, qk_scale, sig_bias, silu_scale,
-                                     SCORE, CAUSAL, BLOCK_N)
+        p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi,
+                                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE, HAS_LEFT=HAS_LEFT,
+                                 HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
         o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
         if SCORE == SOFTMAX:
@@ -172,7 +217,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o
         l_safe = gl.where(has_keys, l_i, 1.0)
         o = o / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, O_LAYOUT)), 1)
         if STORE_LSE:
-            lse = gl.where(has_keys, (m_i * qk_scale + gl.log2(l_safe)) * LN2, float("-inf"))
+            lse = gl.where(has_keys, (m_i * lse_c + gl.log2(l_safe)) * LN2, float("-inf"))
             gl.store(lse_ptr + rows, lse, mask=rows < lq)
     # the output leaves through this warpgroup's Q buffer (its last reader, the final scores, is done)
     q.store(o.to(dtype))
@@ -181,15 +226,16 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
 def attn_fwd_sm90_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, stride_ab,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads, group, head_dim, qk_scale, sigmoid_bias, silu_scale,
-    SCORE: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
+    seqlen_q, seqlen_k, n_heads, group, head_dim, scale, softcap, sigmoid_bias, silu_scale, window_left, window_right,
+    SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+    HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
     STORE_LSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
+    STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
 ):
     HALF_M: gl.constexpr = BLOCK_M // 2
     pid_m = gl.program_id(0)
@@ -207,7 +253,7 @@ def attn_fwd_sm90_kernel(
         lq = seqlen_q
         k_start = 0
         lk = seqlen_k
-    if CAUSAL:  # the longest rows first: they start while the short ones fill the tail
+    if HAS_RIGHT:  # later rows see more keys: the longest rows first, the short ones fill the tail
         pid_m = gl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
@@ -233,12 +279,24 @@ def attn_fwd_sm90_kernel(
                                         block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
     lse_ptr = LSE + b64 * stride_lb + h * stride_lh + q_start
 
-    shift = lk - lq  # causal is bottom-right aligned (DESIGN.md)
+    shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
+    m_last = gl.minimum(m0 + BLOCK_M, lq) - 1
+    lo = 0
     hi = lk
-    if CAUSAL:
-        hi = gl.minimum(lk, m0 + BLOCK_M + shift)
-    # at least one tile: a row with no key at all then comes out as the mask leaves it (0, lse -inf)
-    n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+    if HAS_LEFT:
+        lo = gl.maximum(m0 + shift - window_left, 0)
+    if HAS_RIGHT:
+        hi = gl.minimum(m_last + shift + window_right + 1, lk)
+    # the key tiles the rows may see; at least one, so a row with no key at all comes out as the
+    # mask leaves it (0, lse -inf)
+    t_lo = gl.minimum(lo, lk) // BLOCK_N
+    n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N) - t_lo, 1)
+    qk_scale = scale
+    if SCORE == SOFTMAX:
+        qk_scale = scale * LOG2E  # the softmax runs in base 2
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = gl.load(ALIBI + b * stride_ab + h)
     sig_bias = sigmoid_bias
     if DEFAULT_SIG_BIAS:
         sig_bias = -gl.log(gl.maximum(lk, 1).to(gl.float32))
@@ -251,7 +309,10 @@ def attn_fwd_sm90_kernel(
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
@@ -261,14 +322,16 @@ def attn_fwd_sm90_kernel(
 
     # (tuples written out: concatenated tuples lose their constexprs)
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o_desc, lse_ptr, m0, lq, lk,
-                     shift, n_tiles, qk_scale, sig_bias, silu_scale, 0, SCORE, CAUSAL, STORE_LSE, BLOCK_N, HALF_M,
-                     HEAD_DIM, STAGES)),
-        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, o_desc, lse_ptr, m0, lq, lk,
-                     shift, n_tiles, qk_scale, sig_bias, silu_scale, 1, SCORE, CAUSAL, STORE_LSE, BLOCK_N, HALF_M,
-                     HEAD_DIM, STAGES)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0,
+                     lq, lk, shift, window_left, window_right, t_lo, n_tiles, qk_scale, scale, softcap, slope,
+                     sig_bias, silu_scale, 0, SCORE, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE,
+                     BLOCK_N, HALF_M, HEAD_DIM, STAGES, PINGPONG)),
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0,
+                     lq, lk, shift, window_left, window_right, t_lo, n_tiles, qk_scale, scale, softcap, slope,
+                     sig_bias, silu_scale, 1, SCORE, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE,
+                     BLOCK_N, HALF_M, HEAD_DIM, STAGES, PINGPONG)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, m0,
-                     n_tiles, STAGES, BLOCK_N, HALF_M)),
+                     t_lo, n_tiles, STAGES, BLOCK_N, HALF_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -277,13 +340,14 @@ BLOCK_M = 128  # two consumer warpgroups of 64 rows
 BLOCK_N = 128
 HEAD_DIM = 128  # head dims 65-128 (descriptors zero-fill the channels past the head dim)
 STAGES = 2  # K/V buffers of each: 2 measured 605 TFLOPS at 1x16384 against 581 with 3
+PINGPONG = True  # warpgroups take turns to issue (sigmoid +0-8% measured, softmax within 1%)
 
 
 @functools.lru_cache(maxsize=None)
 def config(torch_dtype) -> dict:
     """The kernel's tiles, shared-memory layouts and launch options (constexprs and kwargs)."""
     dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=STAGES,
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=STAGES, PINGPONG=PINGPONG,
                 Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], dtype),
                 KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype),
                 num_warps=4, maxnreg=MAXNREG)

@@ -329,19 +329,18 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 
 def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
-    65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU, causal or
-    not, GQA, dense or packed; nothing else on the scores (windows, softcap, ALiBi, bias, masks,
-    dropout, quantized precisions), a positive scale (its softmax keeps the running max of the raw
-    scores) and tensors a descriptor can address. OMNIATTN_SM90=0 turns it off."""
+    65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
+    window (causal included), softcap and ALiBi, GQA, dense or packed; not with the relative bias,
+    attention masks, dropout or the quantized precisions, and only for a positive scale (its softmax
+    keeps the running max of the unscaled scores) and tensors a descriptor can address.
+    OMNIATTN_SM90=0 turns it off."""
     if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1] or not 64 < q.shape[-1] <= 128:
         return False
-    if p.mask_kind != 0 or p.window_left >= 0 or p.window_right > 0 or p.softcap > 0 or p.dropout_p > 0:
+    if p.mask_kind != 0 or p.dropout_p > 0 or p.scale <= 0:
         return False
-    if p.scale <= 0:
-        return False
-    if any(t is not None for t in (x.alibi, x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
+    if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
         return False
     return _sm90_kernel() is not None and _tma_ok(q, k, v)
 
@@ -370,13 +369,15 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params):
     grid = (cdiv(L.max_q, module.BLOCK_M), L.batch * L.hq)
     if grid[0] * grid[1] == 0:
         return out, lse
-    qk_scale = p.scale * 1.4426950408889634 if L.softmax else p.scale  # softmax runs in base 2
+    m = L.meta
     kernel[grid](
-        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k,
+        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k, L.alibi, L.stride_ab,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
-        *L.seqlens, L.hq, L.hq // L.hkv, L.d, qk_scale, p.sigmoid_bias, p.silu_scale,
-        SCORE=p.score, CAUSAL=p.window_right == 0, IS_VARLEN=L.varlen, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
-        STORE_LSE=L.softmax, **module.config(q.dtype),
+        *L.seqlens, L.hq, L.hq // L.hkv, L.d, p.scale, p.softcap, p.sigmoid_bias, p.silu_scale, p.window_left,
+        p.window_right,
+        SCORE=p.score, HAS_LEFT=m["HAS_LEFT"], HAS_RIGHT=m["HAS_RIGHT"], HAS_SOFTCAP=m["HAS_SOFTCAP"],
+        HAS_ALIBI=m["HAS_ALIBI"], IS_VARLEN=L.varlen, DEFAULT_SIG_BIAS=bool(p.default_sig_bias), STORE_LSE=L.softmax,
+        **module.config(q.dtype),
     )
     return out, lse
 
