@@ -66,6 +66,32 @@ def _sigmoid(x):
 
 
 @gluon.jit
+def _rows(base, n_rows, head_dim, row_stride, BLOCK_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+          LAYOUT: gl.constexpr):
+    """A TMA descriptor over n_rows rows of head_dim channels: boxes read past either as zeros,
+    stores stop at both."""
+    return tma.make_tensor_descriptor(base, shape=[n_rows, head_dim], strides=[row_stride, 1],
+                                      block_shape=[BLOCK_ROWS, HEAD_DIM], layout=LAYOUT)
+
+
+@gluon.jit
+def _key_range(first, last, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    """Keys query rows first..last may see, [lo, hi), and those every one of them sees,
+    [full_lo, full_hi) (common.key_range's window rule)."""
+    lo = 0
+    hi = lk
+    full_lo = 0
+    full_hi = lk
+    if HAS_LEFT:
+        lo = gl.maximum(first + shift - left, 0)
+        full_lo = gl.maximum(last + shift - left, 0)
+    if HAS_RIGHT:
+        hi = gl.minimum(last + shift + right + 1, lk)
+        full_hi = gl.minimum(first + shift + right + 1, lk)
+    return lo, hi, full_lo, full_hi
+
+
+@gluon.jit
 def _allowed(ii, kj, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """Key kj visible from query ii: inside the keys and the window (DESIGN.md, bottom-right aligned)."""
     ok = kj < lk
@@ -164,13 +190,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
     o = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
     # the keys every row of this warpgroup sees: tiles inside [full_lo, full_hi) skip the mask
-    w_last = gl.minimum(mw + HALF_M, lq) - 1
-    full_lo = 0
-    full_hi = lk
-    if HAS_LEFT:
-        full_lo = gl.maximum(w_last + shift - left, 0)
-    if HAS_RIGHT:
-        full_hi = gl.minimum(mw + shift + right + 1, lk)
+    _, _, full_lo, full_hi = _key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, lk, shift, left, right, HAS_LEFT,
+                                        HAS_RIGHT)
     # the softmax's exponent multiplier: scale·log2(e) on raw scores, log2(e) on modified ones
     lse_c = qk_scale
     if HAS_SOFTCAP or HAS_ALIBI:
@@ -265,28 +286,19 @@ def attn_fwd_sm90_kernel(
     k_start = gl.where(lk > 0, k_start, 0)
     # descriptors over this (sequence, head): rows past the sequence and channels past head_dim
     # arrive as zeros, stores stop there
-    q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh,
-                                        shape=[lq, head_dim], strides=[stride_qt, 1],
-                                        block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh,
-                                        shape=[k_rows, head_dim], strides=[stride_kt, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh,
-                                        shape=[k_rows, head_dim], strides=[stride_vt, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
-    o_desc = tma.make_tensor_descriptor(O + b64 * stride_ob + q_start.to(gl.int64) * stride_ot + h * stride_oh,
-                                        shape=[lq, head_dim], strides=[stride_ot, 1],
-                                        block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
+    q_desc = _rows(Q + b64 * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh, lq, head_dim, stride_qt,
+                   HALF_M, HEAD_DIM, Q_LAYOUT)
+    k_desc = _rows(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh, k_rows, head_dim,
+                   stride_kt, BLOCK_N, HEAD_DIM, KV_LAYOUT)
+    v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows, head_dim,
+                   stride_vt, BLOCK_N, HEAD_DIM, KV_LAYOUT)
+    o_desc = _rows(O + b64 * stride_ob + q_start.to(gl.int64) * stride_ot + h * stride_oh, lq, head_dim, stride_ot,
+                   HALF_M, HEAD_DIM, Q_LAYOUT)
     lse_ptr = LSE + b64 * stride_lb + h * stride_lh + q_start
 
     shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
-    m_last = gl.minimum(m0 + BLOCK_M, lq) - 1
-    lo = 0
-    hi = lk
-    if HAS_LEFT:
-        lo = gl.maximum(m0 + shift - window_left, 0)
-    if HAS_RIGHT:
-        hi = gl.minimum(m_last + shift + window_right + 1, lk)
+    lo, hi, _, _ = _key_range(m0, gl.minimum(m0 + BLOCK_M, lq) - 1, lk, shift, window_left, window_right, HAS_LEFT,
+                              HAS_RIGHT)
     # the key tiles the rows may see; at least one, so a row with no key at all comes out as the
     # mask leaves it (0, lse -inf)
     t_lo = gl.minimum(lo, lk) // BLOCK_N
