@@ -46,16 +46,49 @@ def test_dense(sm90_calls, dtype, score, causal, shape):
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_packed_with_empty_sequences(sm90_calls, score, causal):
+@pytest.mark.parametrize("mods", [dict(), dict(causal=True), dict(window=(50, 0), softcap=10.0)])
+def test_packed_with_empty_sequences(sm90_calls, score, mods):
     """Packed sequences, one without queries and one without keys (its descriptor reads one masked
-    row at the tensor's start), lengths off the 128-row tiles."""
-    gen = torch.Generator().manual_seed(11 + causal)
+    row at the tensor's start), lengths off the 128-row tiles; a window with softcap per sequence."""
+    gen = torch.Generator().manual_seed(11 + len(mods))
     lens_q = [0, 300, 1, 129, 200, 517]
     lens_k = [5, 0, 77, 129, 400, 517]
-    p = varlen_problem(lens_q, lens_k, 6, 3, 128, 128, torch.bfloat16, gen, DEV, score=score, causal=causal)
+    p = varlen_problem(lens_q, lens_k, 6, 3, 128, 128, torch.bfloat16, gen, DEV, score=score, **mods)
     check_outputs_and_grads(p, "triton", gen)
     assert sm90_calls
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_sequence_without_keys_ignores_other_sequences(sm90_calls, score):
+    """A sequence without keys reads its descriptor's one row from another sequence: infinite values
+    there must not reach its output (0, DESIGN.md: nothing crosses sequences)."""
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, 4, 4], dtype=torch.int32, device=DEV)
+    q = torch.randn(9, 2, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(4, 2, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(4, 2, 128, device=DEV, dtype=torch.bfloat16)
+    v[0] = float("inf")
+    out = oa.attention_varlen(q, k, v, cu_q, cu_k, 5, 4, score=score)
+    assert sm90_calls
+    assert torch.equal(out[4:], torch.zeros_like(out[4:]))
+
+
+def test_misaligned_output_heads_take_the_template(sm90_calls):
+    """Inputs sliced to head dim 100 from padded storage pass the input checks of TMA, but the
+    output's heads (a fresh tensor of head dim 100) start off 16 bytes: the template takes them."""
+    gen = torch.Generator().manual_seed(3)
+    p = dense_problem(2, 300, 300, 2, 2, 104, 104, torch.bfloat16, gen, DEV)
+    p.q, p.k, p.v = (t.detach()[..., :100].requires_grad_() for t in (p.q, p.k, p.v))
+    check_outputs_and_grads(p, "triton", gen)
+    assert not sm90_calls
+
+
+def test_more_than_65535_sequence_heads_take_the_template(sm90_calls):
+    """The kernel's grid puts (sequence, head) pairs on its second axis (at most 65535)."""
+    gen = torch.Generator().manual_seed(4)
+    p = varlen_problem([2] * 4100, [2] * 4100, 16, 16, 128, 128, torch.bfloat16, gen, DEV)
+    check_outputs_and_grads(p, "triton", gen)
+    assert not sm90_calls
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])

@@ -232,6 +232,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
     o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
     o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
+    # a sequence without keys multiplied its zero P with a row of another sequence (its descriptor's
+    # one valid row): its output is 0 whatever that row holds (DESIGN.md: nothing crosses sequences)
+    o = gl.where(lk > 0, o, 0.0)
 
     if SCORE == SOFTMAX:
         has_keys = l_i > 0.0
@@ -281,7 +284,8 @@ def attn_fwd_sm90_kernel(
         return
     b64 = b.to(gl.int64)
     dtype: gl.constexpr = Q.dtype.element_ty
-    # a sequence without keys reads one row (masked) at the tensor's start, a valid address
+    # a sequence without keys reads one row (masked, and its product discarded) at the tensor's
+    # start, a valid address
     k_rows = gl.maximum(lk, 1)
     k_start = gl.where(lk > 0, k_start, 0)
     # descriptors over this (sequence, head): rows past the sequence and channels past head_dim

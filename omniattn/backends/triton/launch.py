@@ -332,15 +332,20 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> b
     65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
     window (causal included), softcap and ALiBi, GQA, dense or packed; not with the relative bias,
     attention masks, dropout or the quantized precisions, and only for a positive scale (its softmax
-    keeps the running max of the unscaled scores) and tensors a descriptor can address.
-    OMNIATTN_SM90=0 turns it off."""
+    keeps the running max of the unscaled scores), tensors a descriptor can address (the output's
+    heads too: a head dim that is a multiple of 8) and at most 65535 (sequence, head) pairs (the
+    grid's second axis). OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
     if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != v.shape[-1] or not 64 < q.shape[-1] <= 128:
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != d or not 64 < d <= 128 or d % 8:
         return False
     if p.mask_kind != 0 or p.dropout_p > 0 or p.scale <= 0:
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
+        return False
+    sequences = x.cu_q.numel() - 1 if q.dim() == 3 else q.shape[0]
+    if sequences * q.shape[-2] > 65535:
         return False
     return _sm90_kernel() is not None and _tma_ok(q, k, v)
 
