@@ -44,9 +44,8 @@ else:
 
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
-SOFTMAX = gl.constexpr(0)
+SOFTMAX = gl.constexpr(0)  # launch.SCORE_IDS; 2 is SiLU
 SIGMOID = gl.constexpr(1)
-SILU = gl.constexpr(2)
 # registers per thread by warpgroup: the kernel runs 12 warps (two consumer warpgroups, one
 # producer warp rounded up to a warpgroup) under maxnreg=MAXNREG: 65536 / 384 threads
 MAXNREG = 168
@@ -221,8 +220,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
         s = warpgroup_mma_wait(1, deps=(s, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi,
-                                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE, HAS_LEFT=HAS_LEFT,
-                                 HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
+                                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE,
+                                     HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP,
+                                     HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
         o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
         if SCORE == SOFTMAX:
@@ -349,7 +349,6 @@ def attn_fwd_sm90_kernel(
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, m0,
                      t_lo, n_tiles, STAGES, BLOCK_N, HALF_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
 
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
