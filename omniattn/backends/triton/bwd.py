@@ -41,8 +41,10 @@ def attn_bwd_preprocess_kernel(
     seqlen_q, n_heads, head_dim_v,
     IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one grid axis (query blocks fastest): (sequence, head) pairs past 65535 fit, unlike a second axis
+    n_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_m = tl.program_id(0) % n_blocks
+    pid_bh = tl.program_id(0) // n_blocks
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN)

@@ -451,8 +451,8 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     delta = lse
     if L.softmax:
         delta = torch.empty_like(lse)
-        grid = (cdiv(max_q, PREPROCESS_BLOCK_M), L.batch * L.hq)
-        if grid[0] * grid[1]:
+        grid = (cdiv(L.seqlens[0], PREPROCESS_BLOCK_M) * L.batch * L.hq,)
+        if grid[0]:
             attn_bwd_preprocess_kernel[grid](
                 out, dout, dlse.contiguous() if dlse is not None else _dummy(dev, torch.float32), delta, L.cu_q,
                 *_strides(out), *_strides(dout), L.stride_lb, L.stride_lh, L.seqlens[0], L.hq, L.dv,
