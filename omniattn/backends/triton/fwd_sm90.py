@@ -36,6 +36,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from .common import _tanh_approx as _tanh  # one MUFU instruction (the template's FAST_MATH tanh)
+from .common import key_range
+
 # Triton 3.7+ names the TMA copies async_load / async_store; 3.6 (the H100 machine's) has the old names
 if hasattr(tma, "async_load"):
     _tma_load, _tma_store = tma.async_load, tma.async_store
@@ -54,12 +57,6 @@ PRODUCER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _tanh(x):
-    # one MUFU instruction, as the template's FAST_MATH tanh (16-bit inputs only take this kernel)
-    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True, pack=1)
-
-
-@gluon.jit
 def _sigmoid(x):
     return 0.5 + 0.5 * _tanh(0.5 * x)  # (1 + tanh(x / 2)) / 2
 
@@ -74,20 +71,11 @@ def _rows(base, n_rows, head_dim, row_stride, BLOCK_ROWS: gl.constexpr, HEAD_DIM
 
 
 @gluon.jit
-def _key_range(first, last, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+def _key_range(first, last, lq, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
     """Keys query rows first..last may see, [lo, hi), and those every one of them sees,
-    [full_lo, full_hi) (common.key_range's window rule)."""
-    lo = 0
-    hi = lk
-    full_lo = 0
-    full_hi = lk
-    if HAS_LEFT:
-        lo = gl.maximum(first + shift - left, 0)
-        full_lo = gl.maximum(last + shift - left, 0)
-    if HAS_RIGHT:
-        hi = gl.minimum(last + shift + right + 1, lk)
-        full_hi = gl.minimum(first + shift + right + 1, lk)
-    return lo, hi, full_lo, full_hi
+    [full_lo, full_hi): the template's rule (common.key_range) for windows."""
+    return key_range(first, last, lq, lk, shift, left, right, 0, 0, 0, MASK_KIND=0, HAS_LEFT=HAS_LEFT,
+                     HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=False, HAS_CONTEXT=False, HAS_MAX_ATTN=False)
 
 
 @gluon.jit
@@ -189,7 +177,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
     o = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
     # the keys every row of this warpgroup sees: tiles inside [full_lo, full_hi) skip the mask
-    _, _, full_lo, full_hi = _key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, lk, shift, left, right, HAS_LEFT,
+    _, _, full_lo, full_hi = _key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, lq, lk, shift, left, right, HAS_LEFT,
                                         HAS_RIGHT)
     # the softmax's exponent multiplier: scale·log2(e) on raw scores, log2(e) on modified ones
     lse_c = qk_scale
@@ -301,7 +289,7 @@ def attn_fwd_sm90_kernel(
     lse_ptr = LSE + b64 * stride_lb + h * stride_lh + q_start
 
     shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
-    lo, hi, _, _ = _key_range(m0, gl.minimum(m0 + BLOCK_M, lq) - 1, lk, shift, window_left, window_right, HAS_LEFT,
+    lo, hi, _, _ = _key_range(m0, gl.minimum(m0 + BLOCK_M, lq) - 1, lq, lk, shift, window_left, window_right, HAS_LEFT,
                               HAS_RIGHT)
     # the key tiles the rows may see; at least one, so a row with no key at all comes out as the
     # mask leaves it (0, lse -inf)
