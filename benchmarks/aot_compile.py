@@ -191,8 +191,9 @@ def tma() -> None:
 
 def sm90() -> None:
     """Hopper's Gluon forward (fwd_sm90): softmax, sigmoid and SiLU, causal or not, dense (GQA) and
-    packed, bf16 and fp16 with head dims 128 and 96, and softmax with a sliding window, softcap
-    and ALiBi; prints the variant keys."""
+    packed, bf16 and fp16 with head dims 128 and 96, softmax with a sliding window, softcap and
+    ALiBi, and HSTU (causal, with targets; non-causal with a contextual prefix and max_attn_len);
+    prints the variant keys."""
     module, _ = launch._sm90_kernel()
     launch._SM90[0] = (module, Compiling(module.attn_fwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, **kwargs: True
@@ -208,7 +209,11 @@ def sm90() -> None:
     oa.attention(q, q, q, window=(64, 0), backend="triton")
     oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton")
     oa.attention(q, q, q, causal=True, alibi_slopes=torch.rand(4), backend="triton")
-    keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN")
+    jagged = q[0, :256]
+    for kw in (dict(), dict(num_targets=torch.tensor([3, 5])), dict(contextual_seq_len=2, max_attn_len=16, causal=False)):
+        oa.hstu_attention(jagged, jagged, jagged, offsets, 160, backend="triton", **kw)
+    keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN", "MASK_KIND", "HSTU_CAUSAL",
+            "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
         print(f"VARIANT {name} " + " ".join(f"{k}={c.get(k)}" for k in keys))

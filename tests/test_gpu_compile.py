@@ -70,19 +70,25 @@ def test_tma_forward_compiles_for_sm90():
 
 def test_hopper_gluon_forward_compiles_for_sm90():
     """Hopper's Gluon forward (fwd_sm90: warp-specialized, TMA, asynchronous wgmma): every score
-    function, causal or not, dense and packed, and a sliding window, softcap and ALiBi, reached
-    through the public API with the launch rule forced (no GPU here, so the rule itself would say no)."""
+    function, causal or not, dense and packed, a sliding window, softcap and ALiBi, and HSTU's masks,
+    reached through the public API with the launch rule forced (no GPU here, so the rule itself
+    would say no)."""
     try:
         from omniattn.backends.triton import fwd_sm90  # noqa: F401
     except (ImportError, AttributeError):
         pytest.skip("this Triton has no Gluon for Hopper")
     variants = _compile("--sm90")
+    window = [v[:7] for v in variants if v[7] == "MASK_KIND=0"]
     for score in ("0", "1", "2"):
         for causal in ("False", "True"):
             for varlen in ("False", "True"):
                 assert ["attn_fwd_sm90_kernel", f"SCORE={score}", "HAS_LEFT=False", f"HAS_RIGHT={causal}",
-                        "HAS_SOFTCAP=False", "HAS_ALIBI=False", f"IS_VARLEN={varlen}"] in variants
+                        "HAS_SOFTCAP=False", "HAS_ALIBI=False", f"IS_VARLEN={varlen}"] in window
     for left, right, softcap, alibi in (("True", "True", "False", "False"), ("True", "True", "True", "False"),
                                          ("False", "True", "False", "True")):
         assert ["attn_fwd_sm90_kernel", "SCORE=0", f"HAS_LEFT={left}", f"HAS_RIGHT={right}", f"HAS_SOFTCAP={softcap}",
-                f"HAS_ALIBI={alibi}", "IS_VARLEN=False"] in variants
+                f"HAS_ALIBI={alibi}", "IS_VARLEN=False"] in window
+    hstu = [v[7:] for v in variants if v[7] == "MASK_KIND=1" and v[1] == "SCORE=2" and v[6] == "IS_VARLEN=True"]
+    for causal, targets, context in (("True", "False", "False"), ("True", "True", "False"), ("False", "False", "True")):
+        assert ["MASK_KIND=1", f"HSTU_CAUSAL={causal}", f"HAS_TARGETS={targets}", f"HAS_CONTEXT={context}",
+                f"HAS_MAX_ATTN={context}"] in hstu

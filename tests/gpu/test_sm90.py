@@ -91,3 +91,50 @@ def test_more_than_65535_sequence_heads_take_the_template(sm90_calls):
     p = varlen_problem([2] * 4100, [2] * 4100, 16, 16, 128, 128, torch.bfloat16, gen, DEV)
     check_outputs_and_grads(p, "triton", gen)
     assert not sm90_calls
+
+
+HSTU_CASES = [
+    # lengths (an empty and a one-token sequence, lengths off the 128-row tiles), targets, causal,
+    # contextual prefix, max_attn_len, head dim
+    ([700, 1, 0, 1024, 33, 257], [20, 0, 0, 20, 5, 0], True, 0, 0, 128),
+    ([700, 1, 0, 1024, 33, 257], None, True, 0, 0, 96),
+    ([513, 300, 129, 64], [7, 297, 1, 0], True, 3, 100, 128),
+    ([513, 300, 129, 64], [7, 0, 1, 0], False, 2, 130, 128),
+    ([390, 256], None, False, 0, 0, 128),
+]
+
+
+@pytest.mark.parametrize("lens, targets, causal, contextual, max_attn_len, d", HSTU_CASES)
+def test_hstu_masks(sm90_calls, lens, targets, causal, contextual, max_attn_len, d):
+    """HSTU's masks in the Hopper kernel (targets see the history and themselves, a contextual
+    prefix, max_attn_len, causal or not): outputs and gradients against the reference."""
+    from ..test_torch_tiled import hstu_problem
+
+    case = dict(lens=lens, causal=causal, contextual=contextual, targets=targets, max_attn_len=max_attn_len,
+                rab=None, bucketization="log", heads=4, d=d, dv=d, extra_len=3, dtype=torch.bfloat16,
+                seed=len(lens) * 31 + d + max_attn_len)
+    p, offsets, max_len, kw, _, gen = hstu_problem(case)
+    p.q, p.k, p.v = (t.detach().to(DEV).requires_grad_() for t in (p.q, p.k, p.v))
+    offsets = offsets.to(DEV)
+    kw = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+    def fn():
+        return oa.hstu_attention(p.q, p.k, p.v, offsets, max_len, backend="triton", **kw)
+
+    def ref(dtype):
+        return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, max_len, dtype=dtype, **kw)
+
+    check_outputs_and_grads(p, "triton", gen, fn=fn, ref=ref)
+    assert sm90_calls
+
+
+def test_hstu_with_relative_bias_takes_the_template(sm90_calls):
+    from ..test_torch_tiled import hstu_problem
+
+    case = dict(lens=[300, 77], causal=True, contextual=0, targets=[5, 0], max_attn_len=0, rab="shared",
+                bucketization="log", heads=2, d=128, dv=128, extra_len=0, dtype=torch.bfloat16, seed=8)
+    p, offsets, max_len, kw, _, _ = hstu_problem(case)
+    kw = {k: (v.to(DEV) if isinstance(v, (torch.Tensor, torch.nn.Module)) else v) for k, v in kw.items()}
+    oa.hstu_attention(p.q.detach().to(DEV), p.k.detach().to(DEV), p.v.detach().to(DEV), offsets.to(DEV), max_len,
+                      backend="triton", **kw)
+    assert not sm90_calls

@@ -22,9 +22,11 @@ One program computes BLOCK_M (128) query rows of one (sequence, head) in three p
   and with PINGPONG the two warpgroups take turns to issue, so one's softmax also runs under the
   other's products.
 
-The score function, window (causal included), softcap and ALiBi are compile-time branches, as in
-the template; calls with anything else (relative bias, masks, dropout, quantized precisions,
-float32) take the template (launch.sm90_forward_ok). The maths is DESIGN.md's, as fwd.py computes
+The score function, the mask (a window, causal included, or HSTU's: causal or not, targets,
+contextual prefix, max_attn_len; common.allowed), softcap and ALiBi are compile-time branches, as
+in the template, whose mask and tile-range helpers it calls; calls with anything else (relative
+bias, attention masks, dropout, quantized precisions, float32) take the template
+(launch.sm90_forward_ok). The maths is DESIGN.md's, as fwd.py computes
 it (same scale, base-2 online softmax, -ln(Lk) sigmoid bias, one-instruction tanh for 16-bit inputs).
 """
 
@@ -37,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from .common import _tanh_approx as _tanh  # one MUFU instruction (the template's FAST_MATH tanh)
-from .common import key_range
+from .common import allowed, key_range, sequence_constants
 
 # Triton 3.7+ names the TMA copies async_load / async_store; 3.6 (the H100 machine's) has the old names
 if hasattr(tma, "async_load"):
@@ -71,31 +73,14 @@ def _rows(base, n_rows, head_dim, row_stride, BLOCK_ROWS: gl.constexpr, HEAD_DIM
 
 
 @gluon.jit
-def _key_range(first, last, lq, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-    """Keys query rows first..last may see, [lo, hi), and those every one of them sees,
-    [full_lo, full_hi): the template's rule (common.key_range) for windows."""
-    return key_range(first, last, lq, lk, shift, left, right, 0, 0, 0, MASK_KIND=0, HAS_LEFT=HAS_LEFT,
-                     HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=False, HAS_CONTEXT=False, HAS_MAX_ATTN=False)
-
-
-@gluon.jit
-def _allowed(ii, kj, lk, shift, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-    """Key kj visible from query ii: inside the keys and the window (DESIGN.md, bottom-right aligned)."""
-    ok = kj < lk
-    if HAS_LEFT:
-        ok = ok & (kj >= ii + shift - left)
-    if HAS_RIGHT:
-        ok = ok & (kj <= ii + shift + right)
-    return ok
-
-
-@gluon.jit
-def _tile_p(s, t, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi, qk_scale, scale, softcap, slope,
-            sig_bias, silu_scale, SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-            HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, BLOCK_N: gl.constexpr):
+def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale, softcap, slope, sig_bias,
+            silu_scale, SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
+            HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_CONTEXT: gl.constexpr,
+            HAS_MAX_ATTN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, BLOCK_N: gl.constexpr):
     """P of key tile t from its raw scores s = q.k (float32), with the running max and sum
-    (softmax) and the factor the accumulator must be rescaled by. [full_lo, full_hi): the keys
-    every row of the warpgroup sees (tiles inside need no mask)."""
+    (softmax) and the factor the accumulator must be rescaled by. ``mask``: the mask's run-time
+    values (lq, lk, shift, left, right, contextual, max_id, max_attn_len), as common.allowed takes
+    them; [full_lo, full_hi): the keys every row of the warpgroup sees (tiles inside need no mask)."""
     j0 = t * BLOCK_N
     need_mask = (j0 < full_lo) | (j0 + BLOCK_N > full_hi)
     kj = gl.expand_dims(j0 + cols, 0)
@@ -105,7 +90,7 @@ def _tile_p(s, t, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
         if HAS_ALIBI:
-            s = s - slope * gl.abs(ii + shift - kj).to(gl.float32)
+            s = s - slope * gl.abs(ii + mask[2] - kj).to(gl.float32)
         if SCORE == SOFTMAX:
             c = LOG2E
         else:
@@ -114,7 +99,9 @@ def _tile_p(s, t, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi
         c = qk_scale
     if SCORE == SOFTMAX:  # the running max in units of s: P = exp2(s * c - m * c), one FMA
         if need_mask:
-            s = gl.where(_allowed(ii, kj, lk, shift, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            s = gl.where(allowed(ii, kj, *mask, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                 HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN),
+                         s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new) * c  # a row with nothing allowed yet
         p = gl.exp2(s * c - gl.expand_dims(m_use, 1))
@@ -128,7 +115,9 @@ def _tile_p(s, t, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi
         else:
             p = x * silu_scale * _sigmoid(x)
         if need_mask:
-            p = gl.where(_allowed(ii, kj, lk, shift, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            p = gl.where(allowed(ii, kj, *mask, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                 HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN),
+                         p, 0.0)
         alpha = m_i  # unused
     return p, m_i, l_i, alpha
 
@@ -154,11 +143,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0, lq, lk,
-              shift, left, right, t_lo, n_tiles, qk_scale, scale, softcap, slope, sig_bias, silu_scale,
-              WG: gl.constexpr, SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-              HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, STORE_LSE: gl.constexpr,
-              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              PINGPONG: gl.constexpr):
+              shift, left, right, contextual, max_id, max_attn_len, t_lo, n_tiles, qk_scale, scale, softcap, slope,
+              sig_bias, silu_scale, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constexpr,
+              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_CONTEXT: gl.constexpr,
+              HAS_MAX_ATTN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+              STORE_LSE: gl.constexpr, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup: HALF_M query rows against every key tile of the program, the softmax of
     tile j overlapping the product of tile j - 1 with V."""
     dtype: gl.constexpr = q_smem.dtype
@@ -177,8 +167,10 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
     o = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
     # the keys every row of this warpgroup sees: tiles inside [full_lo, full_hi) skip the mask
-    _, _, full_lo, full_hi = _key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, lq, lk, shift, left, right, HAS_LEFT,
-                                        HAS_RIGHT)
+    mask = (lq, lk, shift, left, right, contextual, max_id, max_attn_len)
+    _, _, full_lo, full_hi = key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, *mask,
+                                       MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
+                                       HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN)
     # the softmax's exponent multiplier: scale·log2(e) on raw scores, log2(e) on modified ones
     lse_c = qk_scale
     if HAS_SOFTCAP or HAS_ALIBI:
@@ -190,9 +182,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s, ))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, l_i, alpha = _tile_p(s, t_lo, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi, qk_scale,
-                                 scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE, HAS_LEFT=HAS_LEFT,
-                                 HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
+    p, m_i, l_i, alpha = _tile_p(s, t_lo, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale, softcap,
+                                 slope, sig_bias, silu_scale, SCORE=SCORE, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+                                 HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT,
+                                 HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+                                 BLOCK_N=BLOCK_N)
     for j in range(1, n_tiles):
         stage = j % STAGES
         prev = (j - 1) % STAGES
@@ -207,9 +201,10 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
             mbarrier.arrive(turn.index(1 - WG), count=1)
         s = warpgroup_mma_wait(1, deps=(s, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, lk, shift, left, right, full_lo, full_hi,
-                                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE,
-                                     HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HAS_SOFTCAP=HAS_SOFTCAP,
+        p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
+                                     softcap, slope, sig_bias, silu_scale, SCORE=SCORE, MASK_KIND=MASK_KIND,
+                                     HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
+                                     HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP,
                                      HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
         o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -238,14 +233,16 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, t
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "contextual", "max_attn_len"])
 def attn_fwd_sm90_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, stride_ab,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, stride_ab,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads, group, head_dim, scale, softcap, sigmoid_bias, silu_scale, window_left, window_right,
-    SCORE: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-    HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
+    contextual, max_attn_len,
+    SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+    HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
+    HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
     STORE_LSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
 ):
@@ -265,7 +262,7 @@ def attn_fwd_sm90_kernel(
         lq = seqlen_q
         k_start = 0
         lk = seqlen_k
-    if HAS_RIGHT:  # later rows see more keys: the longest rows first, the short ones fill the tail
+    if HAS_RIGHT or HSTU_CAUSAL:  # later rows see more keys: the longest rows first, the short ones fill the tail
         pid_m = gl.cdiv(seqlen_q, BLOCK_M) - 1 - pid_m
     m0 = pid_m * BLOCK_M
     if m0 >= lq:
@@ -289,8 +286,14 @@ def attn_fwd_sm90_kernel(
     lse_ptr = LSE + b64 * stride_lb + h * stride_lh + q_start
 
     shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
-    lo, hi, _, _ = _key_range(m0, gl.minimum(m0 + BLOCK_M, lq) - 1, lq, lk, shift, window_left, window_right, HAS_LEFT,
-                              HAS_RIGHT)
+    # HSTU's last history id (targets share it) and the sigmoid's bias (-ln Lk by default)
+    max_id, _, sig_bias = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias, MASK_KIND=MASK_KIND,
+                                             HAS_CONTEXT=HAS_CONTEXT, HAS_TARGETS=HAS_TARGETS,
+                                             DEFAULT_SIG_BIAS=DEFAULT_SIG_BIAS)
+    lo, hi, _, _ = key_range(m0, gl.minimum(m0 + BLOCK_M, lq) - 1, lq, lk, shift, window_left, window_right,
+                             contextual, max_id, max_attn_len, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
+                             HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT,
+                             HAS_MAX_ATTN=HAS_MAX_ATTN)
     # the key tiles the rows may see; at least one, so a row with no key at all comes out as the
     # mask leaves it (0, lse -inf)
     t_lo = gl.minimum(lo, lk) // BLOCK_N
@@ -301,9 +304,6 @@ def attn_fwd_sm90_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = gl.load(ALIBI + b * stride_ab + h)
-    sig_bias = sigmoid_bias
-    if DEFAULT_SIG_BIAS:
-        sig_bias = -gl.log(gl.maximum(lk, 1).to(gl.float32))
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
@@ -327,13 +327,15 @@ def attn_fwd_sm90_kernel(
     # (tuples written out: concatenated tuples lose their constexprs)
     gl.warp_specialize([
         (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0,
-                     lq, lk, shift, window_left, window_right, t_lo, n_tiles, qk_scale, scale, softcap, slope,
-                     sig_bias, silu_scale, 0, SCORE, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE,
-                     BLOCK_N, HALF_M, HEAD_DIM, STAGES, PINGPONG)),
+                     lq, lk, shift, window_left, window_right, contextual, max_id, max_attn_len, t_lo, n_tiles,
+                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, 0, SCORE, MASK_KIND, HAS_LEFT,
+                     HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE, BLOCK_N,
+                     HALF_M, HEAD_DIM, STAGES, PINGPONG)),
         (_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, lse_ptr, m0,
-                     lq, lk, shift, window_left, window_right, t_lo, n_tiles, qk_scale, scale, softcap, slope,
-                     sig_bias, silu_scale, 1, SCORE, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE,
-                     BLOCK_N, HALF_M, HEAD_DIM, STAGES, PINGPONG)),
+                     lq, lk, shift, window_left, window_right, contextual, max_id, max_attn_len, t_lo, n_tiles,
+                     qk_scale, scale, softcap, slope, sig_bias, silu_scale, 1, SCORE, MASK_KIND, HAS_LEFT,
+                     HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, STORE_LSE, BLOCK_N,
+                     HALF_M, HEAD_DIM, STAGES, PINGPONG)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty, m0,
                      t_lo, n_tiles, STAGES, BLOCK_N, HALF_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -330,8 +330,9 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
     65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
-    window (causal included), softcap and ALiBi, GQA, dense or packed; not with the relative bias,
-    attention masks, dropout or the quantized precisions, and only for a positive scale (its softmax
+    window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
+    ALiBi, GQA, dense or packed; not with the relative bias, attention masks, dropout or the
+    quantized precisions, and only for a positive scale (its softmax
     keeps the running max of the unscaled scores), tensors a descriptor can address (the output's
     heads too: a head dim that is a multiple of 8) and at most 65535 (sequence, head) pairs (the
     grid's second axis). OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
@@ -340,7 +341,7 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> b
     d = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != d or not 64 < d <= 128 or d % 8:
         return False
-    if p.mask_kind != 0 or p.dropout_p > 0 or p.scale <= 0:
+    if p.dropout_p > 0 or p.scale <= 0:
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
         return False
@@ -351,6 +352,9 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> b
 
 
 _SM90: list = []
+# the template's compile-time flags the Hopper kernel takes as they are
+_SM90_FLAGS = ("MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "HSTU_CAUSAL", "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN",
+               "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN")
 
 
 def _sm90_kernel():
@@ -376,13 +380,12 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params):
         return out, lse
     m = L.meta
     kernel[grid](
-        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k, L.alibi, L.stride_ab,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
+        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k, L.alibi, L.num_targets,
+        L.stride_ab, *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
         *L.seqlens, L.hq, L.hq // L.hkv, L.d, p.scale, p.softcap, p.sigmoid_bias, p.silu_scale, p.window_left,
-        p.window_right,
-        SCORE=p.score, HAS_LEFT=m["HAS_LEFT"], HAS_RIGHT=m["HAS_RIGHT"], HAS_SOFTCAP=m["HAS_SOFTCAP"],
-        HAS_ALIBI=m["HAS_ALIBI"], IS_VARLEN=L.varlen, DEFAULT_SIG_BIAS=bool(p.default_sig_bias), STORE_LSE=L.softmax,
-        **module.config(q.dtype),
+        p.window_right, p.contextual, p.max_attn_len,
+        SCORE=p.score, STORE_LSE=L.softmax, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
+        **{name: m[name] for name in _SM90_FLAGS}, **module.config(q.dtype),
     )
     return out, lse
 
