@@ -238,10 +238,7 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
 
 
 @gluon.jit
-def _consumer(O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m,
-              n_heads, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
-              sigmoid_bias, scale, softcap, silu_scale, q_smem, o_smem, k_smem, v_smem, item_smem, q_bar, q_empty,
-              k_full, v_full, k_empty, v_empty, turn, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constexpr,
+def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constexpr,
               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr,
               HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr,
@@ -250,7 +247,12 @@ def _consumer(O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_
               Q_LAYOUT: gl.constexpr):
     """One warpgroup: per work item the producer hands over, HALF_M query rows against the item's
     key tiles, the softmax of tile j overlapping the product of tile j - 1 with V; the output
-    leaves by TMA while the next item starts."""
+    leaves by TMA while the next item starts. ``args``: the run-time arguments, one tuple for both
+    warpgroups (constexprs stay separate: inside a tuple they would become run-time values)."""
+    (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m, n_heads, head_dim,
+     CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, scale, softcap,
+     silu_scale, q_smem, o_smem, k_smem, v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
+     turn) = args
     HALF_M: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_smem.dtype
     # wgmma accumulators of one warpgroup (4 warps along the rows); P feeds the second product from registers
@@ -408,29 +410,24 @@ def attn_fwd_sm90_kernel(
         mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
 
-    # (tuples written out: concatenated tuples lose their constexprs)
+    consumer_args = (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m,
+                     n_heads, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, window_left, window_right,
+                     contextual, max_attn_len, sigmoid_bias, scale, softcap, silu_scale, q_smem, o_smem, k_smem, v_smem,
+                     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn)
+    # (constexprs written out: concatenated tuples lose them)
     gl.warp_specialize([
-        (_consumer, (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m,
-                     n_heads, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, window_left, window_right,
-                     contextual, max_attn_len, sigmoid_bias, scale, softcap, silu_scale, q_smem, o_smem, k_smem,
-                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, 0, SCORE, MASK_KIND,
-                     HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI,
-                     IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG,
-                     Q_LAYOUT)),
-        (_consumer, (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m,
-                     n_heads, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, window_left, window_right,
-                     contextual, max_attn_len, sigmoid_bias, scale, softcap, silu_scale, q_smem, o_smem, k_smem,
-                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, 1, SCORE, MASK_KIND,
-                     HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI,
-                     IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG,
-                     Q_LAYOUT)),
+        (_consumer, (consumer_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                     HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N,
+                     HEAD_DIM, STAGES, PINGPONG, Q_LAYOUT)),
+        (_consumer, (consumer_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
+                     HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N,
+                     HEAD_DIM, STAGES, PINGPONG, Q_LAYOUT)),
         (_producer, (Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                      stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,
                      seqlen_k, window_left, window_right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem,
-                     v_smem, item_smem, q_bar,
-                     q_empty, k_full, v_full, k_empty, v_empty, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
-                     HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM,
-                     STAGES, Q_LAYOUT, KV_LAYOUT)),
+                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, SCORE, MASK_KIND, HAS_LEFT,
+                     HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS,
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_LAYOUT, KV_LAYOUT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
