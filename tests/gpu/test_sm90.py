@@ -138,3 +138,48 @@ def test_hstu_with_relative_bias_takes_the_template(sm90_calls):
     oa.hstu_attention(p.q.detach().to(DEV), p.k.detach().to(DEV), p.v.detach().to(DEV), offsets.to(DEV), max_len,
                       backend="triton", **kw)
     assert not sm90_calls
+
+
+def _chain_problem(case, gen):
+    """Problems whose items differ in key tiles (odd and even counts), for test_programs_chain_items."""
+    bf16 = torch.bfloat16
+    if case == "silu-causal-gqa":
+        return dense_problem(2, 700, 900, 4, 2, 128, 128, bf16, gen, DEV, score="silu", causal=True)
+    if case == "sigmoid-fp16-d96":
+        return dense_problem(1, 1000, 1000, 4, 4, 96, 96, torch.float16, gen, DEV, score="sigmoid")
+    if case == "softmax-alibi-causal":
+        return dense_problem(2, 333, 333, 2, 1, 128, 128, bf16, gen, DEV, causal=True,
+                             alibi_slopes=torch.rand(2, device=DEV))
+    return varlen_problem([0, 300, 1, 129, 200, 517], [5, 0, 77, 129, 400, 517], 6, 3, 128, 128, bf16, gen, DEV,
+                          window=(50, 0), softcap=10.0)
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("case", ["silu-causal-gqa", "sigmoid-fp16-d96", "softmax-alibi-causal", "packed-window-softcap",
+                                  "hstu"])
+def test_programs_chain_items(sm90_calls, monkeypatch, programs, case):
+    """One or three programs for every item of the call: each runs a long chain of items with
+    different key-tile counts (the K/V ring's position and the ping-pong turns carried across
+    items, the output buffer and the descriptors reused while the previous item's store and loads
+    may be in flight; padding items of packed sequences skipped between them)."""
+    monkeypatch.setattr(launch, "sm90_programs", lambda device, items: min(items, programs))
+    gen = torch.Generator().manual_seed(programs * 13 + len(case))
+    if case == "hstu":
+        lens, targets, causal, contextual, max_attn_len, d = HSTU_CASES[2]
+        test_hstu_masks(sm90_calls, lens, targets, causal, contextual, max_attn_len, d)
+        return
+    check_outputs_and_grads(_chain_problem(case, gen), "triton", gen)
+    assert sm90_calls
+
+
+def test_more_work_items_than_the_kernel_counts_take_the_template(sm90_calls, monkeypatch):
+    """The kernel counts its work items in 32 bits: calls with more (SM90_MAX_ITEMS, lowered here)
+    take the template."""
+    monkeypatch.setattr(launch, "SM90_MAX_ITEMS", 7)
+    gen = torch.Generator().manual_seed(5)
+    p = dense_problem(1, 1024, 1024, 1, 1, 128, 128, torch.bfloat16, gen, DEV)  # 8 query tiles
+    check_outputs_and_grads(p, "triton", gen)
+    assert not sm90_calls
+    p = dense_problem(1, 896, 896, 1, 1, 128, 128, torch.bfloat16, gen, DEV)  # 7
+    check_outputs_and_grads(p, "triton", gen)
+    assert sm90_calls

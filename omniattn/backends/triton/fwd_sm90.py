@@ -57,7 +57,9 @@ SOFTMAX = gl.constexpr(0)  # launch.SCORE_IDS; 2 is SiLU
 SIGMOID = gl.constexpr(1)
 # registers per thread by warpgroup: the kernel runs 12 warps (two consumer warpgroups, one
 # producer warp rounded up to a warpgroup) under maxnreg=MAXNREG: 65536 / 384 threads; the
-# warpgroups then take 240 + 240 + 32 (x 128 threads: all 65536)
+# workers then take 240 (consumer warpgroup 1) and 32 (the producer), and Triton gives the default
+# partition (consumer warpgroup 0) 232 (its PTX). ptxas spills 4-444 bytes per variant, in the
+# per-item code (24 for the producer spills as much)
 MAXNREG = 168
 CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(32)

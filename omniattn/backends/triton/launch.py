@@ -328,15 +328,15 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
                  EXACT_FP8_ROUNDING=False)
 
 
-def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> bool:
+def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool = False) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
     65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
     window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
     ALiBi, GQA, dense or packed; not with the relative bias, attention masks, dropout or the
     quantized precisions, and only for a positive scale (its softmax
-    keeps the running max of the unscaled scores), and tensors a descriptor can address (the
-    output's heads too: a head dim that is a multiple of 8). OMNIATTN_SM90=0 (or OMNIATTN_TMA=0)
-    turns it off."""
+    keeps the running max of the unscaled scores), tensors a descriptor can address (the output's
+    heads too: a head dim that is a multiple of 8) and fewer than SM90_MAX_ITEMS query tiles.
+    OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
     if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     d = q.shape[-1]
@@ -346,7 +346,18 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, quantized: bool = False) -> b
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
         return False
-    return _sm90_kernel() is not None and _tma_ok(q, k, v)
+    entry = _sm90_kernel()
+    if entry is None:
+        return False
+    # the kernel counts its work items (query tiles of every (sequence, head)) in 32 bits; a
+    # program's last fetch from the counter runs past the count by up to the number of programs
+    sequences = x.cu_q.numel() - 1 if q.dim() == 3 else q.shape[0]
+    if cdiv(max_q, entry[0].BLOCK_M) * sequences * q.shape[-2] > SM90_MAX_ITEMS:
+        return False
+    return _tma_ok(q, k, v)
+
+
+SM90_MAX_ITEMS = 2**31 - 2**16
 
 
 _SM90: list = []
@@ -406,7 +417,7 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     given = (q, k, v)
     q, k, v = (_last_contiguous(t) for t in given)
     L = _Launch(q, k, v, x, max_q, max_k, p)
-    if sm90_forward_ok(*given, x, p, quantized=quant is not None):
+    if sm90_forward_ok(*given, x, p, max_q, quantized=quant is not None):
         return _forward_sm90(q, k, v, L, p)
     L.build_rab_table(q)
     # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
