@@ -129,8 +129,8 @@ def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
 
 @gluon.jit
 def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
-          sigmoid_bias, SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
-          HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr,
+          sigmoid_bias, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+          HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr,
           HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Work item ``item`` (every partition computes the same): its (sequence, head), query rows
@@ -176,7 +176,7 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
 def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
               stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q, seqlen_k,
               left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem, item_smem, q_bar, q_empty,
-              k_full, v_full, k_empty, v_empty, SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
+              k_full, v_full, k_empty, v_empty, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
               HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr,
               HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr,
               DEFAULT_SIG_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -195,8 +195,8 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
     while item < n_items:
         b, h, q_start, lq, k_start, lk, m0, _, _, _, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
-            sigmoid_bias, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-            HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
+            sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
+            IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
         if m0 < lq:
             # the descriptors below overwrite the previous item's: first its Q must have been read
             # (both warpgroups released it) and its last K and V tiles must have landed
@@ -283,8 +283,8 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
     while item < n_items:
         b, h, q_start, lq, k_start, lk, m0, shift, max_id, sig_bias, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
-            sigmoid_bias, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-            HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
+            sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
+            IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI + b * stride_ab + h)
@@ -427,7 +427,7 @@ def attn_fwd_sm90_kernel(
         (_producer, (Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                      stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,
                      seqlen_k, window_left, window_right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem,
-                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, SCORE, MASK_KIND, HAS_LEFT,
+                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, MASK_KIND, HAS_LEFT,
                      HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS,
                      BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_LAYOUT, KV_LAYOUT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
