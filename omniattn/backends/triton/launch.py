@@ -333,10 +333,10 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool =
     65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
     window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
     ALiBi, GQA, dense or packed; not with the relative bias, attention masks, dropout or the
-    quantized precisions, and only for a positive scale (its softmax
-    keeps the running max of the unscaled scores), tensors a descriptor can address (the output's
-    heads too: a head dim that is a multiple of 8) and fewer than SM90_MAX_ITEMS query tiles.
-    OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
+    quantized precisions, and only for a positive scale (its softmax keeps the running max of the
+    unscaled scores), tensors a descriptor can address (the output's heads too: a head dim that is
+    a multiple of 8) and at most SM90_MAX_ITEMS query tiles. OMNIATTN_SM90=0 (or OMNIATTN_TMA=0)
+    turns it off."""
     if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     d = q.shape[-1]
