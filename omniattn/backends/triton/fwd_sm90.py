@@ -114,8 +114,7 @@ def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
         # operations and one MUFU per score for sigmoid, three for SiLU (five before folding)
         hx = s * (0.5 * c)
         if SCORE == SIGMOID:
-            t = _tanh(hx + 0.5 * sig_bias)
-            p = 0.5 * t + 0.5
+            p = 0.5 * _tanh(hx + 0.5 * sig_bias) + 0.5
         else:  # x * silu_scale * sigmoid(x) = u + u * tanh(x / 2), u = silu_scale * x / 2
             u = hx * silu_scale
             p = u * _tanh(hx) + u
@@ -276,7 +275,6 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
         lse_c = LOG2E
     ITEM_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     it = 0  # K/V tiles consumed so far (ring position and phase)
-    turns = 0  # issue turns taken so far (ping-pong phase)
     done = 0  # items done so far (Q's phase)
     mbarrier.wait(q_bar, 0)
     item = gl.max(item_smem.load(ITEM_LAYOUT), 0)
@@ -317,7 +315,8 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
             mbarrier.wait(v_full.index(prev), ((it + j - 1) // STAGES) & 1)
             p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
             if PINGPONG:  # the warpgroups take turns to issue, so one's softmax runs under the other's products
-                mbarrier.wait(turn.index(WG), ((turns + j - 1) & 1) ^ (1 - WG))  # warpgroup 0 goes first
+                # turns taken so far: it - done before this item (n_tiles - 1 per item); warpgroup 0 goes first
+                mbarrier.wait(turn.index(WG), ((it - done + j - 1) & 1) ^ (1 - WG))
             s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             o = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
             if PINGPONG:
@@ -362,7 +361,6 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
                        stride_ot, HALF_M, HEAD_DIM, Q_LAYOUT)
         _tma_store(o_desc, [mw, 0], o_buf)
         it += n_tiles
-        turns += n_tiles - 1
         done += 1
         mbarrier.wait(q_bar, done & 1)  # the next item's Q, or the end
         item = gl.max(item_smem.load(ITEM_LAYOUT), 0)
