@@ -190,29 +190,37 @@ def tma() -> None:
 
 
 def sm90() -> None:
-    """Hopper's Gluon forward (fwd_sm90): softmax, sigmoid and SiLU, causal or not, dense (GQA) and
-    packed, bf16 and fp16 with head dims 128 and 96, softmax with a sliding window, softcap and
-    ALiBi, and HSTU (causal, with targets; non-causal with a contextual prefix and max_attn_len);
-    prints the variant keys."""
+    """Hopper's Gluon forward (fwd_sm90) and backward (bwd_sm90): softmax, sigmoid and SiLU, causal
+    or not, dense (GQA) and packed, bf16 and fp16 with head dims 128 and 96, softmax with a sliding
+    window, softcap and ALiBi (their backward: the template's), and HSTU (causal, with targets;
+    non-causal with a contextual prefix and max_attn_len); prints the variant keys."""
     module, _ = launch._sm90_kernel()
     launch._SM90[0] = (module, Compiling(module.attn_fwd_sm90_kernel))
+    bwd_module, _ = launch._sm90_bwd_kernel()
+    launch._SM90_BWD[0] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, **kwargs: True
+    launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q: p.softcap == 0 and x.alibi is None
     launch.sm90_programs = lambda device, items: items  # (no GPU to count SMs on)
+
+    def grad(out):
+        out.float().sum().backward()
+
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 96)):
-        q = torch.randn(2, 300, 4, d).to(dtype)
-        kv = torch.randn(2, 300, 2, d).to(dtype)
+        q = torch.randn(2, 300, 4, d).to(dtype).requires_grad_()
+        kv = torch.randn(2, 300, 2, d).to(dtype).requires_grad_()
         offsets = torch.tensor([0, 100, 256])
+        packed = q.detach()[0, :256].requires_grad_()
         for score, causal in itertools.product(("softmax", "sigmoid", "silu"), (False, True)):
-            oa.attention(q, kv, kv, score=score, causal=causal, backend="triton")
-            oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, score=score,
-                                causal=causal, backend="triton")
-    q = torch.randn(2, 300, 4, 128).to(torch.bfloat16)
-    oa.attention(q, q, q, window=(64, 0), backend="triton")
-    oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton")
-    oa.attention(q, q, q, causal=True, alibi_slopes=torch.rand(4), backend="triton")
-    jagged = q[0, :256]
+            grad(oa.attention(q, kv, kv, score=score, causal=causal, backend="triton"))
+            grad(oa.attention_varlen(packed, packed, packed, offsets, offsets, 156, 156, score=score, causal=causal,
+                                     backend="triton"))
+    q = torch.randn(2, 300, 4, 128).to(torch.bfloat16).requires_grad_()
+    grad(oa.attention(q, q, q, window=(64, 0), backend="triton"))
+    grad(oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton"))
+    grad(oa.attention(q, q, q, causal=True, alibi_slopes=torch.rand(4), backend="triton"))
+    jagged = q.detach()[0, :256].requires_grad_()
     for kw in (dict(), dict(num_targets=torch.tensor([3, 5])), dict(contextual_seq_len=2, max_attn_len=16, causal=False)):
-        oa.hstu_attention(jagged, jagged, jagged, offsets, 160, backend="triton", **kw)
+        grad(oa.hstu_attention(jagged, jagged, jagged, offsets, 160, backend="triton", **kw))
     keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN", "MASK_KIND", "HSTU_CAUSAL",
             "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN")
     for name, consts, _, _ in SEEN:
@@ -228,7 +236,7 @@ def main():
     parser.add_argument("--dense-only", action="store_true", help="skip the window/softcap/varlen/HSTU variants")
     parser.add_argument("--hstu-long", choices=["int32", "int64"], help="only HSTU+bias on a long sequence")
     parser.add_argument("--tma", action="store_true", help="only the forward's TMA variants")
-    parser.add_argument("--sm90", action="store_true", help="only Hopper's Gluon forward")
+    parser.add_argument("--sm90", action="store_true", help="only Hopper's Gluon forward and backward")
     args = parser.parse_args()
     install()
     if args.hstu_long:

@@ -68,11 +68,11 @@ def test_tma_forward_compiles_for_sm90():
     assert packed_vt and all(v[6] == "BYTE_STORES=0" for v in packed_vt)
 
 
-def test_hopper_gluon_forward_compiles_for_sm90():
-    """Hopper's Gluon forward (fwd_sm90: warp-specialized, TMA, asynchronous wgmma): every score
-    function, causal or not, dense and packed, a sliding window, softcap and ALiBi, and HSTU's masks,
-    reached through the public API with the launch rule forced (no GPU here, so the rule itself
-    would say no)."""
+def test_hopper_gluon_kernels_compile_for_sm90():
+    """Hopper's Gluon forward and backward (fwd_sm90, bwd_sm90: warp-specialized, TMA, asynchronous
+    wgmma, dQ by TMA reductions): every score function, causal or not, dense and packed, a sliding
+    window, softcap and ALiBi (forward), and HSTU's masks, reached through the public API with the
+    launch rules forced (no GPU here, so the rules themselves would say no)."""
     try:
         from omniattn.backends.triton import fwd_sm90  # noqa: F401
     except (ImportError, AttributeError):
@@ -92,3 +92,16 @@ def test_hopper_gluon_forward_compiles_for_sm90():
     for causal, targets, context in (("True", "False", "False"), ("True", "True", "False"), ("False", "False", "True")):
         assert ["MASK_KIND=1", f"HSTU_CAUSAL={causal}", f"HAS_TARGETS={targets}", f"HAS_CONTEXT={context}",
                 f"HAS_MAX_ATTN={context}"] in hstu
+    # the backward (bwd_sm90) of every call above but softcap's and ALiBi's (the template's)
+    backward = [v[1:] for v in variants if v[0] == "attn_bwd_sm90_kernel"]
+    for score in ("0", "1", "2"):
+        for causal in ("False", "True"):
+            for varlen in ("False", "True"):
+                assert [f"SCORE={score}", "HAS_LEFT=False", f"HAS_RIGHT={causal}", "HAS_SOFTCAP=None", "HAS_ALIBI=None",
+                        f"IS_VARLEN={varlen}", "MASK_KIND=0", "HSTU_CAUSAL=False", "HAS_TARGETS=False",
+                        "HAS_CONTEXT=False", "HAS_MAX_ATTN=False"] in backward
+    assert any(v[1] == "HAS_LEFT=True" and v[2] == "HAS_RIGHT=True" for v in backward)  # the sliding window
+    for causal, targets, context in (("True", "False", "False"), ("True", "True", "False"), ("False", "False", "True")):
+        assert ["SCORE=2", "HAS_LEFT=False", "HAS_RIGHT=False", "HAS_SOFTCAP=None", "HAS_ALIBI=None", "IS_VARLEN=True",
+                "MASK_KIND=1", f"HSTU_CAUSAL={causal}", f"HAS_TARGETS={targets}", f"HAS_CONTEXT={context}",
+                f"HAS_MAX_ATTN={context}"] in backward

@@ -157,8 +157,18 @@ def _grads_twice(fn, leaves, dout):
 
 @pytest.mark.parametrize("kind", ["softmax-varlen-gqa", "hstu-rab"])
 def test_backward_is_bitwise_deterministic(kind):
-    """No atomics in the backward (dQ, dK/dV and the bias's weight gradients are reduced in a fixed
-    order), so two backward passes give identical bits: flash-attn's deterministic=True, always."""
+    """Under torch.use_deterministic_algorithms(True) the backward reduces dQ, dK/dV and the bias's
+    weight gradients in a fixed order (the template; Hopper's Gluon backward sums dQ by atomics and
+    steps aside), so two backward passes give identical bits."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _check_deterministic(kind)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def _check_deterministic(kind):
     gen = torch.Generator().manual_seed(21)
     lens = [1000, 3, 517, 2048, 64]
     if kind == "hstu-rab":

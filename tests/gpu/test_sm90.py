@@ -1,6 +1,6 @@
-"""GPU-only: Hopper's Gluon forward (fwd_sm90) — taken where its rule says so, equal to the reference,
-every output element written (outputs poisoned with NaN first), gradients through the template's
-backward from its output and lse."""
+"""GPU-only: Hopper's Gluon forward (fwd_sm90) and backward (bwd_sm90) — taken where their rules
+say so, equal to the reference, every output element written (outputs poisoned with NaN first),
+gradients from the Gluon backward (or the template's where its rule sends them)."""
 
 import pytest
 import torch
@@ -16,17 +16,30 @@ pytestmark = pytest.mark.skipif(
     reason="Hopper (sm_90) with Triton's Gluon only")
 
 
+class _Calls(list):
+    """The forwards that took the Hopper kernel; ``bwd``: the backwards that did."""
+
+    def __init__(self):
+        super().__init__()
+        self.bwd = []
+
+
 @pytest.fixture
 def sm90_calls(monkeypatch):
-    """Counts the calls that took the Hopper kernel; every tensor launch.py allocates starts as NaN."""
-    calls = []
-    real = launch._forward_sm90
+    """Counts the calls that took the Hopper kernels; every tensor launch.py allocates starts as NaN."""
+    calls = _Calls()
+    real_fwd, real_bwd = launch._forward_sm90, launch._backward_sm90
 
-    def counting(*args, **kwargs):
+    def counting_fwd(*args, **kwargs):
         calls.append(args[0].shape)
-        return real(*args, **kwargs)
+        return real_fwd(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "_forward_sm90", counting)
+    def counting_bwd(*args, **kwargs):
+        calls.bwd.append(args[1].shape)
+        return real_bwd(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_forward_sm90", counting_fwd)
+    monkeypatch.setattr(launch, "_backward_sm90", counting_bwd)
     monkeypatch.setattr(launch, "torch", PoisonedTorch())
     return calls
 
@@ -42,7 +55,7 @@ def test_dense(sm90_calls, dtype, score, causal, shape):
     gen = torch.Generator().manual_seed(nq * 7 + nk + d + causal)
     p = dense_problem(b, nq, nk, hq, hkv, d, d, dtype, gen, DEV, score=score, causal=causal)
     check_outputs_and_grads(p, "triton", gen)
-    assert sm90_calls
+    assert sm90_calls and sm90_calls.bwd
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
@@ -56,6 +69,7 @@ def test_packed_with_empty_sequences(sm90_calls, score, mods):
     p = varlen_problem(lens_q, lens_k, 6, 3, 128, 128, torch.bfloat16, gen, DEV, score=score, **mods)
     check_outputs_and_grads(p, "triton", gen)
     assert sm90_calls
+    assert bool(sm90_calls.bwd) == ("softcap" not in mods)  # softcap's backward: the template
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
@@ -90,7 +104,7 @@ def test_more_than_65535_sequence_heads(sm90_calls):
     gen = torch.Generator().manual_seed(4)
     p = varlen_problem([2] * 4100, [2] * 4100, 16, 16, 128, 128, torch.bfloat16, gen, DEV)
     check_outputs_and_grads(p, "triton", gen)
-    assert sm90_calls
+    assert sm90_calls and sm90_calls.bwd
 
 
 HSTU_CASES = [
@@ -125,7 +139,7 @@ def test_hstu_masks(sm90_calls, lens, targets, causal, contextual, max_attn_len,
         return oa.reference.hstu_attention(p.q, p.k, p.v, offsets, max_len, dtype=dtype, **kw)
 
     check_outputs_and_grads(p, "triton", gen, fn=fn, ref=ref)
-    assert sm90_calls
+    assert sm90_calls and sm90_calls.bwd
 
 
 def test_hstu_with_relative_bias_takes_the_template(sm90_calls):
@@ -183,3 +197,33 @@ def test_more_work_items_than_the_kernel_counts_take_the_template(sm90_calls, mo
     p = dense_problem(1, 896, 896, 1, 1, 128, 128, torch.bfloat16, gen, DEV)  # 7
     check_outputs_and_grads(p, "triton", gen)
     assert sm90_calls
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test (warn_only: PyTorch's own ops in the
+    test may have no deterministic version)."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def test_deterministic_algorithms_take_the_template_backward(sm90_calls, deterministic_algorithms):
+    """The Hopper backward sums dQ by float32 TMA reductions, in no fixed order; under
+    torch.use_deterministic_algorithms(True) the backward takes the template (fixed-order
+    reductions): two backward passes give identical bits, and equal the reference's."""
+    gen = torch.Generator().manual_seed(9)
+    lens = [1000, 3, 517, 2048, 64]
+    p = varlen_problem(lens, lens, 8, 2, 128, 128, torch.bfloat16, gen, DEV, causal=True)
+    check_outputs_and_grads(p, "triton", gen)
+    cu, _, mq, mk = p.varlen
+    dout = torch.randn(p.q.shape, generator=gen).to(DEV, p.q.dtype)
+    runs = []
+    for _ in range(2):
+        for t in (p.q, p.k, p.v):
+            t.grad = None
+        oa.attention_varlen(p.q, p.k, p.v, cu, cu, mq, mk, causal=True, backend="triton").backward(dout)
+        runs.append([t.grad.clone() for t in (p.q, p.k, p.v)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert sm90_calls and not sm90_calls.bwd

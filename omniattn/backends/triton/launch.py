@@ -412,6 +412,59 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params):
     return out, lse
 
 
+def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int) -> bool:
+    """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
+    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not where
+    PyTorch is asked for deterministic algorithms (torch.use_deterministic_algorithms): its dQ is
+    summed by float32 atomics. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
+    if p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
+        return False
+    if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0":
+        return False
+    if not sm90_forward_ok(q, k, v, x, p, max_q) or _sm90_bwd_kernel() is None:
+        return False
+    return _tma_ok(dout)
+
+
+_SM90_BWD: list = []
+
+
+def _sm90_bwd_kernel():
+    """The Hopper backward's launcher, or None where this Triton has no Gluon for Hopper."""
+    if not _SM90_BWD:
+        try:
+            from . import bwd_sm90
+
+            _SM90_BWD.append((bwd_sm90, FastLaunch(bwd_sm90.attn_bwd_sm90_kernel)))
+        except (ImportError, AttributeError):
+            _SM90_BWD.append(None)
+    return _SM90_BWD[0]
+
+
+def _backward_sm90(dout, q, k, v, lse, delta, L: "_Launch", p: Params):
+    """dQ, dK, dV by bwd_sm90 (sm90_backward_ok); dQ summed in float32, then scaled and cast."""
+    module, kernel = _sm90_bwd_kernel()
+    dev = q.device
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    programs = cdiv(L.max_k, module.BLOCK_N) * L.batch * L.hkv
+    if programs:
+        m = L.meta
+        kernel[(programs,)](
+            q, k, v, dout, lse, delta, dq_acc, dk, dv, L.cu_q, L.cu_k, L.num_targets,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq_acc), *_strides(dk),
+            *_strides(dv), L.stride_lb, L.stride_lh, *L.seqlens, L.batch, L.hkv, L.hq // L.hkv, L.d, p.scale,
+            p.sigmoid_bias, p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len,
+            SCORE=p.score, DEFAULT_SIG_BIAS=bool(p.default_sig_bias), **{name: m[name] for name in _SM90_FLAGS
+                                                                           if name not in ("HAS_SOFTCAP", "HAS_ALIBI")},
+            **module.config(q.dtype),
+        )
+    else:
+        dk.zero_()
+        dv.zero_()
+    return dq_acc.mul_(p.scale).to(q.dtype), dk, dv
+
+
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
     given = (q, k, v)
@@ -485,6 +538,8 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
             )
     else:
         lse = delta = _dummy(dev, torch.float32)
+    if sm90_backward_ok(q, k, v, dout, x, p, max_q):
+        return (*_backward_sm90(dout, q, k, v, lse, delta, L, p), None, None)
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
     if x.tiles_dkdv is not None:
         grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
