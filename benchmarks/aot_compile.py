@@ -199,7 +199,7 @@ def sm90() -> None:
     bwd_module, _ = launch._sm90_bwd_kernel()
     launch._SM90_BWD[0] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, **kwargs: True
-    launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q: p.softcap == 0 and x.alibi is None
+    launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q, max_k: p.softcap == 0 and x.alibi is None
     launch.sm90_programs = lambda device, items: items  # (no GPU to count SMs on)
 
     def grad(out):

@@ -41,6 +41,8 @@ def sm90_calls(monkeypatch):
     monkeypatch.setattr(launch, "_forward_sm90", counting_fwd)
     monkeypatch.setattr(launch, "_backward_sm90", counting_bwd)
     monkeypatch.setattr(launch, "torch", PoisonedTorch())
+    # the kernel on short causal calls too (the rule sends them to the template: faster there)
+    monkeypatch.setattr(launch, "SM90_BWD_CAUSAL_MIN_KEYS", 0)
     return calls
 
 
@@ -227,3 +229,16 @@ def test_deterministic_algorithms_take_the_template_backward(sm90_calls, determi
         runs.append([t.grad.clone() for t in (p.q, p.k, p.v)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert sm90_calls and not sm90_calls.bwd
+
+
+def test_short_causal_backward_takes_the_template(sm90_calls, monkeypatch):
+    """Causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys take the template's backward
+    (measured faster there); at that many keys the Gluon backward."""
+    monkeypatch.setattr(launch, "SM90_BWD_CAUSAL_MIN_KEYS", 1000)
+    gen = torch.Generator().manual_seed(12)
+    check_outputs_and_grads(dense_problem(1, 999, 999, 2, 1, 128, 128, torch.bfloat16, gen, DEV, causal=True),
+                            "triton", gen)
+    assert sm90_calls and not sm90_calls.bwd
+    check_outputs_and_grads(dense_problem(1, 999, 1000, 2, 1, 128, 128, torch.bfloat16, gen, DEV, causal=True),
+                            "triton", gen)
+    assert sm90_calls.bwd

@@ -412,11 +412,18 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params):
     return out, lse
 
 
-def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int) -> bool:
+# H100, bf16, H=16, D=128, forward+backward TFLOPS against the template's backward: causal at 1024
+# keys 154 vs 210 (16 x 1024), 136 vs 181 (packed GQA), 203 vs 256 (HSTU 64 x 1024): a program
+# walks too few query tiles to fill its pipeline; at 4096 keys 328 vs 324, HSTU 452 vs 357
+SM90_BWD_CAUSAL_MIN_KEYS = 2048
+
+
+def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
     (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not where
     PyTorch is asked for deterministic algorithms (torch.use_deterministic_algorithms): its dQ is
-    summed by float32 atomics. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
+    summed by float32 atomics; nor causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys, where
+    the template measured faster. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
     if p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
         return False
     if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0":
@@ -538,7 +545,7 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
             )
     else:
         lse = delta = _dummy(dev, torch.float32)
-    if sm90_backward_ok(q, k, v, dout, x, p, max_q):
+    if sm90_backward_ok(q, k, v, dout, x, p, max_q, max_k):
         return (*_backward_sm90(dout, q, k, v, lse, delta, L, p), None, None)
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
     if x.tiles_dkdv is not None:
