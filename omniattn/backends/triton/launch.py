@@ -426,7 +426,7 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
     the template measured faster. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
     if p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
         return False
-    if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0":
+    if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0" or (p.causal and max_k < SM90_BWD_CAUSAL_MIN_KEYS):
         return False
     if not sm90_forward_ok(q, k, v, x, p, max_q) or _sm90_bwd_kernel() is None:
         return False
