@@ -18,8 +18,10 @@ Semantics kept from flash-attn (its C++ entry points, not only its docstrings):
   without dropout.
 - ``dropout_p > 0`` applies dropout whenever it is passed (flash-attn leaves train/eval to the
   caller), with omniattn's counter-based RNG seeded from torch's default generator.
-- ``deterministic`` is accepted and changes nothing: omniattn's backward is always deterministic (no
-  atomics; tests/gpu checks two backward passes for identical bits).
+- ``deterministic`` is accepted and not read: omniattn's backward reduces in a fixed order except
+  Hopper's Gluon backward, whose dQ is summed by float32 TMA reductions; under
+  ``torch.use_deterministic_algorithms(True)`` that backward steps aside for the fixed-order one
+  (tests/gpu checks two backward passes for identical bits).
 
 ``flash_attn_with_kvcache`` appends ``k``/``v`` into the caller's cache IN PLACE at
 ``cache_seqlens`` (flash-attn's contract), paged through ``block_table`` or indexed by
