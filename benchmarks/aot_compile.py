@@ -195,9 +195,9 @@ def sm90() -> None:
     window, softcap and ALiBi (their backward: the template's), and HSTU (causal, with targets;
     non-causal with a contextual prefix and max_attn_len); prints the variant keys."""
     module, _ = launch._sm90_kernel()
-    launch._SM90[0] = (module, Compiling(module.attn_fwd_sm90_kernel))
+    launch._GLUON["fwd_sm90"] = (module, Compiling(module.attn_fwd_sm90_kernel))
     bwd_module, _ = launch._sm90_bwd_kernel()
-    launch._SM90_BWD[0] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
+    launch._GLUON["bwd_sm90"] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, **kwargs: True
     launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q, max_k: p.softcap == 0 and x.alibi is None
     launch.sm90_programs = lambda device, items: items  # (no GPU to count SMs on)

@@ -8,14 +8,15 @@ query head of its group once, FlashAttention-2/3's schedule:
     S^T  = K Q^T          dP^T = V dO^T          (keys as rows: the accumulators stay in registers)
     P^T, dS^T from S^T and dP^T (the score function's derivative)
     dV  += P^T dO         dK  += dS^T Q          (P^T and dS^T from registers)
-    dQ  += dS K           (dS^T through shared memory; float32 atomics into a buffer the caller
-                           scales and casts: the one product whose sum crosses programs)
+    dQ  += dS K           (dS^T through shared memory; added by TMA reductions into a float32
+                           buffer the caller scales and casts: the one sum that crosses programs)
 
 in three partitions: a producer warp loads K and V once, then Q and dO tile by tile by TMA into a
 ring of STAGES buffers; two consumer warpgroups own 64 keys each (their S^T, dP^T, dK and dV) and
 share the dQ product, each taking half of the head dim, after both have written their half of
-dS^T. dQ's atomics make the float32 sums' order vary from run to run; ``deterministic`` calls take
-the template (bwd.py), whose reductions are fixed.
+dS^T. The reductions make dQ's float32 sums' order vary from run to run: under
+torch.use_deterministic_algorithms(True) the backward takes the template (bwd.py), whose reductions
+are fixed.
 
 Score functions, masks (windows, causal included, and HSTU's), GQA, dense and packed sequences
 are compile-time branches, with the template's helpers for the masks and tile ranges; anything
@@ -34,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from .common import _tanh_approx as _tanh
-from .common import allowed, query_range, sequence_constants
+from .common import allowed, query_range, sequence_bounds, sequence_constants
 from .fwd_sm90 import LOG2E, SIGMOID, SOFTMAX, _rows, _tma_load
 
 if hasattr(tma, "async_atomic_add"):  # Triton 3.7+
@@ -55,7 +56,7 @@ PRODUCER_REGS = gl.constexpr(32)
 
 
 @gluon.jit
-def _query_tiles(part, ctx_end, start, hi, BLOCK_M: gl.constexpr):
+def _query_tiles(part, ctx_end, start, hi):
     """Query rows [lo, hi) of part 0 (the contextual rows before the range, masked) or 1 (the range)."""
     if part == 0:
         return 0, ctx_end
@@ -90,7 +91,7 @@ def _producer(Q, DO, K, V, stride_qb, stride_qt, stride_qh, stride_dob, stride_d
                         stride_dot, BLOCK_M, HEAD_DIM, Q_LAYOUT)
         for part in gl.static_range(2):
             if part == 1 or HAS_CONTEXT:
-                lo_p, hi_p = _query_tiles(part, ctx_end, start, hi, BLOCK_M)
+                lo_p, hi_p = _query_tiles(part, ctx_end, start, hi)
                 for m in range(lo_p, hi_p, BLOCK_M):
                     stage = i % STAGES
                     mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
@@ -149,7 +150,7 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
                         stride_qat, BLOCK_M, HALF_D, DQ_LAYOUT)
         for part in gl.static_range(2):
             if part == 1 or HAS_CONTEXT:
-                lo_p, hi_p = _query_tiles(part, ctx_end, start, hi, BLOCK_M)
+                lo_p, hi_p = _query_tiles(part, ctx_end, start, hi)
                 for m in range(lo_p, hi_p, BLOCK_M):
                     stage = i % STAGES
                     qs = q_smem.index(stage)
@@ -244,16 +245,8 @@ def attn_bwd_sm90_kernel(
     bh = pid // n_n
     b = bh // n_kv_heads
     hk = bh % n_kv_heads
-    if IS_VARLEN:
-        q_start = gl.load(CU_Q + b)
-        lq = gl.load(CU_Q + b + 1) - q_start
-        k_start = gl.load(CU_K + b)
-        lk = gl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        lq = seqlen_q
-        k_start = 0
-        lk = seqlen_k
+    q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN=IS_VARLEN)
+    k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN=IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 < lk:
         shift = lk - lq

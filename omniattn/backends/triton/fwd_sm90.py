@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from .common import _tanh_approx as _tanh  # one MUFU instruction (the template's FAST_MATH tanh)
-from .common import allowed, key_range, sequence_constants
+from .common import allowed, key_range, sequence_bounds, sequence_constants
 
 # Triton 3.7+ names the TMA copies async_load / async_store; 3.6 (the H100 machine's) has the old names
 if hasattr(tma, "async_load"):
@@ -145,16 +145,8 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
         pid_m = n_m - 1 - pid_m
     b = bh // n_heads
     h = bh % n_heads
-    if IS_VARLEN:
-        q_start = gl.load(CU_Q + b)
-        lq = gl.load(CU_Q + b + 1) - q_start
-        k_start = gl.load(CU_K + b)
-        lk = gl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        lq = seqlen_q
-        k_start = 0
-        lk = seqlen_k
+    q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN=IS_VARLEN)
+    k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN=IS_VARLEN)
     m0 = pid_m * BLOCK_M
     shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
     # HSTU's last history id (targets share it) and the sigmoid's bias (-ln Lk by default)

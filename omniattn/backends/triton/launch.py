@@ -7,6 +7,7 @@ cu_seqlens. Only the last dimension must be contiguous.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import NamedTuple, Optional
 
@@ -360,22 +361,29 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool =
 SM90_MAX_ITEMS = 2**31 - 2**16
 
 
-_SM90: list = []
-# the template's compile-time flags the Hopper kernel takes as they are
+_GLUON: dict = {}
+# the template's compile-time flags the Hopper kernels take as they are
 _SM90_FLAGS = ("MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "HSTU_CAUSAL", "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN",
                "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN")
 
 
-def _sm90_kernel():
-    """The Hopper forward's launcher, or None where this Triton has no Gluon for Hopper."""
-    if not _SM90:
+def _gluon_kernel(module_name: str, kernel_name: str):
+    """(module, launcher) of a Hopper Gluon kernel, or None where this Triton has no Gluon for Hopper."""
+    if module_name not in _GLUON:
         try:
-            from . import fwd_sm90
-
-            _SM90.append((fwd_sm90, FastLaunch(fwd_sm90.attn_fwd_sm90_kernel)))
+            module = importlib.import_module(f".{module_name}", __package__)
+            _GLUON[module_name] = (module, FastLaunch(getattr(module, kernel_name)))
         except (ImportError, AttributeError):
-            _SM90.append(None)
-    return _SM90[0]
+            _GLUON[module_name] = None
+    return _GLUON[module_name]
+
+
+def _sm90_kernel():
+    return _gluon_kernel("fwd_sm90", "attn_fwd_sm90_kernel")
+
+
+def _sm90_bwd_kernel():
+    return _gluon_kernel("bwd_sm90", "attn_bwd_sm90_kernel")
 
 
 def sm90_programs(device, items: int) -> int:
@@ -422,7 +430,7 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
     (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not where
     PyTorch is asked for deterministic algorithms (torch.use_deterministic_algorithms): its dQ is
-    summed by float32 atomics; nor causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys, where
+    summed by float32 TMA reductions, in no fixed order; nor causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys, where
     the template measured faster. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
     if p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
         return False
@@ -431,21 +439,6 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
     if not sm90_forward_ok(q, k, v, x, p, max_q) or _sm90_bwd_kernel() is None:
         return False
     return _tma_ok(dout)
-
-
-_SM90_BWD: list = []
-
-
-def _sm90_bwd_kernel():
-    """The Hopper backward's launcher, or None where this Triton has no Gluon for Hopper."""
-    if not _SM90_BWD:
-        try:
-            from . import bwd_sm90
-
-            _SM90_BWD.append((bwd_sm90, FastLaunch(bwd_sm90.attn_bwd_sm90_kernel)))
-        except (ImportError, AttributeError):
-            _SM90_BWD.append(None)
-    return _SM90_BWD[0]
 
 
 def _backward_sm90(dout, q, k, v, lse, delta, L: "_Launch", p: Params):
@@ -466,9 +459,6 @@ def _backward_sm90(dout, q, k, v, lse, delta, L: "_Launch", p: Params):
                                                                            if name not in ("HAS_SOFTCAP", "HAS_ALIBI")},
             **module.config(q.dtype),
         )
-    else:
-        dk.zero_()
-        dv.zero_()
     return dq_acc.mul_(p.scale).to(q.dtype), dk, dv
 
 
