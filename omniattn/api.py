@@ -30,6 +30,7 @@ def attention(
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     quant_config=None,
+    deterministic: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Fused attention over dense batches, flash-attn layout.
 
@@ -62,6 +63,10 @@ def attention(
             ``causal``/``window`` (a pair must be allowed by both).
         dropout_p: training dropout on the attention weights (kept ones scaled by 1/(1-p)); the
             pattern is a counter-based hash of a seed drawn from torch's default generator.
+        deterministic: the backward's sums in a fixed order, so two backward passes give
+            identical bits. Only Hopper's Gluon backward reduces dQ in no fixed order (float32 TMA
+            reductions); it then steps aside for the template's (slower at long lengths: see the
+            README), as it does under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
         (B, Nq, Hq, Dv) in q's dtype (and lse with ``return_lse``). A query with no visible key
@@ -78,6 +83,7 @@ def attention(
         q, k, v, score=score, causal=causal, window=window, scale=scale, sigmoid_bias=sigmoid_bias,
         silu_norm=silu_norm, softcap=softcap, alibi_slopes=alibi_slopes, precision=precision,
         backend=backend, return_lse=return_lse, attn_mask=attn_mask, dropout_p=dropout_p, quant_config=quant_config,
+        deterministic=deterministic,
     )
     out, lse = backends.run(spec, call, backend)
     return (out, lse) if return_lse else out
@@ -105,6 +111,7 @@ def attention_varlen(
     return_lse: bool = False,
     dropout_p: float = 0.0,
     quant_config=None,
+    deterministic: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over packed sequences of different lengths.
 
@@ -129,7 +136,7 @@ def attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, score=score, causal=causal,
         window=window, scale=scale, sigmoid_bias=sigmoid_bias, silu_norm=silu_norm, softcap=softcap,
         alibi_slopes=alibi_slopes, precision=precision, backend=backend, return_lse=return_lse,
-        dropout_p=dropout_p, quant_config=quant_config,
+        dropout_p=dropout_p, quant_config=quant_config, deterministic=deterministic,
     )
     out, lse = backends.run(spec, call, backend)
     return (out, lse) if return_lse else out
@@ -153,6 +160,7 @@ def hstu_attention(
     precision: str = "exact",
     backend: str = "auto",
     quant_config=None,
+    deterministic: bool = False,
 ) -> Tensor:
     """HSTU pointwise attention over jagged user sequences (generative-recommenders layout).
 
@@ -171,7 +179,8 @@ def hstu_attention(
             relative position + time-bucket bias, computed per tile (never an (N, N) tensor), with
             gradients for its weights.
         silu_norm: n; default max_seq_len.
-        precision, quant_config, backend: as :func:`attention` (quantized HSTU: inference only).
+        precision, quant_config, backend, deterministic: as :func:`attention` (quantized HSTU:
+            inference only).
 
     Returns:
         (T, H, Dv) in q's dtype.
@@ -186,6 +195,7 @@ def hstu_attention(
         q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab, timestamps=timestamps,
         silu_norm=silu_norm, precision=precision, backend=backend, quant_config=quant_config,
+        deterministic=deterministic,
     )
     return backends.run(spec, call, backend)[0]
 

@@ -53,6 +53,7 @@ class Spec:
     hstu: Optional[HstuMask] = None
     dropout_p: float = 0.0  # probability of zeroing each P element (training); kept ones scaled by 1/(1-p)
     quant: Optional[object] = None  # omniattn.QuantConfig of a quantized precision (None: the defaults)
+    deterministic: bool = False  # the backward's sums in a fixed order (bit-identical gradients run to run)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ def _check_common(
     backend,
     return_lse,
     quant_config=None,
+    deterministic=False,
 ) -> Spec:
     score = _require_choice("score", score, SCORES)
     _require_choice("precision", precision, PRECISIONS)
@@ -329,6 +331,7 @@ def _check_common(
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    _require_bool("deterministic", deterministic)
     if return_lse and score != "softmax":
         raise ValueError(f"return_lse: only softmax attention has a log-sum-exp; got score={score!r}")
     if sigmoid_bias is not None:
@@ -353,7 +356,13 @@ def _check_common(
         return_lse=return_lse,
         precision=precision,
         quant=quant_config,
+        deterministic=deterministic,
     )
+
+
+def _require_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def check_quant_config(quant_config, precision: str):
@@ -503,6 +512,7 @@ def hstu_call(
     precision,
     backend,
     quant_config=None,
+    deterministic=False,
 ) -> tuple[Spec, Call]:
     """Validate ``hstu_attention``: q, k (T, H, Dqk), v (T, H, Dv), seq_offsets (B+1,)."""
     _require_tensor("q", q, 3, "(total, heads, dim_qk)")
@@ -522,6 +532,7 @@ def hstu_call(
     max_attn_len = _require_int("max_attn_len", max_attn_len, 0)
     _require_choice("precision", precision, PRECISIONS)
     _require_choice("backend", backend, BACKENDS)
+    _require_bool("deterministic", deterministic)
     spec = Spec(
         score="silu",
         scale=_check_scale(alpha, q.shape[-1], name="alpha"),
@@ -529,6 +540,7 @@ def hstu_call(
         precision=precision,
         hstu=HstuMask(causal, contextual_seq_len, max_attn_len),
         quant=check_quant_config(quant_config, precision),
+        deterministic=deterministic,
     )
     targets, targets_host = _check_num_targets(num_targets, lens, contextual_seq_len, q.device)
     cu = _device_offsets(seq_offsets)

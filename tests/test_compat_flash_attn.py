@@ -217,3 +217,17 @@ def test_kvcache_errors():
         fa.flash_attn_with_kvcache(q, kc.clone(), kc.clone(), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), cache_seqlens=3)
     with pytest.raises(ValueError, match="window_size"):
         fa.flash_attn_func(q, q, q, window_size=(1.5, 2))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_is_passed_on(monkeypatch, deterministic):
+    """flash-attn's ``deterministic`` reaches omniattn's keyword of the same name (dense and varlen)."""
+    seen = []
+    for name in ("attention", "attention_varlen"):
+        real = getattr(fa, name)
+        monkeypatch.setattr(fa, name, lambda *a, real=real, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    q = torch.randn(1, 6, 2, 16)
+    fa.flash_attn_func(q, q, q, deterministic=deterministic)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 6, 6, deterministic=deterministic)
+    assert seen == [deterministic, deterministic]

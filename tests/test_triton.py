@@ -202,3 +202,32 @@ def test_compile_fullgraph_forward_and_backward():
     out = compiled(q, k)
     (gq_c,) = torch.autograd.grad(out, q)
     assert max_err(out, eager) < 1e-5 and max_err(gq_c, gq_e) < 1e-5
+
+
+@pytest.mark.parametrize("api", ["attention", "attention_varlen", "hstu_attention"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_the_backward(monkeypatch, api, deterministic):
+    """``deterministic`` travels through the custom ops to the backward's launcher, whose rule then
+    keeps Hopper's Gluon backward out (its dQ sums in no fixed order; GPU-tested in
+    tests/gpu/test_sm90.py)."""
+    from omniattn.backends.triton import launch
+
+    seen = []
+    real = launch.sm90_backward_ok
+
+    def recording(q, k, v, dout, x, p, max_q, max_k):
+        seen.append(p.deterministic)
+        return real(q, k, v, dout, x, p, max_q, max_k)
+
+    monkeypatch.setattr(launch, "sm90_backward_ok", recording)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (rand((10, 2, 16), torch.float32, gen).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    if api == "attention":
+        out = oa.attention(q[None], k[None], v[None], backend="triton", deterministic=deterministic)
+    elif api == "attention_varlen":
+        out = oa.attention_varlen(q, k, v, cu, cu, 6, 6, backend="triton", deterministic=deterministic)
+    else:
+        out = oa.hstu_attention(q, k, v, cu, 6, backend="triton", deterministic=deterministic)
+    out.sum().backward()
+    assert seen == [deterministic]

@@ -57,6 +57,7 @@ def test_bad_tensors(mutate, exc, match):
         (dict(silu_norm=2.0), ValueError, "silu_norm: only used with score='silu'"),
         (dict(score="silu", silu_norm=0.0), ValueError, "silu_norm: expected a float > 0"),
         (dict(causal=1), TypeError, "causal: expected a bool"),
+        (dict(deterministic="yes"), TypeError, "deterministic: expected a bool"),
         (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes: expected shape \(4,\) or \(2, 4\)"),
         (dict(alibi_slopes=torch.ones(4, dtype=torch.int64)), TypeError, "alibi_slopes: expected a floating"),
         (dict(alibi_slopes=torch.ones(4, requires_grad=True)), ValueError, "alibi_slopes: ALiBi slopes are constants"),
@@ -122,6 +123,7 @@ def hstu_args(**over):
         (dict(causal=None), TypeError, "causal: expected a bool"),
         (dict(silu_norm=-2.0), ValueError, "silu_norm: expected a float > 0"),
         (dict(precision="fp4"), ValueError, "precision: expected one of"),
+        (dict(deterministic=1), TypeError, "deterministic: expected a bool"),
     ],
 )
 def test_bad_hstu_inputs(over, exc, match):

@@ -18,10 +18,9 @@ Semantics kept from flash-attn (its C++ entry points, not only its docstrings):
   without dropout.
 - ``dropout_p > 0`` applies dropout whenever it is passed (flash-attn leaves train/eval to the
   caller), with omniattn's counter-based RNG seeded from torch's default generator.
-- ``deterministic`` is accepted and not read: omniattn's backward reduces in a fixed order except
-  Hopper's Gluon backward, whose dQ is summed by float32 TMA reductions; under
-  ``torch.use_deterministic_algorithms(True)`` that backward steps aside for the fixed-order one
-  (tests/gpu checks two backward passes for identical bits).
+- ``deterministic=True`` is passed on: the backward then sums in a fixed order (bit-identical
+  gradients run to run; only Hopper's Gluon backward, which sums dQ by float32 TMA reductions,
+  does not, and it steps aside).
 
 ``flash_attn_with_kvcache`` appends ``k``/``v`` into the caller's cache IN PLACE at
 ``cache_seqlens`` (flash-attn's contract), paged through ``block_table`` or indexed by
@@ -64,11 +63,11 @@ def _window(window_size, seqlen_k: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, seqlen_k) -> dict:
+def _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, seqlen_k, deterministic=False) -> dict:
     if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
         raise ValueError(f"softcap: expected a float (<= 0 is off), got {softcap!r}")
     return dict(dropout_p=dropout_p, scale=softmax_scale, causal=causal, window=_window(window_size, seqlen_k),
-                softcap=max(float(softcap), 0.0), alibi_slopes=alibi_slopes)
+                softcap=max(float(softcap), 0.0), alibi_slopes=alibi_slopes, deterministic=bool(deterministic))
 
 
 def _result(out, lse, return_attn_probs: bool):
@@ -90,7 +89,7 @@ def flash_attn_func(
 ):
     """q (B, Nq, H, D), k/v (B, Nk, Hk, D): out (B, Nq, H, D) [, lse (B, H, Nq), None]."""
     usage.count("flash_attn.flash_attn_func")
-    kw = _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, k.shape[1])
+    kw = _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, k.shape[1], deterministic)
     out, lse = attention(q, k, v, return_lse=True, **kw)
     return _result(out, lse, return_attn_probs)
 
@@ -159,7 +158,7 @@ def flash_attn_varlen_func(
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if block_table is not None:
         k, v = _gather_pages(k, v, block_table, cu_seqlens_k)
-    kw = _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, max_seqlen_k)
+    kw = _keywords(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, max_seqlen_k, deterministic)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse=True, **kw)
     return _result(out, lse, return_attn_probs)
 
@@ -278,7 +277,7 @@ def flash_attn_with_kvcache(
         v_cache[page, pos % page_size] = v.to(v_cache.dtype)
         seqlens = seqlens + new
     kw = _keywords(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, capacity)
-    del kw["dropout_p"]
+    del kw["dropout_p"], kw["deterministic"]  # inference: no dropout, no backward
     out, lse = _cache_attention(q, k_cache, v_cache, seqlens, pages, page_size, block_table, cache_batch_idx,
                                 num_splits, kw)
     return (out, lse) if return_softmax_lse else out

@@ -211,24 +211,32 @@ def deterministic_algorithms():
     torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
-def test_deterministic_algorithms_take_the_template_backward(sm90_calls, deterministic_algorithms):
-    """The Hopper backward sums dQ by float32 TMA reductions, in no fixed order; under
-    torch.use_deterministic_algorithms(True) the backward takes the template (fixed-order
-    reductions): two backward passes give identical bits, and equal the reference's."""
+@pytest.mark.parametrize("how", ["per call", "torch.use_deterministic_algorithms"])
+def test_deterministic_backward_takes_the_template(sm90_calls, request, how):
+    """The Hopper backward sums dQ by float32 TMA reductions, in no fixed order; with
+    ``deterministic=True`` or under torch.use_deterministic_algorithms(True) the backward takes the
+    template (fixed-order reductions): two backward passes give identical bits, and equal the
+    reference's."""
+    if how != "per call":
+        request.getfixturevalue("deterministic_algorithms")
+    kw = dict(deterministic=True) if how == "per call" else {}
     gen = torch.Generator().manual_seed(9)
     lens = [1000, 3, 517, 2048, 64]
     p = varlen_problem(lens, lens, 8, 2, 128, 128, torch.bfloat16, gen, DEV, causal=True)
-    check_outputs_and_grads(p, "triton", gen)
+    check_outputs_and_grads(p, "triton", gen,
+                            fn=lambda *a, **k2: p.run(oa.attention_varlen, backend="triton", **kw, **k2))
     cu, _, mq, mk = p.varlen
     dout = torch.randn(p.q.shape, generator=gen).to(DEV, p.q.dtype)
     runs = []
     for _ in range(2):
         for t in (p.q, p.k, p.v):
             t.grad = None
-        oa.attention_varlen(p.q, p.k, p.v, cu, cu, mq, mk, causal=True, backend="triton").backward(dout)
+        oa.attention_varlen(p.q, p.k, p.v, cu, cu, mq, mk, causal=True, backend="triton", **kw).backward(dout)
         runs.append([t.grad.clone() for t in (p.q, p.k, p.v)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert sm90_calls and not sm90_calls.bwd
+    oa.attention_varlen(p.q, p.k, p.v, cu, cu, mq, mk, causal=True, backend="triton").backward(dout)
+    assert bool(sm90_calls.bwd) == (how == "per call")  # without the keyword: the Gluon backward
 
 
 def test_short_causal_backward_takes_the_template(sm90_calls, monkeypatch):

@@ -92,6 +92,7 @@ def _params(spec: Spec, call: Call):
         bucket_log=int(rab.bucketization == "log") if rab else 0,
         default_sig_bias=int(spec.sigmoid_bias is None),
         dropout_seed=call.dropout_seed if spec.dropout_p > 0 else 0,
+        deterministic=int(spec.deterministic),
         scale=spec.scale,
         softcap=spec.softcap,
         sigmoid_bias=spec.sigmoid_bias or 0.0,

@@ -48,6 +48,7 @@ class Params(NamedTuple):
     bucket_log: int
     default_sig_bias: int
     dropout_seed: int
+    deterministic: int  # the backward's sums in a fixed order (no Gluon backward)
     scale: float
     softcap: float
     sigmoid_bias: float
@@ -55,10 +56,10 @@ class Params(NamedTuple):
     dropout_p: float
 
     def ints(self) -> list[int]:
-        return [int(x) for x in self[:12]]
+        return [int(x) for x in self[:13]]
 
     def floats(self) -> list[float]:
-        return [float(x) for x in self[12:]]
+        return [float(x) for x in self[13:]]
 
     @classmethod
     def from_lists(cls, ints, floats) -> "Params":
@@ -428,11 +429,12 @@ SM90_BWD_CAUSAL_MIN_KEYS = 2048
 
 def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
-    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not where
-    PyTorch is asked for deterministic algorithms (torch.use_deterministic_algorithms): its dQ is
+    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not for
+    ``deterministic`` calls nor where PyTorch is asked for deterministic algorithms
+    (torch.use_deterministic_algorithms): its dQ is
     summed by float32 TMA reductions, in no fixed order; nor causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys, where
     the template measured faster. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
-    if p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
+    if p.deterministic or p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
         return False
     if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0" or (p.causal and max_k < SM90_BWD_CAUSAL_MIN_KEYS):
         return False
