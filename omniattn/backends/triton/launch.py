@@ -429,11 +429,11 @@ SM90_BWD_CAUSAL_MIN_KEYS = 2048
 
 def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
-    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too, and not for
-    ``deterministic`` calls nor where PyTorch is asked for deterministic algorithms
-    (torch.use_deterministic_algorithms): its dQ is
-    summed by float32 TMA reductions, in no fixed order; nor causal calls of fewer than SM90_BWD_CAUSAL_MIN_KEYS keys, where
-    the template measured faster. OMNIATTN_SM90=0 or OMNIATTN_SM90_BWD=0 turns it off."""
+    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too. Not for
+    ``deterministic`` calls nor under torch.use_deterministic_algorithms(True): its dQ is summed by
+    float32 TMA reductions, in no fixed order. Not for causal calls of fewer than
+    SM90_BWD_CAUSAL_MIN_KEYS keys, where the template measured faster. OMNIATTN_SM90=0 or
+    OMNIATTN_SM90_BWD=0 turns it off."""
     if p.deterministic or p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
         return False
     if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0" or (p.causal and max_k < SM90_BWD_CAUSAL_MIN_KEYS):
@@ -522,9 +522,6 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
     L = _Launch(q, k, v, x, max_q, max_k, p)
     L.build_rab_table(q)
     dev = q.device
-    # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
-    new = torch.empty_like if x.q_windows is None else torch.zeros_like
-    dq, dk, dv = new(q), torch.empty_like(k), torch.empty_like(v)
     delta = lse
     if L.softmax:
         delta = torch.empty_like(lse)
@@ -539,6 +536,9 @@ def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, m
         lse = delta = _dummy(dev, torch.float32)
     if sm90_backward_ok(q, k, v, dout, x, p, max_q, max_k):
         return (*_backward_sm90(dout, q, k, v, lse, delta, L, p), None, None)
+    # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
+    new = torch.empty_like if x.q_windows is None else torch.zeros_like
+    dq, dk, dv = new(q), torch.empty_like(k), torch.empty_like(v)
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
     if x.tiles_dkdv is not None:
         grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
