@@ -71,8 +71,9 @@ def test_tma_forward_compiles_for_sm90():
 def test_hopper_gluon_kernels_compile_for_sm90():
     """Hopper's Gluon forward and backward (fwd_sm90, bwd_sm90: warp-specialized, TMA, asynchronous
     wgmma, dQ by TMA reductions): every score function, causal or not, dense and packed, a sliding
-    window, softcap and ALiBi (forward), and HSTU's masks, reached through the public API with the
-    launch rules forced (no GPU here, so the rules themselves would say no)."""
+    window, softcap and ALiBi (forward), HSTU's masks and the quantized precisions (forward),
+    reached through the public API with the launch rules forced (no GPU here, so the rules
+    themselves would say no)."""
     try:
         from omniattn.backends.triton import fwd_sm90  # noqa: F401
     except (ImportError, AttributeError):
@@ -88,12 +89,23 @@ def test_hopper_gluon_kernels_compile_for_sm90():
                                          ("False", "True", "False", "True")):
         assert ["attn_fwd_sm90_kernel", "SCORE=0", f"HAS_LEFT={left}", f"HAS_RIGHT={right}", f"HAS_SOFTCAP={softcap}",
                 f"HAS_ALIBI={alibi}", "IS_VARLEN=False"] in window
-    hstu = [v[7:] for v in variants if v[7] == "MASK_KIND=1" and v[1] == "SCORE=2" and v[6] == "IS_VARLEN=True"]
+    hstu = [v[7:12] for v in variants if v[7] == "MASK_KIND=1" and v[1] == "SCORE=2" and v[6] == "IS_VARLEN=True"]
     for causal, targets, context in (("True", "False", "False"), ("True", "True", "False"), ("False", "False", "True")):
         assert ["MASK_KIND=1", f"HSTU_CAUSAL={causal}", f"HAS_TARGETS={targets}", f"HAS_CONTEXT={context}",
                 f"HAS_MAX_ATTN={context}"] in hstu
+    # quantized forwards: INT8 Q.K with 16-bit or FP8 P.V, FP8 Q.K, every score, causal or not; packed; HSTU
+    quant = [(v[1], v[3], v[6], v[12], v[13], v[14]) for v in variants
+             if v[0] == "attn_fwd_sm90_kernel" and v[12] != "QK_MODE=0"]
+    for mode, fp8 in (("1", "False"), ("1", "True"), ("3", "True")):
+        for score in ("0", "1", "2"):
+            for causal in ("False", "True"):
+                assert (f"SCORE={score}", f"HAS_RIGHT={causal}", "IS_VARLEN=False", f"QK_MODE={mode}", f"PV_FP8={fp8}",
+                        "PV_TWO_LEVEL=True") in quant
+    assert ("SCORE=0", "HAS_RIGHT=False", "IS_VARLEN=False", "QK_MODE=1", "PV_FP8=True", "PV_TWO_LEVEL=False") in quant
+    assert ("SCORE=0", "HAS_RIGHT=True", "IS_VARLEN=True", "QK_MODE=1", "PV_FP8=True", "PV_TWO_LEVEL=True") in quant
+    assert any(v[7:9] == ["MASK_KIND=1", "HSTU_CAUSAL=True"] and v[12] == "QK_MODE=1" for v in variants)
     # the backward (bwd_sm90) of every call above but softcap's and ALiBi's (the template's)
-    backward = [v[1:] for v in variants if v[0] == "attn_bwd_sm90_kernel"]
+    backward = [v[1:12] for v in variants if v[0] == "attn_bwd_sm90_kernel"]
     for score in ("0", "1", "2"):
         for causal in ("False", "True"):
             for varlen in ("False", "True"):

@@ -264,7 +264,12 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     # pass 2: K and V
     packed = d // 2 if mode == 2 else d
     k_q = torch.empty(k.shape[:-1] + (packed,), dtype=torch.float8_e4m3fn if mode == 3 else torch.int8, device=dev)
-    k_scale = torch.empty(k.shape[:-1], dtype=torch.float32, device=dev)
+    # head-major (each (sequence, head)'s token scales contiguous: a key tile's scales are read as
+    # vectors), in the (tokens, heads) shape every reader indexes by strides
+    if dense:
+        k_scale = torch.empty(k.shape[0], hkv, k.shape[1], dtype=torch.float32, device=dev).transpose(1, 2)
+    else:
+        k_scale = torch.empty(hkv, k.shape[0], dtype=torch.float32, device=dev).t()
     if pv_fp8:
         # packed: sequences on 16-token column boundaries, each padded with zeros to its next one (the
         # forward reads those whole); the columns between sequences are never written nor read

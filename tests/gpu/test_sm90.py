@@ -250,3 +250,101 @@ def test_short_causal_backward_takes_the_template(sm90_calls, monkeypatch):
     check_outputs_and_grads(dense_problem(1, 999, 1000, 2, 1, 128, 128, torch.bfloat16, gen, DEV, causal=True),
                             "triton", gen)
     assert sm90_calls.bwd
+
+
+def _quantized(monkeypatch, hopper: bool, fn):
+    """``fn()`` on the Hopper kernel or (hopper False) the template: the same quantization kernels
+    feed both, so the two see identical quantized tensors."""
+    monkeypatch.setenv("OMNIATTN_SM90", "1" if hopper else "0")
+    with torch.no_grad():
+        out = fn()
+    monkeypatch.delenv("OMNIATTN_SM90")
+    return out
+
+
+# (max |difference| over max |output|, relative L1) between the Hopper kernel and the template on the
+# same quantized tensors: float32 sums in another order, so the 16-bit outputs may round one step
+# (2^-8 of the largest) apart, and where P runs in FP8 an e4m3 rounding of P that a last-bit
+# difference before it can flip (one step: 1/16 of that probability)
+SAME_QUANT = {"int8": (8e-3, 1e-4), "int8-fp8": (2e-2, 2e-3), "fp8": (2e-2, 2e-3)}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-fp8", "fp8"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
+@pytest.mark.parametrize("layout", ["dense-gqa", "dense-causal", "packed", "packed-causal"])
+def test_quantized(sm90_calls, monkeypatch, precision, score, layout):
+    """The quantized forward on the Hopper kernel: close to the template's on the same quantized
+    tensors (SAME_QUANT), as accurate as the template against the exact reference on outlier-key
+    inputs, every output element written (outputs poisoned), the lse too, inputs unchanged. Dense
+    calls have 1328 keys (an FP8 V^T's rows must be a multiple of 16 bytes), packed ones lengths off
+    the 128-row tiles and the 16-token V^T columns, one sequence without keys."""
+    from ..test_quant import ACCURACY, cosine, offset_keys
+
+    gen = torch.Generator().manual_seed(len(layout) * 7 + len(score) + len(precision))
+    causal = layout.endswith("causal")
+    kw = dict(score=score, causal=causal, precision=precision)
+    if layout.startswith("dense"):
+        q, k, v = offset_keys((2, 777, 8, 128), (2, 1328, 2, 128), gen, dtype=torch.bfloat16, device=DEV)
+
+        def run(return_lse=False):
+            return oa.attention(q, k, v, return_lse=return_lse, **kw)
+
+        def ref():
+            return oa.reference.attention(q.float(), k.float(), v.float(), score=score, causal=causal,
+                                          dtype=torch.float32)
+    else:
+        lens_q, lens_k = [300, 1, 517, 129, 40], [333, 0, 517, 100, 1000]
+        cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        q, k, v = offset_keys((sum(lens_q), 4, 96), (sum(lens_k), 4, 96), gen, dtype=torch.bfloat16, device=DEV)
+        args = (cu_q, cu_k, max(lens_q), max(lens_k))
+
+        def run(return_lse=False):
+            return oa.attention_varlen(q, k, v, *args, return_lse=return_lse, **kw)
+
+        def ref():
+            return oa.reference.attention_varlen(q.float(), k.float(), v.float(), *args, score=score, causal=causal,
+                                                 dtype=torch.float32)
+    before = [t.clone() for t in (q, k, v)]
+    got = _quantized(monkeypatch, True, run)
+    assert len(sm90_calls) == 1
+    template = _quantized(monkeypatch, False, run)
+    assert len(sm90_calls) == 1
+    assert torch.isfinite(got).all()
+    max_diff, l1 = SAME_QUANT[precision]
+    diff = (got.float() - template.float()).abs()
+    assert diff.max() <= max_diff * template.float().abs().max(), diff.max()
+    assert diff.sum() <= l1 * template.float().abs().sum(), diff.sum() / template.float().abs().sum()
+    want = ref()
+    cos_bar, l1_bar = ACCURACY[precision]
+    assert cosine(got, want) >= min(cos_bar, cosine(template, want) - 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+    if score == "softmax":  # the lse: smoothing's row term and P's x448 taken out again
+        _, lse = _quantized(monkeypatch, True, lambda: run(return_lse=True))
+        _, lse_template = _quantized(monkeypatch, False, lambda: run(return_lse=True))
+        ok = torch.isfinite(lse_template)
+        assert torch.equal(ok, torch.isfinite(lse)) and (lse[~ok] == float("-inf")).all()
+        torch.testing.assert_close(lse[ok], lse_template[ok], atol=2e-3, rtol=0)
+
+
+def test_quantized_hstu(sm90_calls, monkeypatch):
+    """HSTU (SiLU, targets, jagged) with INT8 Q.K and FP8 P.V on the Hopper kernel, against the template."""
+    gen = torch.Generator().manual_seed(17)
+    lens = [700, 33, 1200]
+    offsets = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
+    q, k, v = (torch.randn(sum(lens), 4, 128, generator=gen).to(DEV, torch.bfloat16) for _ in range(3))
+    kw = dict(num_targets=torch.tensor([5, 1, 9], device=DEV), precision="int8-fp8")
+    got = _quantized(monkeypatch, True, lambda: oa.hstu_attention(q, k, v, offsets, 1200, **kw))
+    assert len(sm90_calls) == 1
+    template = _quantized(monkeypatch, False, lambda: oa.hstu_attention(q, k, v, offsets, 1200, **kw))
+    diff = (got.float() - template.float()).abs()
+    assert diff.max() <= 2e-2 * template.float().abs().max() and diff.sum() <= 2e-3 * template.float().abs().sum()
+
+
+def test_quantized_int4_and_smoothed_q_take_the_template(sm90_calls):
+    q = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        oa.attention(q, q, q, precision="int4-fp8")
+        oa.attention(q, q, q, precision="int8", quant_config=oa.QuantConfig(smooth_q=True))
+        oa.attention(q[:, :200], q[:, :200], q[:, :200], precision="int8-fp8")  # V^T rows of 200 bytes
+    assert not sm90_calls

@@ -28,8 +28,11 @@ of one (sequence, head)) until none is left, in three partitions:
 
 The score function, the mask (a window, causal included, or HSTU's: causal or not, targets,
 contextual prefix, max_attn_len; common.allowed), softcap and ALiBi are compile-time branches, as
-in the template, whose mask and tile-range helpers it calls; calls with anything else (relative
-bias, attention masks, dropout, quantized precisions, float32) take the template
+in the template, whose mask and tile-range helpers it calls. So are the quantized precisions
+(QK_MODE, PV_FP8; omniattn.quant): INT8 or FP8 Q.K on the 8-bit tensor cores (twice the 16-bit
+rate) with one float32 scale per token, and P.V in FP8 against V^T tiles (FP8 wgmma reads B
+K-major) with V's per-channel scales applied once at the end. Calls with anything else (relative
+bias, attention masks, dropout, INT4, smoothed Q, float32) take the template
 (launch.sm90_forward_ok). The maths is DESIGN.md's, as fwd.py computes
 it (same scale, base-2 online softmax, -ln(Lk) sigmoid bias, one-instruction tanh for 16-bit inputs).
 """
@@ -55,6 +58,15 @@ LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 SOFTMAX = gl.constexpr(0)  # launch.SCORE_IDS; 2 is SiLU
 SIGMOID = gl.constexpr(1)
+QK_INT8 = gl.constexpr(1)  # common.QK_*: 0 exact, 3 FP8 (INT4, 2, takes the template)
+FP8_MAX = gl.constexpr(448.0)
+LOG2_FP8_MAX = gl.constexpr(8.807354922057604)
+VT_ALIGN = gl.constexpr(16)  # common.VT_ALIGN: a packed sequence's first FP8 V^T column
+# float(x) for an int32 |x| < 2^22 (INT8 Q.K over <= 128 channels: |x| <= 127 * 127 * 128 < 2^21):
+# the bits of 1.5 * 2^23 + x, minus 1.5 * 2^23. An integer add and a float add at full rate, where
+# the conversion instruction runs at the exponential's quarter rate
+I2F_MAGIC_BITS = gl.constexpr(0x4B400000)
+I2F_MAGIC = gl.constexpr(12582912.0)
 # registers per thread by warpgroup: the kernel runs 12 warps (two consumer warpgroups, one
 # producer warp rounded up to a warpgroup) under maxnreg=MAXNREG: 65536 / 384 threads; the
 # workers then take 240 (consumer warpgroup 1) and 32 (the producer), and Triton gives the default
@@ -75,19 +87,31 @@ def _rows(base, n_rows, head_dim, row_stride, BLOCK_ROWS: gl.constexpr, HEAD_DIM
 
 
 @gluon.jit
-def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale, softcap, slope, sig_bias,
-            silu_scale, SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
+def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, row_a, row_b, scale, softcap, slope,
+            sig_bias, silu_scale, SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
             HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_CONTEXT: gl.constexpr,
-            HAS_MAX_ATTN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, BLOCK_N: gl.constexpr):
+            HAS_MAX_ATTN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, QUANT: gl.constexpr,
+            PV_FP8: gl.constexpr, BLOCK_N: gl.constexpr):
     """P of key tile t from its raw scores s = q.k (float32), with the running max and sum
     (softmax) and the factor the accumulator must be rescaled by. ``mask``: the mask's run-time
     values (lq, lk, shift, left, right, contextual, max_id, max_attn_len), as common.allowed takes
-    them; [full_lo, full_hi): the keys every row of the warpgroup sees (tiles inside need no mask)."""
+    them; [full_lo, full_hi): the keys every row of the warpgroup sees (tiles inside need no mask).
+
+    QUANT: s holds t_ij = x_ij * sk_j (the quantized product times the key's scale), and the row's
+    scale sq_i and row term r_i (q_i . mean K, smoothing's correction) come as per-row multipliers:
+    the score q_i . k_j = sq_i * t_ij + r_i costs no more than the 16-bit path's one FMA per score.
+    Softmax: ``row_a`` = sq_i * scale * log2(e) (r_i cancels; the running max is of t);
+    sigmoid / SiLU: hx = t * row_a + row_b (half the scaled score, r_i and the sigmoid's bias in
+    row_b). PV_FP8: P comes out x448 (e4m3's largest value; SiLU's 1/n waits for the output)."""
     j0 = t * BLOCK_N
     need_mask = (j0 < full_lo) | (j0 + BLOCK_N > full_hi)
     kj = gl.expand_dims(j0 + cols, 0)
     ii = gl.expand_dims(rows, 1)
-    if HAS_SOFTCAP or HAS_ALIBI:  # DESIGN.md's order: scale, softcap, then ALiBi
+    c_rows = qk_scale  # the exponent's multiplier per row (scalar unless QUANT)
+    if QUANT:
+        c_rows = row_a
+        c = gl.expand_dims(row_a, 1)
+    elif HAS_SOFTCAP or HAS_ALIBI:  # DESIGN.md's order: scale, softcap, then ALiBi
         s = s * scale
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -97,6 +121,7 @@ def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
             c = LOG2E
         else:
             c = 1.0
+        c_rows = c
     else:
         c = qk_scale
     if SCORE == SOFTMAX:  # the running max in units of s: P = exp2(s * c - m * c), one FMA
@@ -105,25 +130,60 @@ def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
                                  HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN),
                          s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new) * c  # a row with nothing allowed yet
-        p = gl.exp2(s * c - gl.expand_dims(m_use, 1))
-        alpha = gl.exp2(m_i * c - m_use)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new) * c_rows  # a row with nothing allowed yet
+        if PV_FP8:
+            p = gl.exp2(s * c - gl.expand_dims(m_use - LOG2_FP8_MAX, 1))
+        else:
+            p = gl.exp2(s * c - gl.expand_dims(m_use, 1))
+        alpha = gl.exp2(m_i * c_rows - m_use)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
     else:  # sigmoid(x) = (1 + tanh(x / 2)) / 2 with the halving folded into the scale: two FP32
         # operations and one MUFU per score for sigmoid, three for SiLU (five before folding)
-        hx = s * (0.5 * c)
+        if QUANT:
+            hx = s * c + gl.expand_dims(row_b, 1)
+        else:
+            hx = s * (0.5 * c)
+            if SCORE == SIGMOID:
+                hx = hx + 0.5 * sig_bias
         if SCORE == SIGMOID:
-            p = 0.5 * _tanh(hx + 0.5 * sig_bias) + 0.5
+            if PV_FP8:
+                p = (0.5 * FP8_MAX) * _tanh(hx) + 0.5 * FP8_MAX
+            else:
+                p = 0.5 * _tanh(hx) + 0.5
         else:  # x * silu_scale * sigmoid(x) = u + u * tanh(x / 2), u = silu_scale * x / 2
-            u = hx * silu_scale
-            p = u * _tanh(hx) + u
+            if PV_FP8:  # (in e4m3's range: silu_scale waits for the output)
+                p = gl.minimum(hx * _tanh(hx) + hx, FP8_MAX)
+            else:
+                u = hx * silu_scale
+                p = u * _tanh(hx) + u
         if need_mask:
             p = gl.where(allowed(ii, kj, *mask, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
                                  HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN),
                          p, 0.0)
         alpha = m_i  # unused
     return p, m_i, l_i, alpha
+
+
+@gluon.jit
+def _pv_wait(acc, p_op, PV_FP8: gl.constexpr):
+    """The P.V product once complete. A 16-bit P stays a dependency of the wait (its registers live
+    until the product has read them); Triton 3.6's wait cannot take 8-bit values, and ptxas keeps a
+    wgmma's register operands until its wait group completes either way."""
+    if PV_FP8:
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    else:
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    return acc
+
+
+@gluon.jit
+def _scaled_scores(s, sk, QK_MODE: gl.constexpr):
+    """t = x * sk of a quantized tile: the product x (int32 or float32) in float32 times each key's
+    scale (sk: [1, BLOCK_N], read from shared memory in the scores' layout)."""
+    if QK_MODE == QK_INT8:
+        s = (s + I2F_MAGIC_BITS).to(gl.float32, bitcast=True) - I2F_MAGIC
+    return s * sk
 
 
 @gluon.jit
@@ -164,25 +224,33 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
 
 
 @gluon.jit
-def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-              stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q, seqlen_k,
+def _producer(Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh, stride_kb,
+              stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K,
+              NUM_TARGETS, COUNTER, seqlen_q, seqlen_k,
               left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem, item_smem, q_bar, q_empty,
               k_full, v_full, k_empty, v_empty, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
               HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr,
               HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr,
               DEFAULT_SIG_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr):
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr,
+              K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr):
     """One warp, the program's scheduler: takes work items (first its program id, then the next
     untaken one, from COUNTER) and, per item with rows to compute, hands its number to the
     consumers (item_smem) with Q (two halves, one per consumer warpgroup) as soon as both
     warpgroups are done with the previous item's, then loads K and V tile by tile into the ring,
     each buffer as soon as both have released it: the next item's loads run under this one's last
-    tiles and output. Items past the last one tell the consumers to stop."""
+    tiles and output. Items past the last one tell the consumers to stop. PV_FP8: V is FP8 V^T
+    (kv head, channel, token) per sequence (dense) or packed with each sequence from a 16-token
+    column (quant.vt_columns): its tiles are [HEAD_DIM, BLOCK_N]. QUANT: each K tile comes with its
+    keys' scales, stored to ks_smem by this warp before K's barrier is armed (whose arrive publishes
+    them): a TMA copy would need 16-byte aligned starts, and packed sequences start anywhere."""
     HALF_M: gl.constexpr = BLOCK_M // 2
     ITEM_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     it = 0  # K/V tiles loaded so far (ring position and phase)
     done = 0  # items loaded so far (Q's phase)
     item = gl.program_id(0)
+    SK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
+    sk_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SK_LAYOUT)), 0)
     while item < n_items:
         b, h, q_start, lq, k_start, lk, m0, _, _, _, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
@@ -198,6 +266,10 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
                 mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
             b64 = b.to(gl.int64)
             hk = h // group
+            ks_base = KS + b64 * stride_ksb + k_start.to(gl.int64) * stride_kst + hk * stride_ksh
+            v_column = k_start  # (dense: 0)
+            if IS_VARLEN:
+                v_column = (k_start // VT_ALIGN + b) * VT_ALIGN
             # a sequence without keys reads one row (masked, its product discarded) at the tensor's
             # start, a valid address
             k_rows = gl.maximum(lk, 1)
@@ -205,9 +277,14 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
             q_desc = _rows(Q + b64 * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh, lq, head_dim,
                            stride_qt, HALF_M, HEAD_DIM, Q_LAYOUT)
             k_desc = _rows(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh, k_rows, head_dim,
-                           stride_kt, BLOCK_N, HEAD_DIM, KV_LAYOUT)
-            v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows, head_dim,
-                           stride_vt, BLOCK_N, HEAD_DIM, KV_LAYOUT)
+                           stride_kt, BLOCK_N, HEAD_DIM, K_LAYOUT)
+            if PV_FP8:  # (stride_vt: V^T's channel stride)
+                v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + hk * stride_vh + v_column.to(gl.int64),
+                                                    shape=[head_dim, k_rows], strides=[stride_vt, 1],
+                                                    block_shape=[HEAD_DIM, BLOCK_N], layout=V_LAYOUT)
+            else:
+                v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows,
+                               head_dim, stride_vt, BLOCK_N, HEAD_DIM, V_LAYOUT)
             item_smem.store(gl.full([1], item, gl.int32, ITEM_LAYOUT))
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # (releases the item number too)
             _tma_load(q_desc, [m0, 0], q_bar, q_smem.index(0))
@@ -216,11 +293,17 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
                 stage = (it + j) % STAGES
                 free = (((it + j) // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
                 mbarrier.wait(k_empty.index(stage), free)
+                if QUANT:
+                    keys = (t_lo + j) * BLOCK_N + sk_cols
+                    ks_smem.index(stage).store(gl.load(ks_base + keys * stride_kst, mask=keys < lk, other=0.0))
                 mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
                 _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
                 mbarrier.wait(v_empty.index(stage), free)
                 mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
+                if PV_FP8:
+                    _tma_load(v_desc, [0, (t_lo + j) * BLOCK_N], v_full.index(stage), v_smem.index(stage))
+                else:
+                    _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
             it += n_tiles
             done += 1
         # dynamic: the GPU's block scheduler would balance items of unequal work (causal) the same way
@@ -231,32 +314,46 @@ def _producer(Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, st
 
 
 @gluon.jit
-def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constexpr,
+def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constexpr,
               HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr,
               HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr,
-              DEFAULT_SIG_BIAS: gl.constexpr, STORE_LSE: gl.constexpr, BLOCK_M: gl.constexpr,
+              DEFAULT_SIG_BIAS: gl.constexpr, STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr,
+              PV_FP8: gl.constexpr, PV_TWO_LEVEL: gl.constexpr, HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              Q_LAYOUT: gl.constexpr):
+              O_LAYOUT_SMEM: gl.constexpr):
     """One warpgroup: per work item the producer hands over, HALF_M query rows against the item's
     key tiles, the softmax of tile j overlapping the product of tile j - 1 with V; the output
     leaves by TMA while the next item starts. ``args``: the run-time arguments, one tuple for both
-    warpgroups (constexprs stay separate: inside a tuple they would become run-time values)."""
-    (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m, n_heads, head_dim,
-     CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, scale, softcap,
-     silu_scale, q_smem, o_smem, k_smem, v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
-     turn) = args
+    warpgroups (constexprs stay separate: inside a tuple they would become run-time values);
+    ``quant_args``: the quantized precisions' scales and row terms with their strides."""
+    (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m, n_heads, group,
+     head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias,
+     scale, softcap, silu_scale, q_smem, o_smem, k_smem, v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty,
+     v_empty, ks_smem, turn) = args
+    (QS, KS, VS, RB, stride_qsb, stride_qst, stride_qsh, stride_ksb, stride_kst, stride_ksh, stride_vsb,
+     stride_vsh) = quant_args
     HALF_M: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
+    QUANT: gl.constexpr = QK_MODE != 0
+    # the second product in FP8 keeps each tile's sum apart and adds it in float32 (FP8 wgmma
+    # accumulates with ~22 mantissa bits)
+    TWO_LEVEL: gl.constexpr = PV_FP8 and PV_TWO_LEVEL
+    K_STEP: gl.constexpr = 32 if QUANT else 16  # the wgmma's K: 32 bytes of each operand row
+    PV_K_STEP: gl.constexpr = 32 if PV_FP8 else 16
     # wgmma accumulators of one warpgroup (4 warps along the rows); P feeds the second product from registers
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, K_STEP])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, PV_K_STEP])
+    P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=4 if PV_FP8 else 2)
+    p_dtype: gl.constexpr = gl.float8e4nv if PV_FP8 else v_smem.dtype
     q = q_smem.index(WG)
     o_buf = o_smem.index(WG)
-    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, S_LAYOUT)
+    if QK_MODE == QK_INT8:
+        s_zero = gl.zeros([HALF_M, BLOCK_N], gl.int32, S_LAYOUT)
+    else:
+        s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, S_LAYOUT)
+    o_zero = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
     qk_scale = scale
     if SCORE == SOFTMAX:
@@ -275,6 +372,7 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
             sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
             IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
+        b64 = b.to(gl.int64)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI + b * stride_ab + h)
@@ -283,6 +381,20 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
         m_i = gl.full([HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
         l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, S_LAYOUT))
         o = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
+        row_a = qk_scale
+        row_b = 0.0
+        rb = 0.0
+        if QUANT:  # the rows' scales (and row terms) as the per-row multipliers _tile_p takes
+            rows_ok = rows < lq
+            qs_rows = b64 * stride_qsb + (q_start + rows) * stride_qst + h * stride_qsh
+            row_a = gl.load(QS + qs_rows, mask=rows_ok, other=1.0) * qk_scale  # (rows past lq: never stored)
+            if HAS_ROW_BIAS:
+                rb = gl.load(RB + qs_rows, mask=rows_ok, other=0.0)
+            if SCORE != SOFTMAX:
+                row_a = 0.5 * row_a
+                row_b = 0.5 * qk_scale * rb
+                if SCORE == SIGMOID:
+                    row_b = row_b + 0.5 * sig_bias
         # the keys every row of this warpgroup sees: tiles inside [full_lo, full_hi) skip the mask
         mask = (lq, lk, shift, left, right, contextual, max_id, max_attn_len)
         _, _, full_lo, full_hi = key_range(mw, gl.minimum(mw + HALF_M, lq) - 1, *mask,
@@ -294,63 +406,98 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
         mbarrier.wait(k_full.index(it % STAGES), (it // STAGES) & 1)
         s = warpgroup_mma(q, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, ))
+        if QUANT:
+            s = _scaled_scores(s, ks_smem.index(it % STAGES).load(S_LAYOUT), QK_MODE)
         mbarrier.arrive(k_empty.index(it % STAGES), count=1)
-        p, m_i, l_i, alpha = _tile_p(s, t_lo, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, scale,
-                                     softcap, slope, sig_bias, silu_scale, SCORE=SCORE, MASK_KIND=MASK_KIND,
+        p, m_i, l_i, alpha = _tile_p(s, t_lo, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, row_a, row_b,
+                                     scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE, MASK_KIND=MASK_KIND,
                                      HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL,
                                      HAS_CONTEXT=HAS_CONTEXT, HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP,
-                                     HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N)
+                                     HAS_ALIBI=HAS_ALIBI, QUANT=QUANT, PV_FP8=PV_FP8, BLOCK_N=BLOCK_N)
         for j in range(1, n_tiles):
             stage = (it + j) % STAGES
             prev = (it + j - 1) % STAGES
             mbarrier.wait(k_full.index(stage), ((it + j) // STAGES) & 1)
             mbarrier.wait(v_full.index(prev), ((it + j - 1) // STAGES) & 1)
-            p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
+            p_op = gl.convert_layout(p.to(p_dtype), P_LAYOUT)
             if PINGPONG:  # the warpgroups take turns to issue, so one's softmax runs under the other's products
                 # turns taken so far: it - done before this item (n_tiles - 1 per item); warpgroup 0 goes first
                 mbarrier.wait(turn.index(WG), ((it - done + j - 1) & 1) ^ (1 - WG))
             s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            o = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
+            if PV_FP8:  # V^T tiles: K-major, as FP8 wgmma reads B
+                if TWO_LEVEL:
+                    o_t = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False,
+                                        is_async=True)
+                else:
+                    o = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
+            else:
+                o = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
             s = warpgroup_mma_wait(1, deps=(s, ))
+            if QUANT:
+                s = _scaled_scores(s, ks_smem.index(stage).load(S_LAYOUT), QK_MODE)
             mbarrier.arrive(k_empty.index(stage), count=1)
-            p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale,
-                                         scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE,
+            if TWO_LEVEL:  # the tile's P.V first: its float32 sum must not stay live through the softmax
+                o = o + _pv_wait(o_t, p_op, PV_FP8)
+            p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, row_a,
+                                         row_b, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE,
                                          MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
                                          HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT,
                                          HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
-                                         BLOCK_N=BLOCK_N)
-            o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
+                                         QUANT=QUANT, PV_FP8=PV_FP8, BLOCK_N=BLOCK_N)
+            if not TWO_LEVEL:
+                o = _pv_wait(o, p_op, PV_FP8)
             mbarrier.arrive(v_empty.index(prev), count=1)
             if SCORE == SOFTMAX:
                 o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
         mbarrier.arrive(q_empty, count=1)  # the last scores are done: the next item's Q may come
         last = it + n_tiles - 1
         mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
-        p_op = gl.convert_layout(p.to(dtype), P_LAYOUT)
-        o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
-        o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
+        p_op = gl.convert_layout(p.to(p_dtype), P_LAYOUT)
+        if PV_FP8:
+            o_t = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o_zero, use_acc=False,
+                                is_async=True)
+            o = o + _pv_wait(o_t, p_op, PV_FP8)
+        else:
+            o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
+            o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         # a sequence without keys multiplied its zero P with a row of another sequence (its
         # descriptor's one valid row): its output is 0 whatever that row holds (DESIGN.md:
         # nothing crosses sequences)
         o = gl.where(lk > 0, o, 0.0)
+        if PV_FP8:  # V's per-channel scales; sigmoid's P came x448, SiLU's without its 1/n
+            # (softmax's x448 is in its sum)
+            channels = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
+            vs = gl.load(VS + b64 * stride_vsb + (h // group) * stride_vsh + channels, mask=channels < head_dim,
+                         other=0.0)
+            if SCORE == SIGMOID:
+                vs = vs / FP8_MAX
+            elif SCORE != SOFTMAX:
+                vs = vs * silu_scale
+            o = o * gl.expand_dims(vs, 0)
 
-        b64 = b.to(gl.int64)
         if SCORE == SOFTMAX:
             has_keys = l_i > 0.0
             l_safe = gl.where(has_keys, l_i, 1.0)
             o = o / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, O_LAYOUT)), 1)
             if STORE_LSE:
-                lse = gl.where(has_keys, (m_i * lse_c + gl.log2(l_safe)) * LN2, float("-inf"))
+                # in base 2: the running max times its multiplier, smoothing's row term, P's x448
+                if QUANT:
+                    lse2 = m_i * row_a + rb * qk_scale + gl.log2(l_safe)
+                    if PV_FP8:
+                        lse2 = lse2 - LOG2_FP8_MAX
+                else:
+                    lse2 = m_i * lse_c + gl.log2(l_safe)
+                lse = gl.where(has_keys, lse2 * LN2, float("-inf"))
                 gl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < lq)
         # the previous item's output has left this buffer (and its descriptor is free)
         tma.store_wait(0)
-        o_buf.store(o.to(dtype))
+        o_buf.store(o.to(o_buf.dtype))
         fence_async_shared()
         o_desc = _rows(O + b64 * stride_ob + q_start.to(gl.int64) * stride_ot + h * stride_oh, lq, head_dim,
-                       stride_ot, HALF_M, HEAD_DIM, Q_LAYOUT)
+                       stride_ot, HALF_M, HEAD_DIM, O_LAYOUT_SMEM)
         _tma_store(o_desc, [mw, 0], o_buf)
         it += n_tiles
         done += 1
@@ -362,27 +509,34 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "contextual", "max_attn_len",
                               "n_seqs"])
 def attn_fwd_sm90_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, COUNTER, stride_ab,
+    Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, NUM_TARGETS, COUNTER, QS, KS, VS, RB, stride_ab,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+    stride_qsb, stride_qst, stride_qsh, stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vsh,
     seqlen_q, seqlen_k, n_seqs, n_heads, group, head_dim, scale, softcap, sigmoid_bias, silu_scale, window_left,
     window_right, contextual, max_attn_len,
     SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
     HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
-    STORE_LSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr,
+    STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr, PV_FP8: gl.constexpr, PV_TWO_LEVEL: gl.constexpr,
+    HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
+    V_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
 ):
     """Persistent: each program takes work items (query tiles of one (sequence, head), _item) until
-    none is left; COUNTER (int32, zero) hands out the items after the first of every program."""
+    none is left; COUNTER (int32, zero) hands out the items after the first of every program.
+    Quantized (QK_MODE, PV_FP8; else QS, KS, VS, RB are unused): Q and K INT8 or FP8 with float32
+    scales per (token, head) in QS / KS, V FP8 V^T with per-channel scales VS, RB the row term."""
     HALF_M: gl.constexpr = BLOCK_M // 2
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     n_items = n_m * n_seqs * n_heads
-    dtype: gl.constexpr = Q.dtype.element_ty
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
-    o_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
+    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
+    o_smem = gl.allocate_shared_memory(O.dtype.element_ty, [2, HALF_M, HEAD_DIM], O_LAYOUT)
+    k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
+    if PV_FP8:  # V^T tiles
+        v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
+    else:
+        v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
     item_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -391,6 +545,10 @@ def attn_fwd_sm90_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ks_smem = turn  # (unused)
+    if QK_MODE != 0:  # the key scales of each K tile
+        ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N],
+                                            gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=2)  # released by both consumer warpgroups
     mbarrier.init(turn.index(0), count=1)
@@ -403,23 +561,26 @@ def attn_fwd_sm90_kernel(
     fence_async_shared()
 
     consumer_args = (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m,
-                     n_heads, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, window_left, window_right,
+                     n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, window_left, window_right,
                      contextual, max_attn_len, sigmoid_bias, scale, softcap, silu_scale, q_smem, o_smem, k_smem, v_smem,
-                     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn)
+                     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, ks_smem, turn)
+    quant_args = (QS, KS, VS, RB, stride_qsb, stride_qst, stride_qsh, stride_ksb, stride_kst, stride_ksh, stride_vsb,
+                  stride_vsh)
     # (constexprs written out: concatenated tuples lose them)
     gl.warp_specialize([
-        (_consumer, (consumer_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                     HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N,
-                     HEAD_DIM, STAGES, PINGPONG, Q_LAYOUT)),
-        (_consumer, (consumer_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT,
-                     HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, BLOCK_M, BLOCK_N,
-                     HEAD_DIM, STAGES, PINGPONG, Q_LAYOUT)),
-        (_producer, (Q, K, V, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                     stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,
+        (_consumer, (consumer_args, quant_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
+                     HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
+                     PV_FP8, PV_TWO_LEVEL, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+        (_consumer, (consumer_args, quant_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
+                     HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
+                     PV_FP8, PV_TWO_LEVEL, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+        (_producer, (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh,
+                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group,
+                     head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,
                      seqlen_k, window_left, window_right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem,
                      v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, MASK_KIND, HAS_LEFT,
                      HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_LAYOUT, KV_LAYOUT)),
+                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QK_MODE != 0)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -428,13 +589,21 @@ BLOCK_N = 128
 HEAD_DIM = 128  # head dims 72-128 (descriptors zero-fill the channels past the head dim)
 STAGES = 2  # K/V buffers of each: 2 measured 605 TFLOPS at 1x16384 against 581 with 3
 PINGPONG = True  # warpgroups take turns to issue (sigmoid +0-8% measured, softmax within 1%)
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
+              torch.float8_e4m3fn: gl.float8e4nv}
 
 
 @functools.lru_cache(maxsize=None)
-def config(torch_dtype) -> dict:
-    """The kernel's tiles, shared-memory layouts and launch options (constexprs and kwargs)."""
-    dtype = gl.bfloat16 if torch_dtype == torch.bfloat16 else gl.float16
+def config(out_dtype, qk_dtype=None, v_dtype=None, pv_fp8: bool = False) -> dict:
+    """The kernel's tiles, shared-memory layouts and launch options (constexprs and kwargs), for
+    16-bit calls (the dtype of the output) or quantized ones (Q/K's and V's dtypes; PV_FP8: V^T)."""
+    out = _GL_DTYPES[out_dtype]
+    qk = _GL_DTYPES[qk_dtype or out_dtype]
+    v = _GL_DTYPES[v_dtype or out_dtype]
+    v_tile = [HEAD_DIM, BLOCK_N] if pv_fp8 else [BLOCK_N, HEAD_DIM]
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=STAGES, PINGPONG=PINGPONG,
-                Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], dtype),
-                KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype),
+                Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], qk),
+                K_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], qk),
+                V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_tile, v),
+                O_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], out),
                 num_warps=4, maxnreg=MAXNREG)

@@ -330,16 +330,17 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
                  EXACT_FP8_ROUNDING=False)
 
 
-def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool = False) -> bool:
+def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Quantized] = None) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
     65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
     window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
-    ALiBi, GQA, dense or packed; not with the relative bias, attention masks, dropout or the
-    quantized precisions, and only for a positive scale (its softmax keeps the running max of the
-    unscaled scores), tensors a descriptor can address (the output's heads too: a head dim that is
-    a multiple of 8) and at most SM90_MAX_ITEMS query tiles. OMNIATTN_SM90=0 (or OMNIATTN_TMA=0)
-    turns it off."""
-    if quantized or not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
+    ALiBi, GQA, dense or packed; not with the relative bias, attention masks or dropout, and only
+    for a positive scale (its softmax keeps the running max of the unscaled scores), tensors a
+    descriptor can address (the output's heads too: a head dim that is a multiple of 8) and at most
+    SM90_MAX_ITEMS query tiles. Quantized calls (``quant``) too, with INT8 or FP8 Q.K (not INT4),
+    without smoothed Q, softcap or ALiBi, and quantized tensors a descriptor can address (a dense
+    FP8 V^T: key counts a multiple of 16). OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
+    if not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     d = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != d or not 64 < d <= 128 or d % 8:
@@ -347,6 +348,9 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool =
     if p.dropout_p > 0 or p.scale <= 0:
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
+        return False
+    if quant is not None and (quant.qk_mode not in (QK_INT8, QK_FP8) or quant.q_mean is not None or p.softcap > 0
+                              or x.alibi is not None or not _tma_ok(quant.q, quant.k, quant.v)):
         return False
     entry = _sm90_kernel()
     if entry is None:
@@ -357,6 +361,9 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quantized: bool =
     if cdiv(max_q, entry[0].BLOCK_M) * sequences * q.shape[-2] > SM90_MAX_ITEMS:
         return False
     return _tma_ok(q, k, v)
+
+
+QK_INT8, QK_FP8 = 1, 3  # common.QK_*: the quantized Q.K modes the Hopper kernel runs
 
 
 SM90_MAX_ITEMS = 2**31 - 2**16
@@ -399,8 +406,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _forward_sm90(q, k, v, L: "_Launch", p: Params):
-    """The forward by fwd_sm90 (sm90_forward_ok): same outputs as the template's."""
+def _forward_sm90(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantized] = None):
+    """The forward by fwd_sm90 (sm90_forward_ok): same outputs as the template's. ``quant``: the
+    quantized tensors stand in for q, k, v (the output keeps q's dtype)."""
     module, kernel = _sm90_kernel()
     dev = q.device
     out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
@@ -409,16 +417,49 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params):
     if items == 0:
         return out, lse
     m = L.meta
+    f32 = _dummy(dev, torch.float32)
+    v_strides = _strides(v)
+    if quant is None:
+        scales, scale_strides, quant_meta = (f32,) * 4, (0,) * 8, dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False,
+                                                                        HAS_ROW_BIAS=False)
+        cfg = module.config(q.dtype)
+    else:
+        scales, scale_strides = _quant_scales(quant, f32)
+        quant_meta = dict(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, PV_TWO_LEVEL=quant.pv_two_level,
+                          HAS_ROW_BIAS=quant.row_bias is not None)
+        cfg = module.config(q.dtype, quant.q.dtype, quant.v.dtype, quant.pv_fp8)
+        q, k, v = quant.q, quant.k, quant.v
+        v_strides = _v_strides(quant)
     kernel[(sm90_programs(dev, items),)](
-        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), L.cu_q, L.cu_k, L.alibi, L.num_targets,
+        q, k, v, out, lse if L.softmax else f32, L.cu_q, L.cu_k, L.alibi, L.num_targets,
         torch.zeros(1, dtype=torch.int32, device=dev),  # the item counter
-        L.stride_ab, *_strides(q), *_strides(k), *_strides(v), *_strides(out), L.stride_lb, L.stride_lh,
-        *L.seqlens, L.batch, L.hq, L.hq // L.hkv, L.d, p.scale, p.softcap, p.sigmoid_bias, p.silu_scale,
-        p.window_left, p.window_right, p.contextual, p.max_attn_len,
+        *scales, L.stride_ab, *_strides(q), *_strides(k), *v_strides, *_strides(out), L.stride_lb, L.stride_lh,
+        *scale_strides, *L.seqlens, L.batch, L.hq, L.hq // L.hkv, L.d, p.scale, p.softcap, p.sigmoid_bias,
+        p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len,
         SCORE=p.score, STORE_LSE=L.softmax, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
-        **{name: m[name] for name in _SM90_FLAGS}, **module.config(q.dtype),
+        **{name: m[name] for name in _SM90_FLAGS}, **quant_meta, **cfg,
     )
     return out, lse
+
+
+def _quant_scales(quant: Quantized, f32: torch.Tensor):
+    """(QS, KS, VS, RB) and their strides as both forward kernels take them: Q's and K's scales
+    (and the row term) by (batch, token, head), V's by (sequence, kv head)."""
+    qs, ks = quant.q_scale, quant.k_scale
+    qs_strides = (qs.stride(0), qs.stride(1), qs.stride(2)) if qs.dim() == 3 else (0, qs.stride(0), qs.stride(1))
+    ks_strides = (ks.stride(0), ks.stride(1), ks.stride(2)) if ks.dim() == 3 else (0, ks.stride(0), ks.stride(1))
+    vs_strides = (quant.v_scale.stride(0), quant.v_scale.stride(1)) if quant.v_scale is not None else (0, 0)
+    scales = (qs, ks, quant.v_scale if quant.v_scale is not None else f32,
+              quant.row_bias if quant.row_bias is not None else f32)
+    return scales, qs_strides + ks_strides + vs_strides
+
+
+def _v_strides(quant: Quantized):
+    """V's (batch, "token", head) strides as the kernels take them: an FP8 V^T's are (batch, channel, head)."""
+    v = quant.v
+    if quant.pv_fp8:
+        return (v.stride(0), v.stride(2), v.stride(1)) if v.dim() == 4 else (0, v.stride(1), v.stride(0))
+    return _strides(v)
 
 
 # H100, bf16, H=16, D=128, forward+backward TFLOPS against the template's backward: causal at 1024
@@ -469,8 +510,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     given = (q, k, v)
     q, k, v = (_last_contiguous(t) for t in given)
     L = _Launch(q, k, v, x, max_q, max_k, p)
-    if sm90_forward_ok(*given, x, p, max_q, quantized=quant is not None):
-        return _forward_sm90(q, k, v, L, p)
+    if sm90_forward_ok(*given, x, p, max_q, quant=quant):
+        return _forward_sm90(q, k, v, L, p, quant)
     L.build_rab_table(q)
     # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
     cfg, tma = forward_config(*given, p, max_q, quantized=quant is not None, bias_table=L.meta["RAB_CACHED"])
@@ -485,13 +526,8 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
         tma = _quant_tma_ok(quant, p, max(L.d, L.dv))
         q, k, v = quant.q, quant.k, quant.v
         f32 = _dummy(dev, torch.float32)
-        scales = (quant.q_scale, quant.k_scale, quant.v_scale if quant.v_scale is not None else f32,
-                  quant.row_bias if quant.row_bias is not None else f32, quant.q_mean if quant.q_mean is not None else f32)
-        qs, ks = quant.q_scale, quant.k_scale
-        qs_strides = (qs.stride(0), qs.stride(1), qs.stride(2)) if qs.dim() == 3 else (0, qs.stride(0), qs.stride(1))
-        ks_strides = (ks.stride(0), ks.stride(1), ks.stride(2)) if ks.dim() == 3 else (0, ks.stride(0), ks.stride(1))
-        vs_strides = (quant.v_scale.stride(0), quant.v_scale.stride(1)) if quant.v_scale is not None else (0, 0)
-        scale_strides = qs_strides + ks_strides + vs_strides
+        scales, scale_strides = _quant_scales(quant, f32)
+        scales += (quant.q_mean if quant.q_mean is not None else f32,)
         meta.update(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, PV_TWO_LEVEL=quant.pv_two_level,
                     SMOOTH_Q=quant.q_mean is not None, HAS_ROW_BIAS=quant.row_bias is not None,
                     EXACT_FP8_ROUNDING=interpreting(), BLOCK_D=block_dim(q.shape[-1]))
@@ -501,10 +537,7 @@ def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantiz
     grid, tiles, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
     if grid[0] * (grid[1] if len(grid) > 1 else 1) == 0:
         return out, lse
-    if quant is not None and quant.pv_fp8:  # V^T: the kernel's (batch, "token", head) strides are (b, channel, h)
-        v_strides = (v.stride(0), v.stride(2), v.stride(1)) if v.dim() == 4 else (0, v.stride(1), v.stride(0))
-    else:
-        v_strides = _strides(v)
+    v_strides = _strides(v) if quant is None else _v_strides(quant)
     attn_fwd_kernel[grid](
         q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), *L.pointers(), *L.rab_table, tiles, L.mask,
         *scales,
