@@ -198,8 +198,8 @@ def sm90() -> None:
     launch._GLUON["fwd_sm90"] = (module, Compiling(module.attn_fwd_sm90_kernel))
     bwd_module, _ = launch._sm90_bwd_kernel()
     launch._GLUON["bwd_sm90"] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
-    launch.sm90_forward_ok = lambda *args, quant=None, **kwargs: quant is None or (quant.qk_mode in (1, 3)
-                                                                                 and quant.q_mean is None)
+    launch.sm90_forward_ok = lambda *args, quant=None, **kwargs: quant is None or (
+        quant.qk_mode in (1, 3) and quant.q_mean is None and not (quant.pv_fp8 and quant.pv_two_level))
     launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q, max_k: p.softcap == 0 and x.alibi is None
     launch.sm90_programs = lambda device, items: items  # (no GPU to count SMs on)
 
@@ -222,21 +222,21 @@ def sm90() -> None:
     jagged = q.detach()[0, :256].requires_grad_()
     for kw in (dict(), dict(num_targets=torch.tensor([3, 5])), dict(contextual_seq_len=2, max_attn_len=16, causal=False)):
         grad(oa.hstu_attention(jagged, jagged, jagged, offsets, 160, backend="triton", **kw))
-    with torch.no_grad():  # quantized forwards (their quantization kernels: the template's family)
+    with torch.no_grad():  # quantized forwards, FP8 P.V in one accumulator (the quantization kernels: the template's)
         kv = torch.randn(2, 256, 2, 128).to(torch.bfloat16)
+        one = oa.QuantConfig(pv_accum="fp32")
         for precision, score, causal in itertools.product(("int8", "int8-fp8", "fp8"), ("softmax", "sigmoid", "silu"),
                                                           (False, True)):
             oa.attention(q.detach()[:, :256], kv, kv, score=score, causal=causal, precision=precision,
-                         backend="triton")
-        oa.attention(q.detach()[:, :256], kv, kv, precision="int8-fp8", return_lse=True, backend="triton")
-        oa.attention(q.detach()[:, :256], kv, kv, precision="int8-fp8", quant_config=oa.QuantConfig(pv_accum="fp32"),
+                         quant_config=one, backend="triton")
+        oa.attention(q.detach()[:, :256], kv, kv, precision="int8-fp8", quant_config=one, return_lse=True,
                      backend="triton")
         oa.attention_varlen(packed.detach(), packed.detach(), packed.detach(), offsets, offsets, 156, 156,
-                            causal=True, precision="int8-fp8", backend="triton")
-        oa.hstu_attention(jagged.detach(), jagged.detach(), jagged.detach(), offsets, 160, precision="int8-fp8",
+                            causal=True, precision="int8-fp8", quant_config=one, backend="triton")
+        oa.hstu_attention(jagged.detach(), jagged.detach(), jagged.detach(), offsets, 160, precision="int8",
                           num_targets=torch.tensor([3, 5]), backend="triton")
     keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN", "MASK_KIND", "HSTU_CAUSAL",
-            "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN", "QK_MODE", "PV_FP8", "PV_TWO_LEVEL", "HAS_ROW_BIAS")
+            "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN", "QK_MODE", "PV_FP8", "HAS_ROW_BIAS")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
         print(f"VARIANT {name} " + " ".join(f"{k}={c.get(k)}" for k in keys))

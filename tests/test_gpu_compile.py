@@ -94,15 +94,14 @@ def test_hopper_gluon_kernels_compile_for_sm90():
         assert ["MASK_KIND=1", f"HSTU_CAUSAL={causal}", f"HAS_TARGETS={targets}", f"HAS_CONTEXT={context}",
                 f"HAS_MAX_ATTN={context}"] in hstu
     # quantized forwards: INT8 Q.K with 16-bit or FP8 P.V, FP8 Q.K, every score, causal or not; packed; HSTU
-    quant = [(v[1], v[3], v[6], v[12], v[13], v[14]) for v in variants
+    quant = [(v[1], v[3], v[6], v[12], v[13]) for v in variants
              if v[0] == "attn_fwd_sm90_kernel" and v[12] != "QK_MODE=0"]
     for mode, fp8 in (("1", "False"), ("1", "True"), ("3", "True")):
         for score in ("0", "1", "2"):
             for causal in ("False", "True"):
-                assert (f"SCORE={score}", f"HAS_RIGHT={causal}", "IS_VARLEN=False", f"QK_MODE={mode}", f"PV_FP8={fp8}",
-                        "PV_TWO_LEVEL=True") in quant
-    assert ("SCORE=0", "HAS_RIGHT=False", "IS_VARLEN=False", "QK_MODE=1", "PV_FP8=True", "PV_TWO_LEVEL=False") in quant
-    assert ("SCORE=0", "HAS_RIGHT=True", "IS_VARLEN=True", "QK_MODE=1", "PV_FP8=True", "PV_TWO_LEVEL=True") in quant
+                assert (f"SCORE={score}", f"HAS_RIGHT={causal}", "IS_VARLEN=False", f"QK_MODE={mode}",
+                        f"PV_FP8={fp8}") in quant
+    assert ("SCORE=0", "HAS_RIGHT=True", "IS_VARLEN=True", "QK_MODE=1", "PV_FP8=True") in quant
     assert any(v[7:9] == ["MASK_KIND=1", "HSTU_CAUSAL=True"] and v[12] == "QK_MODE=1" for v in variants)
     # the backward (bwd_sm90) of every call above but softcap's and ALiBi's (the template's)
     backward = [v[1:12] for v in variants if v[0] == "attn_bwd_sm90_kernel"]

@@ -112,11 +112,13 @@ class Impl:
 
 def _omniattn(case: Case, x: Inputs) -> Runner:
     precision = case.options.get("precision", "exact")
+    # quantized cases may name the FP8 P.V accumulator (QuantConfig.pv_accum); the default otherwise
+    quant = dict(quant_config=oa.QuantConfig(pv_accum=case.options["pv_accum"])) if "pv_accum" in case.options else {}
     if case.op == "hstu":
-        kw = hstu_kwargs(case, x)
+        kw = dict(hstu_kwargs(case, x), **quant)
         return Runner(lambda: oa.hstu_attention(x.q, x.k, x.v, x.cu, case.seqlen, precision=precision, **kw),
                       x.leaves)
-    kw = dict(score_kwargs(case), causal=case.causal, precision=precision)
+    kw = dict(score_kwargs(case), causal=case.causal, precision=precision, **quant)
     if x.cu is not None:
         return Runner(lambda: oa.attention_varlen(x.q, x.k, x.v, x.cu, x.cu, case.seqlen, case.seqlen, **kw), x.leaves)
     return Runner(lambda: oa.attention(x.q, x.k, x.v, **kw), x.leaves)

@@ -102,7 +102,7 @@ HEADER = f"{'problem':<50} {'impl':<15} {'ms':>9} {'TFLOPS':>8} {RATIO:>9} {'max
 def problem_key(r: dict) -> tuple:
     """Rows of one problem share this key (implementation aside)."""
     return (r["op"], r.get("varlen", False), r["batch"], r["seqlen"], r["heads"], r.get("kv_heads"), r["head_dim"],
-            r["causal"], r["mode"], r["dtype"], r.get("rab"), r.get("targets"))
+            r["causal"], r["mode"], r["dtype"], r.get("rab"), r.get("targets"), r.get("pv_accum"))
 
 
 def _shape_key(r: dict) -> tuple:
@@ -126,7 +126,8 @@ def problem_label(r: dict) -> str:
     label = (f"{r['op']} {'varlen ' if r.get('varlen') else ''}{r['batch']}x{r['seqlen']} h{r['heads']}"
              f"{'/' + str(hkv) if hkv else ''} d{r['head_dim']} {r['dtype']}")
     label += (" causal" if r["causal"] else "") + (" rab" if r.get("rab") else "")
-    return label + (f" t{r['targets']}" if r.get("targets") else "") + f" {r['mode']}"
+    label += (f" t{r['targets']}" if r.get("targets") else "") + (f" pv {r['pv_accum']}" if r.get("pv_accum") else "")
+    return label + f" {r['mode']}"
 
 
 def problem_lines(rs: list[dict], context: Iterable[dict]) -> list[str]:

@@ -132,7 +132,8 @@ QUANT_PRECISIONS = ("int8", "int8-fp8", "fp8", "int4-fp8")
 def quant() -> list[Case]:
     """The quantization issue's matrix, forward, inputs with a per-channel key offset of std 3,
     quantization time included: INT8 and INT8-FP8 softmax at the kernel suite's shapes, every
-    precision for every score at 4x4096, D=64, HSTU INT8 and INT8-FP8 at (32, 4096)."""
+    precision for every score at 4x4096, D=64, HSTU INT8 and INT8-FP8 at (32, 4096); and FP8 P.V
+    in one accumulator (pv_accum="fp32") at those shapes."""
     q = lambda p: (("precision", p),)  # noqa: E731
     cases = [Case("softmax", b, n, 16, 128, c, "fwd", "bf16", extra=q(p))
              for b, n, c in ((4, 4096, False), (4, 4096, True), (1, 16384, False), (16, 1024, False))
@@ -143,6 +144,13 @@ def quant() -> list[Case]:
     cases += [Case("softmax", 4, 4096, 16, 64, False, "fwd", "bf16", extra=q(p)) for p in ("int8", "int8-fp8")]
     lens = jagged_lengths(32, 4096, seed=4097, low=0.9)
     cases += [Case("hstu", 32, 4096, 4, 128, True, "fwd", "bf16", lens=lens, extra=q(p)) for p in ("int8", "int8-fp8")]
+    # FP8 P.V in one float32 accumulator (QuantConfig(pv_accum="fp32")): on Hopper the Gluon kernel's path
+    one = lambda p: q(p) + (("pv_accum", "fp32"),)  # noqa: E731
+    cases += [Case("softmax", b, n, 16, 128, c, "fwd", "bf16", extra=one("int8-fp8"))
+              for b, n, c in ((4, 4096, False), (4, 4096, True), (1, 16384, False), (16, 1024, False))]
+    cases += [Case(op, 4, 4096, 16, 128, False, "fwd", "bf16", extra=one(p)) for op in ("softmax", "sigmoid", "silu")
+              for p in ("int8-fp8", "fp8") if (op, p) != ("softmax", "int8-fp8")]
+    cases += [Case("hstu", 32, 4096, 4, 128, True, "fwd", "bf16", lens=lens, extra=one("int8-fp8"))]
     return cases
 
 

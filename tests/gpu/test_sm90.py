@@ -273,16 +273,17 @@ SAME_QUANT = {"int8": (8e-3, 1e-4), "int8-fp8": (2e-2, 2e-3), "fp8": (2e-2, 2e-3
 @pytest.mark.parametrize("score", ["softmax", "sigmoid", "silu"])
 @pytest.mark.parametrize("layout", ["dense-gqa", "dense-causal", "packed", "packed-causal"])
 def test_quantized(sm90_calls, monkeypatch, precision, score, layout):
-    """The quantized forward on the Hopper kernel: close to the template's on the same quantized
-    tensors (SAME_QUANT), as accurate as the template against the exact reference on outlier-key
-    inputs, every output element written (outputs poisoned), the lse too, inputs unchanged. Dense
-    calls have 1328 keys (an FP8 V^T's rows must be a multiple of 16 bytes), packed ones lengths off
-    the 128-row tiles and the 16-token V^T columns, one sequence without keys."""
+    """The quantized forward on the Hopper kernel (FP8 P.V in one accumulator, as it takes it):
+    close to the template's on the same quantized tensors (SAME_QUANT), as accurate as the template
+    against the exact reference on outlier-key inputs, every output element written (outputs
+    poisoned), the lse too, inputs unchanged. Dense calls have 1328 keys (an FP8 V^T's rows must be
+    a multiple of 16 bytes), packed ones lengths off the 128-row tiles and the 16-token V^T columns,
+    one sequence without keys."""
     from ..test_quant import ACCURACY, cosine, offset_keys
 
     gen = torch.Generator().manual_seed(len(layout) * 7 + len(score) + len(precision))
     causal = layout.endswith("causal")
-    kw = dict(score=score, causal=causal, precision=precision)
+    kw = dict(score=score, causal=causal, precision=precision, quant_config=oa.QuantConfig(pv_accum="fp32"))
     if layout.startswith("dense"):
         q, k, v = offset_keys((2, 777, 8, 128), (2, 1328, 2, 128), gen, dtype=torch.bfloat16, device=DEV)
 
@@ -333,7 +334,8 @@ def test_quantized_hstu(sm90_calls, monkeypatch):
     lens = [700, 33, 1200]
     offsets = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
     q, k, v = (torch.randn(sum(lens), 4, 128, generator=gen).to(DEV, torch.bfloat16) for _ in range(3))
-    kw = dict(num_targets=torch.tensor([5, 1, 9], device=DEV), precision="int8-fp8")
+    kw = dict(num_targets=torch.tensor([5, 1, 9], device=DEV), precision="int8-fp8",
+              quant_config=oa.QuantConfig(pv_accum="fp32"))
     got = _quantized(monkeypatch, True, lambda: oa.hstu_attention(q, k, v, offsets, 1200, **kw))
     assert len(sm90_calls) == 1
     template = _quantized(monkeypatch, False, lambda: oa.hstu_attention(q, k, v, offsets, 1200, **kw))
@@ -341,10 +343,13 @@ def test_quantized_hstu(sm90_calls, monkeypatch):
     assert diff.max() <= 2e-2 * template.float().abs().max() and diff.sum() <= 2e-3 * template.float().abs().sum()
 
 
-def test_quantized_int4_and_smoothed_q_take_the_template(sm90_calls):
+def test_quantized_int4_smoothed_q_and_two_level_fp8_take_the_template(sm90_calls):
     q = torch.randn(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
+    one = oa.QuantConfig(pv_accum="fp32")
     with torch.no_grad():
-        oa.attention(q, q, q, precision="int4-fp8")
+        oa.attention(q, q, q, precision="int4-fp8", quant_config=one)
         oa.attention(q, q, q, precision="int8", quant_config=oa.QuantConfig(smooth_q=True))
-        oa.attention(q[:, :200], q[:, :200], q[:, :200], precision="int8-fp8")  # V^T rows of 200 bytes
+        oa.attention(q, q, q, precision="int8-fp8")  # FP8 P.V summed in two levels (the default)
+        oa.attention(q, q, q, precision="fp8")
+        oa.attention(q[:, :200], q[:, :200], q[:, :200], precision="int8-fp8", quant_config=one)  # V^T rows of 200 B
     assert not sm90_calls

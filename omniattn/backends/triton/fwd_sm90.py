@@ -30,9 +30,10 @@ The score function, the mask (a window, causal included, or HSTU's: causal or no
 contextual prefix, max_attn_len; common.allowed), softcap and ALiBi are compile-time branches, as
 in the template, whose mask and tile-range helpers it calls. So are the quantized precisions
 (QK_MODE, PV_FP8; omniattn.quant): INT8 or FP8 Q.K on the 8-bit tensor cores (twice the 16-bit
-rate) with one float32 scale per token, and P.V in FP8 against V^T tiles (FP8 wgmma reads B
-K-major) with V's per-channel scales applied once at the end. Calls with anything else (relative
-bias, attention masks, dropout, INT4, smoothed Q, float32) take the template
+rate) with one float32 scale per token, and P.V in 16 bits or in FP8 against V^T tiles (FP8 wgmma
+reads B K-major; one accumulator, pv_accum="fp32") with V's per-channel scales applied once at the
+end. Calls with anything else (relative bias, attention masks, dropout, INT4, smoothed Q, the
+two-level FP8 P.V sum, float32) take the template
 (launch.sm90_forward_ok). The maths is DESIGN.md's, as fwd.py computes
 it (same scale, base-2 online softmax, -ln(Lk) sigmoid bias, one-instruction tanh for 16-bit inputs).
 """
@@ -319,7 +320,7 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
               HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
               HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr,
               DEFAULT_SIG_BIAS: gl.constexpr, STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr,
-              PV_FP8: gl.constexpr, PV_TWO_LEVEL: gl.constexpr, HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
+              PV_FP8: gl.constexpr, HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
               O_LAYOUT_SMEM: gl.constexpr):
     """One warpgroup: per work item the producer hands over, HALF_M query rows against the item's
@@ -335,9 +336,6 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
      stride_vsh) = quant_args
     HALF_M: gl.constexpr = BLOCK_M // 2
     QUANT: gl.constexpr = QK_MODE != 0
-    # the second product in FP8 keeps each tile's sum apart and adds it in float32 (FP8 wgmma
-    # accumulates with ~22 mantissa bits)
-    TWO_LEVEL: gl.constexpr = PV_FP8 and PV_TWO_LEVEL
     K_STEP: gl.constexpr = 32 if QUANT else 16  # the wgmma's K: 32 bytes of each operand row
     PV_K_STEP: gl.constexpr = 32 if PV_FP8 else 16
     # wgmma accumulators of one warpgroup (4 warps along the rows); P feeds the second product from registers
@@ -353,7 +351,6 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.int32, S_LAYOUT)
     else:
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, S_LAYOUT)
-    o_zero = gl.zeros([HALF_M, HEAD_DIM], gl.float32, O_LAYOUT)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
     qk_scale = scale
     if SCORE == SOFTMAX:
@@ -425,11 +422,7 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
                 mbarrier.wait(turn.index(WG), ((it - done + j - 1) & 1) ^ (1 - WG))
             s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             if PV_FP8:  # V^T tiles: K-major, as FP8 wgmma reads B
-                if TWO_LEVEL:
-                    o_t = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False,
-                                        is_async=True)
-                else:
-                    o = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
+                o = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), o, is_async=True)
             else:
                 o = warpgroup_mma(p_op, v_smem.index(prev), o, is_async=True)
             if PINGPONG:
@@ -438,16 +431,13 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
             if QUANT:
                 s = _scaled_scores(s, ks_smem.index(stage).load(S_LAYOUT), QK_MODE)
             mbarrier.arrive(k_empty.index(stage), count=1)
-            if TWO_LEVEL:  # the tile's P.V first: its float32 sum must not stay live through the softmax
-                o = o + _pv_wait(o_t, p_op, PV_FP8)
             p, m_i, l_i, alpha = _tile_p(s, t_lo + j, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, row_a,
                                          row_b, scale, softcap, slope, sig_bias, silu_scale, SCORE=SCORE,
                                          MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT, HAS_RIGHT=HAS_RIGHT,
                                          HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT,
                                          HAS_MAX_ATTN=HAS_MAX_ATTN, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
                                          QUANT=QUANT, PV_FP8=PV_FP8, BLOCK_N=BLOCK_N)
-            if not TWO_LEVEL:
-                o = _pv_wait(o, p_op, PV_FP8)
+            o = _pv_wait(o, p_op, PV_FP8)
             mbarrier.arrive(v_empty.index(prev), count=1)
             if SCORE == SOFTMAX:
                 o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
@@ -456,12 +446,10 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
         mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
         p_op = gl.convert_layout(p.to(p_dtype), P_LAYOUT)
         if PV_FP8:
-            o_t = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o_zero, use_acc=False,
-                                is_async=True)
-            o = o + _pv_wait(o_t, p_op, PV_FP8)
+            o = warpgroup_mma(p_op, v_smem.index(last % STAGES).permute((1, 0)), o, is_async=True)
         else:
             o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
-            o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
+        o = _pv_wait(o, p_op, PV_FP8)
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         # a sequence without keys multiplied its zero P with a row of another sequence (its
         # descriptor's one valid row): its output is 0 whatever that row holds (DESIGN.md:
@@ -518,9 +506,8 @@ def attn_fwd_sm90_kernel(
     SCORE: gl.constexpr, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
     HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
-    STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr, PV_FP8: gl.constexpr, PV_TWO_LEVEL: gl.constexpr,
-    HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
+    STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr, PV_FP8: gl.constexpr, HAS_ROW_BIAS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
     V_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
 ):
     """Persistent: each program takes work items (query tiles of one (sequence, head), _item) until
@@ -570,10 +557,10 @@ def attn_fwd_sm90_kernel(
     gl.warp_specialize([
         (_consumer, (consumer_args, quant_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
                      HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
-                     PV_FP8, PV_TWO_LEVEL, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
         (_consumer, (consumer_args, quant_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
                      HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
-                     PV_FP8, PV_TWO_LEVEL, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
         (_producer, (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh,
                      stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group,
                      head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,

@@ -338,8 +338,10 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
     for a positive scale (its softmax keeps the running max of the unscaled scores), tensors a
     descriptor can address (the output's heads too: a head dim that is a multiple of 8) and at most
     SM90_MAX_ITEMS query tiles. Quantized calls (``quant``) too, with INT8 or FP8 Q.K (not INT4),
-    without smoothed Q, softcap or ALiBi, and quantized tensors a descriptor can address (a dense
-    FP8 V^T: key counts a multiple of 16). OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
+    16-bit P.V or FP8 P.V in one accumulator (pv_accum="fp32": the two-level sum measured no faster
+    than the template's, H100, benchmarks/NOTES.md), without smoothed Q, softcap or ALiBi, and
+    quantized tensors a descriptor can address (a dense FP8 V^T: key counts a multiple of 16).
+    OMNIATTN_SM90=0 (or OMNIATTN_TMA=0) turns it off."""
     if not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     d = q.shape[-1]
@@ -349,7 +351,8 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
         return False
-    if quant is not None and (quant.qk_mode not in (QK_INT8, QK_FP8) or quant.q_mean is not None or p.softcap > 0
+    if quant is not None and (quant.qk_mode not in (QK_INT8, QK_FP8) or quant.q_mean is not None
+                              or (quant.pv_fp8 and quant.pv_two_level) or p.softcap > 0
                               or x.alibi is not None or not _tma_ok(quant.q, quant.k, quant.v)):
         return False
     entry = _sm90_kernel()
@@ -420,13 +423,11 @@ def _forward_sm90(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantized] =
     f32 = _dummy(dev, torch.float32)
     v_strides = _strides(v)
     if quant is None:
-        scales, scale_strides, quant_meta = (f32,) * 4, (0,) * 8, dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False,
-                                                                        HAS_ROW_BIAS=False)
+        scales, scale_strides, quant_meta = (f32,) * 4, (0,) * 8, dict(QK_MODE=0, PV_FP8=False, HAS_ROW_BIAS=False)
         cfg = module.config(q.dtype)
     else:
         scales, scale_strides = _quant_scales(quant, f32)
-        quant_meta = dict(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, PV_TWO_LEVEL=quant.pv_two_level,
-                          HAS_ROW_BIAS=quant.row_bias is not None)
+        quant_meta = dict(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, HAS_ROW_BIAS=quant.row_bias is not None)
         cfg = module.config(q.dtype, quant.q.dtype, quant.v.dtype, quant.pv_fp8)
         q, k, v = quant.q, quant.k, quant.v
         v_strides = _v_strides(quant)
