@@ -64,8 +64,8 @@ FP8_MAX = gl.constexpr(448.0)
 LOG2_FP8_MAX = gl.constexpr(8.807354922057604)
 VT_ALIGN = gl.constexpr(16)  # common.VT_ALIGN: a packed sequence's first FP8 V^T column
 # float(x) for an int32 |x| < 2^22 (INT8 Q.K over <= 128 channels: |x| <= 127 * 127 * 128 < 2^21):
-# the bits of 1.5 * 2^23 + x, minus 1.5 * 2^23. An integer add and a float add at full rate, where
-# the conversion instruction runs at the exponential's quarter rate
+# the bits of 1.5 * 2^23 + x, minus 1.5 * 2^23: an integer add and a float add, where the conversion
+# instruction (I2F) issues at 16 per clock per SM, as the exponentials do
 I2F_MAGIC_BITS = gl.constexpr(0x4B400000)
 I2F_MAGIC = gl.constexpr(12582912.0)
 # registers per thread by warpgroup: the kernel runs 12 warps (two consumer warpgroups, one
@@ -169,8 +169,9 @@ def _tile_p(s, t, m_i, l_i, rows, cols, mask, full_lo, full_hi, qk_scale, row_a,
 @gluon.jit
 def _pv_wait(acc, p_op, PV_FP8: gl.constexpr):
     """The P.V product once complete. A 16-bit P stays a dependency of the wait (its registers live
-    until the product has read them); Triton 3.6's wait cannot take 8-bit values, and ptxas keeps a
-    wgmma's register operands until its wait group completes either way."""
+    until the product has read them); Triton 3.6's wait cannot take 8-bit values, so an FP8 P is
+    not one: its PTX values are never rewritten, and ptxas does not reuse a wgmma's register
+    operands before the wait that covers it."""
     if PV_FP8:
         acc = warpgroup_mma_wait(0, deps=(acc, ))
     else:
