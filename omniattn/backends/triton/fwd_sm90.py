@@ -295,9 +295,10 @@ def _producer(Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_q
                 stage = (it + j) % STAGES
                 free = (((it + j) // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
                 mbarrier.wait(k_empty.index(stage), free)
-                if QUANT:
+                if QUANT:  # (every lane's store ordered before the one lane's arrive below)
                     keys = (t_lo + j) * BLOCK_N + sk_cols
                     ks_smem.index(stage).store(gl.load(ks_base + keys * stride_kst, mask=keys < lk, other=0.0))
+                    gl.thread_barrier()
                 mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
                 _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
                 mbarrier.wait(v_empty.index(stage), free)
