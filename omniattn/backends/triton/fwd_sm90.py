@@ -54,6 +54,8 @@ if hasattr(tma, "async_load"):
     _tma_load, _tma_store = tma.async_load, tma.async_store
 else:
     _tma_load, _tma_store = tma.async_copy_global_to_shared, tma.async_copy_shared_to_global
+# a barrier of the partition's threads: thread_barrier in 3.6, barrier from 3.9
+_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
@@ -298,7 +300,7 @@ def _producer(Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_q
                 if QUANT:  # (every lane's store ordered before the one lane's arrive below)
                     keys = (t_lo + j) * BLOCK_N + sk_cols
                     ks_smem.index(stage).store(gl.load(ks_base + keys * stride_kst, mask=keys < lk, other=0.0))
-                    gl.thread_barrier()
+                    _barrier()
                 mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
                 _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
                 mbarrier.wait(v_empty.index(stage), free)
