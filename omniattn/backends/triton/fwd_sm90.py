@@ -47,7 +47,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from .common import _tanh_approx as _tanh  # one MUFU instruction (the template's FAST_MATH tanh)
-from .common import allowed, key_range, sequence_bounds, sequence_constants
+from .common import (FP8_MAX, LN2, LOG2_FP8_MAX, LOG2E, QK_INT8, SIGMOID, SOFTMAX, VT_ALIGN, allowed, key_range,
+                     sequence_bounds, sequence_constants)
 
 # Triton 3.7+ names the TMA copies async_load / async_store; 3.6 (the H100 machine's) has the old names
 if hasattr(tma, "async_load"):
@@ -57,14 +58,6 @@ else:
 # a barrier of the partition's threads: thread_barrier in 3.6, barrier from 3.9
 _barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
-LOG2E = gl.constexpr(1.4426950408889634)
-LN2 = gl.constexpr(0.6931471805599453)
-SOFTMAX = gl.constexpr(0)  # launch.SCORE_IDS; 2 is SiLU
-SIGMOID = gl.constexpr(1)
-QK_INT8 = gl.constexpr(1)  # common.QK_*: 0 exact, 3 FP8 (INT4, 2, takes the template)
-FP8_MAX = gl.constexpr(448.0)
-LOG2_FP8_MAX = gl.constexpr(8.807354922057604)
-VT_ALIGN = gl.constexpr(16)  # common.VT_ALIGN: a packed sequence's first FP8 V^T column
 # float(x) for an int32 |x| < 2^22 (INT8 Q.K over <= 128 channels: |x| <= 127 * 127 * 128 < 2^21):
 # the bits of 1.5 * 2^23 + x, minus 1.5 * 2^23: an integer add and a float add, where the conversion
 # instruction (I2F) issues at 16 per clock per SM, as the exponentials do

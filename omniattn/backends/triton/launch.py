@@ -15,6 +15,7 @@ import torch
 import triton
 
 from . import bwd, fwd, quant, rab_cache
+from .common import QK_FP8, QK_INT8
 from .configs import (PREPROCESS_BLOCK_M, block_dim, bwd_dkdv_config, bwd_dq_config, cdiv, fwd_config, interpreting,
                       next_pow2, quant_fwd_config)
 from .launcher import FastLaunch
@@ -351,7 +352,7 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
         return False
     if any(t is not None for t in (x.pos_w, x.attn_mask, x.q_windows)) or k.numel() == 0:
         return False
-    if quant is not None and (quant.qk_mode not in (QK_INT8, QK_FP8) or quant.q_mean is not None
+    if quant is not None and (quant.qk_mode not in (QK_INT8.value, QK_FP8.value) or quant.q_mean is not None
                               or (quant.pv_fp8 and quant.pv_two_level) or p.softcap > 0
                               or x.alibi is not None or not _tma_ok(quant.q, quant.k, quant.v)):
         return False
@@ -364,9 +365,6 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
     if cdiv(max_q, entry[0].BLOCK_M) * sequences * q.shape[-2] > SM90_MAX_ITEMS:
         return False
     return _tma_ok(q, k, v)
-
-
-QK_INT8, QK_FP8 = 1, 3  # common.QK_*: the quantized Q.K modes the Hopper kernel runs
 
 
 SM90_MAX_ITEMS = 2**31 - 2**16
