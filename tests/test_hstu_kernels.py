@@ -248,3 +248,36 @@ def test_query_windows_are_whole_tiles_and_never_overlap():
     assert table.tolist() == [[[0, 80], [0, 32], [0, 0]]]
     table = schedule.query_windows((((0, 10), (64, 70)),), 16, torch.device("cpu"))
     assert table.tolist() == [[[0, 16]], [[64, 80]]]
+
+
+@pytest.mark.parametrize("tables", ["per-pair", "cached"])
+@pytest.mark.parametrize("far", [False, True])
+@pytest.mark.parametrize("below", [False, True])
+def test_each_pairs_bias_at_the_bucket_edges(tables, far, below, monkeypatch):
+    """Every pair's bias on its own, at the gaps where a bucket starts (``below``: one less, the
+    previous bucket's last gap): with q = k = 0, silu_norm 1 and one-hot values, output (i, j) is
+    silu(pos_w[C + j - i] + ts_w[bucket]) of pair (i, j) alone, and neighbouring buckets' weights
+    differ by 0.25. ``far``: every token but the first 2^40 later (gaps far past int32)."""
+    built = _poisoned_tables(monkeypatch, tables)
+    n, nb = 48, 40
+    gen = torch.Generator().manual_seed(3 + 2 * far + below)
+    gaps = bucket_edges(nb, "log")[1:nb + 1].double().ceil().long() - int(below)
+    t = torch.zeros(n, dtype=torch.long)
+    t[2:2 + nb] = gaps  # t_next(i) - t_0 = gaps[i - 1]: the smallest gap of every bucket (or one less)
+    t[2 + nb:] = gaps[-1] + torch.arange(1, n - 1 - nb) * 977
+    if far:
+        t[1:] += 2**40  # (then pair (i, 1) is the one at the edge)
+    rab = oa.hstu.RelativeBias(n, nb).to(DEVICE)
+    with torch.no_grad():
+        rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))
+        rab.ts_w.copy_(torch.arange(nb + 1) * 0.25 - 3.0)
+    zeros = torch.zeros(n, 2, 16, device=DEVICE)
+    v = torch.eye(n, device=DEVICE)[:, None, :].expand(n, 2, n).contiguous()
+    offsets = torch.tensor([0, n], device=DEVICE)
+    kw = dict(rab=rab, timestamps=t.to(DEVICE), silu_norm=1.0)
+    with torch.no_grad():
+        out = oa.hstu_attention(zeros, zeros, v, offsets, n, backend="triton", **kw)
+        want = oa.reference.hstu_attention(zeros, zeros, v, offsets, n, dtype=torch.float64, **kw)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    assert len(built) == (1 if tables == "cached" else 0)
