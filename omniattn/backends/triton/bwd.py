@@ -20,6 +20,7 @@ from .common import (
     dropout_row_hash,
     key_range,
     modify_scores,
+    load_timestamps,
     next_timestamps,
     query_range,
     rab_tile,
@@ -157,7 +158,7 @@ def _dkdv_tiles(
             else:
                 rab = tl.load(rab_ptrs)
         elif HAS_RAB:
-            t_next = next_timestamps(ts_base, offs_m, lq)
+            t_next = next_timestamps(ts_base, offs_m, lq, GPU_GATHER)
             rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                               tgt_start, False, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         drop_row = 0
@@ -222,7 +223,7 @@ def attn_bwd_dkdv_kernel(
                                                      HAS_CONTEXT, HAS_TARGETS, DEFAULT_SIG_BIAS)
     ts_base = TS + q_start
     if HAS_RAB:
-        t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
+        t_key = load_timestamps(ts_base + offs_n, col_ok, GPU_GATHER)
     else:
         t_key = 0
     # the table's column of each key of the tile, in the sequence's first row (columns clamped into
@@ -380,7 +381,7 @@ def _dq_tiles(
         t_key = 0
         bucket = 0
         if HAS_RAB:  # per pair: reading rab_cache's table here measured slower (NOTES.md, session 9)
-            t_key = tl.load(ts_base + offs_n, mask=col_ok, other=0)
+            t_key = load_timestamps(ts_base + offs_n, col_ok, GPU_GATHER)
             rab, bucket = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets,
                                    tgt_start, True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
@@ -454,7 +455,7 @@ def attn_bwd_dq_kernel(
     ts_base = TS + q_start
     t_next = 0
     if HAS_RAB:
-        t_next = next_timestamps(ts_base, offs_m, lq)
+        t_next = next_timestamps(ts_base, offs_m, lq, GPU_GATHER)
     pos_w = POS_W + h * stride_pos_h
     ts_w = TS_W + h * stride_ts_h
     mask_base = MASK + b64 * stride_mb + h * stride_mh

@@ -392,9 +392,25 @@ def sequence_constants(
 
 
 @triton.jit
-def next_timestamps(ts_base, offs, lq):
+def load_timestamps(ptrs, ok, GPU_GATHER: tl.constexpr):
+    """Timestamps where ``ok``, else 0. On a GPU, int64 ones by inline PTX (a predicated plain
+    load per element): a tl.load inside the key loop is software-pipelined into a cp.async of
+    every element each thread holds, through shared memory, and the score layout holds each key
+    in many threads (a 128x64 forward tile: 64 copies per thread for 64 timestamps; measured
+    benchmarks/NOTES.md, session 14). Other dtypes: tl.load."""
+    if GPU_GATHER and ptrs.dtype.element_ty == tl.int64:
+        t = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b64 $0, 0; @p ld.global.nc.b64 $0, [$1]; }", "=l,l,r",
+            [ptrs, ok.to(tl.int32)], dtype=tl.int64, is_pure=True, pack=1)
+    else:
+        t = tl.load(ptrs, mask=ok, other=0)
+    return t
+
+
+@triton.jit
+def next_timestamps(ts_base, offs, lq, GPU_GATHER: tl.constexpr):
     """t_next of each position: the next token's timestamp, the last token's own."""
-    return tl.load(ts_base + tl.minimum(offs + 1, lq - 1), mask=offs < lq, other=0)
+    return load_timestamps(ts_base + tl.minimum(offs + 1, lq - 1), offs < lq, GPU_GATHER)
 
 
 @triton.jit

@@ -34,6 +34,7 @@ from .common import (
     dropout_row_hash,
     key_range,
     modify_scores,
+    load_timestamps,
     next_timestamps,
     online_softmax_tile,
     rab_tile,
@@ -135,7 +136,7 @@ def _fwd_tiles(
                 else:
                     rab = tl.load(rab_ptrs)
             elif HAS_RAB:
-                t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
+                t_key = load_timestamps(ts_base + offs_n, offs_n < lk, GPU_GATHER)
                 rab, _ = rab_tile(ii, jj, lq, lk, t_next, t_key, pos_w, ts_w, ts_edges, rab_center, num_buckets, tgt_start,
                                True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)
             s, _, mask_ok = modify_scores(qk * s_scale, ii, jj, shift, slope, softcap, rab,
@@ -285,7 +286,7 @@ def attn_fwd_kernel(
     pos_w = POS_W + h * stride_pos_h
     ts_w = TS_W + h * stride_ts_h
     if HAS_RAB:  # timestamp of the next token of each row (the last row uses its own)
-        t_next = next_timestamps(ts_base, offs_m, lq)
+        t_next = next_timestamps(ts_base, offs_m, lq, GPU_GATHER)
     else:
         t_next = 0
     rab_rows = RAB_BIAS + table_rows(q_start, b64, seqlen_q, offs_m, lq, stride_rab, IS_VARLEN)[:, None]

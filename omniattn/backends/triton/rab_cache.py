@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (key_range, next_timestamps, rab_tile, sequence_bounds, sequence_constants, split_range,
-                     table_rows)
+from .common import (key_range, load_timestamps, next_timestamps, rab_tile, sequence_bounds, sequence_constants,
+                     split_range, table_rows)
 
 # tiles of the table kernel: the fastest of 16-128 x 64-128 with 4-8 warps on an H100 (NOTES.md)
 CACHE_BLOCK_M = 16
@@ -62,7 +62,7 @@ def rab_cache_kernel(
     max_id, tgt_start = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, 0.0, MASK_KIND, HAS_CONTEXT,
                                            HAS_TARGETS, False)[:2]
     ts_base = TS + q_start  # as the attention kernels index timestamps (by the query sequence's start)
-    t_next = next_timestamps(ts_base, offs_m, lq)
+    t_next = next_timestamps(ts_base, offs_m, lq, GPU_GATHER)
     m_last = tl.minimum(m0 + BLOCK_M, lq) - 1
     lo, hi, full_lo, full_hi = key_range(m0, m_last, lq, lk, lk - lq, window_left, window_right, contextual, max_id,
                                          max_attn_len, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT,
@@ -72,7 +72,7 @@ def rab_cache_kernel(
     for start_n in range(start, hi, BLOCK_N):
         offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)  # aligned: 16-byte stores
         jj = offs_n[None, :]
-        t_key = tl.load(ts_base + offs_n, mask=offs_n < lk, other=0)
+        t_key = load_timestamps(ts_base + offs_n, offs_n < lk, GPU_GATHER)
         rab = rab_tile(ii, jj, lq, lk, t_next, t_key, POS_W, TS_W, TS_EDGES, rab_center, num_buckets,
                        tgt_start, True, HAS_TARGETS, BUCKET_LOG, GPU_GATHER)[0]
         tl.store(rows + jj, rab, mask=(ii < lq) & (jj < lk))
