@@ -11,7 +11,8 @@ of one (sequence, head)) until none is left, in three partitions:
 
 - a producer warp takes the items (its program id first, then the next untaken one from a
   counter: the balance the GPU's block scheduler gives a grid of unequal, causal, items), hands
-  each to the consumers, and loads its Q and its K/V tile by tile by TMA into a ring of STAGES
+  each to the consumers with its Q in one of two slots, an item ahead (the next item's Q is in
+  place before this one's last tile), and loads its K/V tile by tile by TMA into a ring of STAGES
   buffers each (tensor descriptors made in the kernel over this sequence's rows: rows past the
   sequence and channels past the head dim arrive as zeros, the output store stops there; dense and
   packed sequences alike), refilling a buffer once both consumers have released it: the next
@@ -184,13 +185,10 @@ def _scaled_scores(s, sk, QK_MODE: gl.constexpr):
 
 
 @gluon.jit
-def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
-          sigmoid_bias, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-          HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr,
-          HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
-          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Work item ``item`` (every partition computes the same): its (sequence, head), query rows
-    m0.. (rows at or past lq: nothing to do) and key tiles t_lo.. (n_tiles of them).
+def _item_q(item, n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr,
+            IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Work item ``item``'s (sequence, head) and query rows m0.. of its sequence (from q_start, lq
+    long; rows at or past lq: nothing to do).
 
     Items run through the query tiles of one (sequence, head) before the next, so programs
     running together share K and V in L2 (ordering all heads' heaviest tiles first measured up to
@@ -203,8 +201,19 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
     b = bh // n_heads
     h = bh % n_heads
     q_start, lq = sequence_bounds(CU_Q, b, seqlen_q, IS_VARLEN=IS_VARLEN)
+    return b, h, q_start, lq, pid_m * BLOCK_M
+
+
+@gluon.jit
+def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
+          sigmoid_bias, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+          HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr,
+          HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work item ``item`` (every partition computes the same): _item_q's (sequence, head) and query
+    rows, and the key tiles t_lo.. (n_tiles of them) they may see."""
+    b, h, q_start, lq, m0 = _item_q(item, n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
     k_start, lk = sequence_bounds(CU_K, b, seqlen_k, IS_VARLEN=IS_VARLEN)
-    m0 = pid_m * BLOCK_M
     shift = lk - lq  # windows (causal = (-1, 0)) are bottom-right aligned (DESIGN.md)
     # HSTU's last history id (targets share it) and the sigmoid's bias (-ln Lk by default)
     max_id, _, sig_bias = sequence_constants(NUM_TARGETS, b, lq, lk, contextual, sigmoid_bias, MASK_KIND=MASK_KIND,
@@ -221,94 +230,175 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
 
 
 @gluon.jit
-def _producer(Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh, stride_kb,
-              stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K,
-              NUM_TARGETS, COUNTER, seqlen_q, seqlen_k,
-              left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem, item_smem, q_bar, q_empty,
-              k_full, v_full, k_empty, v_empty, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
-              HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr,
-              HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr,
-              DEFAULT_SIG_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr,
-              K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr):
-    """One warp, the program's scheduler: takes work items (first its program id, then the next
-    untaken one, from COUNTER) and, per item with rows to compute, hands its number to the
-    consumers (item_smem) with Q (two halves, one per consumer warpgroup) as soon as both
-    warpgroups are done with the previous item's, then loads K and V tile by tile into the ring,
-    each buffer as soon as both have released it: the next item's loads run under this one's last
-    tiles and output. Items past the last one tell the consumers to stop. PV_FP8: V is FP8 V^T
-    (kv head, channel, token) per sequence (dense) or packed with each sequence from a 16-token
-    column (quant.vt_columns): its tiles are [HEAD_DIM, BLOCK_N]. QUANT: each K tile comes with its
-    keys' scales, stored to ks_smem by this warp before K's barrier is armed (whose arrive publishes
-    them): a TMA copy would need 16-byte aligned starts, and packed sequences start anywhere."""
+def _with_rows(item, b, h, q_start, lq, m0, n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER, HAS_RIGHT: gl.constexpr,
+               HSTU_CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr):
+    """``item`` (with its _item_q values), or the first item taken after it that has rows to compute
+    (packed sequences shorter than the longest have query tiles without) with its values, or
+    n_items or more when none is left."""
+    if IS_VARLEN:  # (dense: every item has rows)
+        while (item < n_items) & (m0 >= lq):
+            # dynamic: the GPU's block scheduler would balance items of unequal work (causal) the same way
+            item = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
+            b, h, q_start, lq, m0 = _item_q(gl.minimum(item, n_items - 1), n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT,
+                                            HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
+    return item, b, h, q_start, lq, m0
+
+
+@gluon.jit
+def _load_q(args, item, b, h, q_start, lq, m0, slot, qs, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+            Q_LAYOUT: gl.constexpr):
+    """Hands work item ``item`` (_item_q's values; past the last item, the end) to the consumers in
+    Q slot ``slot`` with its Q (two halves, one per consumer warpgroup), once both warpgroups have
+    released the slot: ``qs`` items have been handed to it so far (the barriers' phase)."""
+    (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
+     stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS,
+     COUNTER, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem,
+     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty) = args
     HALF_M: gl.constexpr = BLOCK_M // 2
     ITEM_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    it = 0  # K/V tiles loaded so far (ring position and phase)
-    done = 0  # items loaded so far (Q's phase)
-    item = gl.program_id(0)
+    mbarrier.wait(q_empty.index(slot), (qs & 1) ^ 1)  # (a fresh barrier counts as released)
+    if item < n_items:
+        q_desc = _rows(Q + b.to(gl.int64) * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh, lq,
+                       head_dim, stride_qt, HALF_M, HEAD_DIM, Q_LAYOUT)
+        item_smem.index(slot).store(gl.full([1], item, gl.int32, ITEM_LAYOUT))
+        mbarrier.expect(q_bar.index(slot), 2 * q_desc.block_type.nbytes)  # (releases the item number too)
+        _tma_load(q_desc, [m0, 0], q_bar.index(slot), q_smem.index(2 * slot))
+        _tma_load(q_desc, [m0 + HALF_M, 0], q_bar.index(slot), q_smem.index(2 * slot + 1))
+    else:
+        item_smem.index(slot).store(gl.full([1], n_items, gl.int32, ITEM_LAYOUT))
+        mbarrier.arrive(q_bar.index(slot), count=1)
+
+
+@gluon.jit
+def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr,
+             HAS_RIGHT: gl.constexpr, HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr,
+             HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr,
+             DEFAULT_SIG_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr,
+             K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr, SITE: gl.constexpr):
+    """Loads the K and V tiles of work item ``item`` (the ``done``-th, with rows; its Q already
+    handed over) into the ring from position ``it``, each buffer once both consumer warpgroups
+    have released it, and after its second tile (its first, if it has only one) hands over the next
+    item's Q (_load_q): that slot was freed when the consumers finished the item before this one,
+    so the next Q lands an item ahead of its use, where loading it after this item's last tile
+    left the consumers waiting for it (ncu: 9% of the forward's stall samples at N = 1024).
+    Returns the next item, the ring position and the ring position of this item's last tile.
+
+    Each call site (SITE) makes its own TMA descriptors (128 bytes of global scratch each) and the
+    producer alternates between two, so a descriptor is rewritten two items after its loads:
+    those have landed (the consumers released the item's Q slot after its last K tile; its last V
+    tile is waited for, unless its ring buffer has been refilled since). ``site_last``: the ring
+    position of the last tile this site loaded (-STAGES - 1 for none)."""
+    (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
+     stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS,
+     COUNTER, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem,
+     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty) = args
     SK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
     sk_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SK_LAYOUT)), 0)
-    while item < n_items:
+    nxt = item
+    if item < n_items:
+        nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)  # (its latency runs under the first tile's waits)
         b, h, q_start, lq, k_start, lk, m0, _, _, _, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
             sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
             IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
-        if m0 < lq:
-            # the descriptors below overwrite the previous item's: first its Q must have been read
-            # (both warpgroups released it) and its last K and V tiles must have landed
-            mbarrier.wait(q_empty, (done & 1) ^ 1)
-            if it > 0:
-                last = it - 1
-                mbarrier.wait(k_full.index(last % STAGES), (last // STAGES) & 1)
-                mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
-            b64 = b.to(gl.int64)
-            hk = h // group
-            ks_base = KS + b64 * stride_ksb + k_start.to(gl.int64) * stride_kst + hk * stride_ksh
-            v_column = k_start  # (dense: 0)
-            if IS_VARLEN:
-                v_column = (k_start // VT_ALIGN + b) * VT_ALIGN
-            # a sequence without keys reads one row (masked, its product discarded) at the tensor's
-            # start, a valid address
-            k_rows = gl.maximum(lk, 1)
-            k_start = gl.where(lk > 0, k_start, 0)
-            q_desc = _rows(Q + b64 * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh, lq, head_dim,
-                           stride_qt, HALF_M, HEAD_DIM, Q_LAYOUT)
-            k_desc = _rows(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh, k_rows, head_dim,
-                           stride_kt, BLOCK_N, HEAD_DIM, K_LAYOUT)
-            if PV_FP8:  # (stride_vt: V^T's channel stride)
-                v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + hk * stride_vh + v_column.to(gl.int64),
-                                                    shape=[head_dim, k_rows], strides=[stride_vt, 1],
-                                                    block_shape=[HEAD_DIM, BLOCK_N], layout=V_LAYOUT)
+        if it <= site_last + STAGES:
+            mbarrier.wait(v_full.index(site_last % STAGES), (site_last // STAGES) & 1)
+        b64 = b.to(gl.int64)
+        hk = h // group
+        ks_base = KS + b64 * stride_ksb + k_start.to(gl.int64) * stride_kst + hk * stride_ksh
+        v_column = k_start  # (dense: 0)
+        if IS_VARLEN:
+            v_column = (k_start // VT_ALIGN + b) * VT_ALIGN
+        # a sequence without keys reads one row (masked, its product discarded) at the tensor's
+        # start, a valid address
+        k_rows = gl.maximum(lk, 1)
+        k_start = gl.where(lk > 0, k_start, 0)
+        k_desc = _rows(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh, k_rows, head_dim,
+                       stride_kt, BLOCK_N, HEAD_DIM, K_LAYOUT)
+        if PV_FP8:  # (stride_vt: V^T's channel stride)
+            v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + hk * stride_vh + v_column.to(gl.int64),
+                                                shape=[head_dim, k_rows], strides=[stride_vt, 1],
+                                                block_shape=[HEAD_DIM, BLOCK_N], layout=V_LAYOUT)
+        else:
+            v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows,
+                           head_dim, stride_vt, BLOCK_N, HEAD_DIM, V_LAYOUT)
+        handover = gl.minimum(n_tiles - 1, 1)
+        nb = b
+        nh = h
+        n_start = q_start
+        n_lq = lq
+        n_m0 = m0
+        for j in range(n_tiles):
+            stage = (it + j) % STAGES
+            free = (((it + j) // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
+            mbarrier.wait(k_empty.index(stage), free)
+            if QUANT:  # (every lane's store ordered before the one lane's arrive below)
+                keys = (t_lo + j) * BLOCK_N + sk_cols
+                ks_smem.index(stage).store(gl.load(ks_base + keys * stride_kst, mask=keys < lk, other=0.0))
+                _barrier()
+            mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), free)
+            mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
+            if PV_FP8:
+                _tma_load(v_desc, [0, (t_lo + j) * BLOCK_N], v_full.index(stage), v_smem.index(stage))
             else:
-                v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows,
-                               head_dim, stride_vt, BLOCK_N, HEAD_DIM, V_LAYOUT)
-            item_smem.store(gl.full([1], item, gl.int32, ITEM_LAYOUT))
-            mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)  # (releases the item number too)
-            _tma_load(q_desc, [m0, 0], q_bar, q_smem.index(0))
-            _tma_load(q_desc, [m0 + HALF_M, 0], q_bar, q_smem.index(1))
-            for j in range(n_tiles):
-                stage = (it + j) % STAGES
-                free = (((it + j) // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
-                mbarrier.wait(k_empty.index(stage), free)
-                if QUANT:  # (every lane's store ordered before the one lane's arrive below)
-                    keys = (t_lo + j) * BLOCK_N + sk_cols
-                    ks_smem.index(stage).store(gl.load(ks_base + keys * stride_kst, mask=keys < lk, other=0.0))
-                    _barrier()
-                mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [(t_lo + j) * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
-                mbarrier.wait(v_empty.index(stage), free)
-                mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
-                if PV_FP8:
-                    _tma_load(v_desc, [0, (t_lo + j) * BLOCK_N], v_full.index(stage), v_smem.index(stage))
-                else:
-                    _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
-            it += n_tiles
+                _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
+            if j == 0:  # the next item's sequence (packed: loads, used at the handover)
+                nb, nh, n_start, n_lq, n_m0 = _item_q(gl.minimum(nxt, n_items - 1), n_m, n_heads, CU_Q, seqlen_q,
+                                                      HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
+            if j == handover:
+                nxt, nb, nh, n_start, n_lq, n_m0 = _with_rows(nxt, nb, nh, n_start, n_lq, n_m0, n_items, n_m, n_heads,
+                                                              CU_Q, seqlen_q, COUNTER, HAS_RIGHT, HSTU_CAUSAL,
+                                                              IS_VARLEN, BLOCK_M)
+                _load_q(args, nxt, nb, nh, n_start, n_lq, n_m0, (done + 1) % 2, (done + 1) // 2, BLOCK_M, HEAD_DIM,
+                        Q_LAYOUT)
+        it += n_tiles
+        site_last = it - 1
+    return nxt, it, site_last
+
+
+@gluon.jit
+def _producer(args, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+              HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr,
+              HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr,
+              QUANT: gl.constexpr):
+    """One warp, the program's scheduler: takes work items (first its program id, then the next
+    untaken one, from COUNTER), hands each to the consumers with its Q in one of two slots, an item
+    ahead, and loads its K and V tiles into the ring (_load_kv, two items per pass with the two
+    sites' descriptors). PV_FP8: V is FP8 V^T (kv head, channel, token) per sequence (dense) or
+    packed with each sequence from a 16-token column (quant.vt_columns): its tiles are
+    [HEAD_DIM, BLOCK_N]. QUANT: each K tile comes with its keys' scales, stored to ks_smem by this
+    warp before K's barrier is armed (whose arrive publishes them): a TMA copy would need 16-byte
+    aligned starts, and packed sequences start anywhere. Past the last item the consumers are told
+    to stop."""
+    (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,
+     stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS,
+     COUNTER, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem,
+     item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty) = args
+    item = gl.program_id(0)
+    b, h, q_start, lq, m0 = _item_q(gl.minimum(item, n_items - 1), n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT,
+                                    HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
+    item, b, h, q_start, lq, m0 = _with_rows(item, b, h, q_start, lq, m0, n_items, n_m, n_heads, CU_Q, seqlen_q,
+                                             COUNTER, HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
+    _load_q(args, item, b, h, q_start, lq, m0, 0, 0, BLOCK_M, HEAD_DIM, Q_LAYOUT)
+    it = 0  # K/V tiles loaded so far (ring position and phase)
+    done = 0  # items loaded so far (Q slot done % 2)
+    last_a = -STAGES - 1
+    last_b = -STAGES - 1
+    while item < n_items:
+        item, it, last_a = _load_kv(args, item, it, done, last_a, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
+                                    HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
+                                    BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, 0)
+        done += 1
+        if item < n_items:
+            item, it, last_b = _load_kv(args, item, it, done, last_b, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
+                                        HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
+                                        BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, 1)
             done += 1
-        # dynamic: the GPU's block scheduler would balance items of unequal work (causal) the same way
-        item = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
-    mbarrier.wait(q_empty, (done & 1) ^ 1)
-    item_smem.store(gl.full([1], n_items, gl.int32, ITEM_LAYOUT))
-    mbarrier.arrive(q_bar, count=1)
 
 
 @gluon.jit
@@ -342,7 +432,6 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
                                                        instr_shape=[16, HEAD_DIM, PV_K_STEP])
     P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=4 if PV_FP8 else 2)
     p_dtype: gl.constexpr = gl.float8e4nv if PV_FP8 else v_smem.dtype
-    q = q_smem.index(WG)
     o_buf = o_smem.index(WG)
     if QK_MODE == QK_INT8:
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.int32, S_LAYOUT)
@@ -359,13 +448,14 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
     ITEM_LAYOUT: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     it = 0  # K/V tiles consumed so far (ring position and phase)
     done = 0  # items done so far (Q's phase)
-    mbarrier.wait(q_bar, 0)
-    item = gl.max(item_smem.load(ITEM_LAYOUT), 0)
+    mbarrier.wait(q_bar.index(0), 0)
+    item = gl.max(item_smem.index(0).load(ITEM_LAYOUT), 0)
     while item < n_items:
         b, h, q_start, lq, k_start, lk, m0, shift, max_id, sig_bias, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
             sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
             IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
+        q = q_smem.index(done % 2 * 2 + WG)  # this item's Q slot
         b64 = b.to(gl.int64)
         slope = 0.0
         if HAS_ALIBI:
@@ -438,7 +528,7 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
             mbarrier.arrive(v_empty.index(prev), count=1)
             if SCORE == SOFTMAX:
                 o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
-        mbarrier.arrive(q_empty, count=1)  # the last scores are done: the next item's Q may come
+        mbarrier.arrive(q_empty.index(done % 2), count=1)  # the last scores are done: the slot may refill
         last = it + n_tiles - 1
         mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
         p_op = gl.convert_layout(p.to(p_dtype), P_LAYOUT)
@@ -486,8 +576,8 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
         _tma_store(o_desc, [mw, 0], o_buf)
         it += n_tiles
         done += 1
-        mbarrier.wait(q_bar, done & 1)  # the next item's Q, or the end
-        item = gl.max(item_smem.load(ITEM_LAYOUT), 0)
+        mbarrier.wait(q_bar.index(done % 2), (done // 2) & 1)  # the next item's Q (loaded an item ago), or the end
+        item = gl.max(item_smem.index(done % 2).load(ITEM_LAYOUT), 0)
     tma.store_wait(0)
 
 
@@ -504,7 +594,8 @@ def attn_fwd_sm90_kernel(
     HSTU_CAUSAL: gl.constexpr, HAS_TARGETS: gl.constexpr, HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr,
     HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
     STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr, PV_FP8: gl.constexpr, HAS_ROW_BIAS: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+    Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
     V_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
 ):
     """Persistent: each program takes work items (query tiles of one (sequence, head), _item) until
@@ -514,16 +605,16 @@ def attn_fwd_sm90_kernel(
     HALF_M: gl.constexpr = BLOCK_M // 2
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     n_items = n_m * n_seqs * n_heads
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
+    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [4, HALF_M, HEAD_DIM], Q_LAYOUT)  # 2 slots x 2 halves
     o_smem = gl.allocate_shared_memory(O.dtype.element_ty, [2, HALF_M, HEAD_DIM], O_LAYOUT)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     if PV_FP8:  # V^T tiles
         v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
     else:
         v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
-    item_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -533,8 +624,9 @@ def attn_fwd_sm90_kernel(
     if QK_MODE != 0:  # the key scales of each K tile
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N],
                                             gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_empty, count=2)  # released by both consumer warpgroups
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # released by both consumer warpgroups
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     for i in gl.static_range(STAGES):
@@ -550,6 +642,11 @@ def attn_fwd_sm90_kernel(
                      item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, ks_smem, turn)
     quant_args = (QS, KS, VS, RB, stride_qsb, stride_qst, stride_qsh, stride_ksb, stride_kst, stride_ksh, stride_vsb,
                   stride_vsh)
+    producer_args = (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh,
+                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group,
+                     head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q, seqlen_k, window_left, window_right,
+                     contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem, item_smem, q_bar, q_empty, k_full,
+                     v_full, k_empty, v_empty)
     # (constexprs written out: concatenated tuples lose them)
     gl.warp_specialize([
         (_consumer, (consumer_args, quant_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
@@ -558,20 +655,17 @@ def attn_fwd_sm90_kernel(
         (_consumer, (consumer_args, quant_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
                      HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
                      PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
-        (_producer, (Q, K, V, KS, stride_ksb, stride_kst, stride_ksh, ks_smem, stride_qb, stride_qt, stride_qh,
-                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group,
-                     head_dim, CU_Q, CU_K, NUM_TARGETS, COUNTER, seqlen_q,
-                     seqlen_k, window_left, window_right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem,
-                     v_smem, item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, MASK_KIND, HAS_LEFT,
-                     HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS,
-                     BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QK_MODE != 0)),
+        (_producer, (producer_args, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
+                     IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT,
+                     V_LAYOUT, QK_MODE != 0)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 BLOCK_N = 128
 HEAD_DIM = 128  # head dims 72-128 (descriptors zero-fill the channels past the head dim)
-STAGES = 2  # K/V buffers of each: 2 measured 605 TFLOPS at 1x16384 against 581 with 3
+STAGES = 2  # K/V buffers of each: 2 measured 605 TFLOPS at 1x16384 against 581 with 3 (and Q's second slot
+# takes the shared memory a third would need: 2 x 32 KB of Q, 32 KB of output, 2 x 2 x 32 KB of K/V)
 PINGPONG = True  # warpgroups take turns to issue (sigmoid +0-8% measured, softmax within 1%)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
               torch.float8_e4m3fn: gl.float8e4nv}
