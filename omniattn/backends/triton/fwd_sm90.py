@@ -278,10 +278,11 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
              K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr, SITE: gl.constexpr):
     """Loads the K and V tiles of work item ``item`` (the ``done``-th, with rows; its Q already
     handed over) into the ring from position ``it``, each buffer once both consumer warpgroups
-    have released it, and after its second tile (its first, if it has only one) hands over the next
-    item's Q (_load_q): that slot was freed when the consumers finished the item before this one,
-    so the next Q lands an item ahead of its use, where loading it after this item's last tile
-    left the consumers waiting for it (ncu: 9% of the forward's stall samples at N = 1024).
+    have released it, and hands over the next item's Q (_load_q) in the other slot, freed when the
+    consumers finished the item before this one: after this item's second tile (EARLY), so that
+    it lands an item ahead of its use where loading it after the last tile into the one slot
+    left the consumers waiting (ncu: 9% of the forward's stall samples at N = 1024), else after
+    its last tile (no wait for this item's consumers, nor for the last tiles' landing).
     Returns the next item, the ring position and the ring position of this item's last tile.
 
     Each call site (SITE) makes its own TMA descriptors (128 bytes of global scratch each) and the
@@ -295,9 +296,17 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
      item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty) = args
     SK_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
     sk_cols = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SK_LAYOUT)), 0)
+    # dense calls without a causal mask or window end: the next item is taken as this one starts
+    # (the atomic's latency runs under the first tiles' waits) and handed over after its second
+    # tile. The others take it after their last tile: causal items are unequal, and an item taken
+    # early is work the counter can no longer give to the program that runs out first (a suite run
+    # with every call early: 1x16384 causal 7% slower); packed sequences skip items without rows
+    # while taking one, which inside the item held its tiles back (packed GQA at 16 x <= 1024: 2x)
+    EARLY: gl.constexpr = not (IS_VARLEN or HAS_RIGHT or HSTU_CAUSAL)
     nxt = item
     if item < n_items:
-        nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)  # (its latency runs under the first tile's waits)
+        if EARLY:
+            nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
         b, h, q_start, lq, k_start, lk, m0, _, _, _, t_lo, n_tiles = _item(
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
             sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
@@ -323,7 +332,9 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
         else:
             v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows,
                            head_dim, stride_vt, BLOCK_N, HEAD_DIM, V_LAYOUT)
-        handover = gl.minimum(n_tiles - 1, 1)
+        handover = n_tiles - 1
+        if EARLY:
+            handover = gl.minimum(handover, 1)
         nb = b
         nh = h
         n_start = q_start
@@ -345,10 +356,11 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
                 _tma_load(v_desc, [0, (t_lo + j) * BLOCK_N], v_full.index(stage), v_smem.index(stage))
             else:
                 _tma_load(v_desc, [(t_lo + j) * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
-            if j == 0:  # the next item's sequence (packed: loads, used at the handover)
+            if j == handover:
+                if not EARLY:
+                    nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
                 nb, nh, n_start, n_lq, n_m0 = _item_q(gl.minimum(nxt, n_items - 1), n_m, n_heads, CU_Q, seqlen_q,
                                                       HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
-            if j == handover:
                 nxt, nb, nh, n_start, n_lq, n_m0 = _with_rows(nxt, nb, nh, n_start, n_lq, n_m0, n_items, n_m, n_heads,
                                                               CU_Q, seqlen_q, COUNTER, HAS_RIGHT, HSTU_CAUSAL,
                                                               IS_VARLEN, BLOCK_M)
