@@ -230,11 +230,13 @@ def _item(item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left,
 
 
 @gluon.jit
-def _with_rows(item, b, h, q_start, lq, m0, n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER, HAS_RIGHT: gl.constexpr,
+def _with_rows(item, n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER, HAS_RIGHT: gl.constexpr,
                HSTU_CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr, BLOCK_M: gl.constexpr):
-    """``item`` (with its _item_q values), or the first item taken after it that has rows to compute
-    (packed sequences shorter than the longest have query tiles without) with its values, or
-    n_items or more when none is left."""
+    """``item``, or the first item taken after it that has rows to compute (packed sequences
+    shorter than the longest have query tiles without), or n_items or more when none is left; with
+    its _item_q values."""
+    b, h, q_start, lq, m0 = _item_q(gl.minimum(item, n_items - 1), n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT,
+                                    HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
     if IS_VARLEN:  # (dense: every item has rows)
         while (item < n_items) & (m0 >= lq):
             # dynamic: the GPU's block scheduler would balance items of unequal work (causal) the same way
@@ -335,11 +337,6 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
         handover = n_tiles - 1
         if EARLY:
             handover = gl.minimum(handover, 1)
-        nb = b
-        nh = h
-        n_start = q_start
-        n_lq = lq
-        n_m0 = m0
         for j in range(n_tiles):
             stage = (it + j) % STAGES
             free = (((it + j) // STAGES) & 1) ^ 1  # a fresh barrier counts as released (phase 1 complete)
@@ -359,11 +356,8 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
             if j == handover:
                 if not EARLY:
                     nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
-                nb, nh, n_start, n_lq, n_m0 = _item_q(gl.minimum(nxt, n_items - 1), n_m, n_heads, CU_Q, seqlen_q,
-                                                      HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
-                nxt, nb, nh, n_start, n_lq, n_m0 = _with_rows(nxt, nb, nh, n_start, n_lq, n_m0, n_items, n_m, n_heads,
-                                                              CU_Q, seqlen_q, COUNTER, HAS_RIGHT, HSTU_CAUSAL,
-                                                              IS_VARLEN, BLOCK_M)
+                nxt, nb, nh, n_start, n_lq, n_m0 = _with_rows(nxt, n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER,
+                                                              HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
                 _load_q(args, nxt, nb, nh, n_start, n_lq, n_m0, (done + 1) % 2, (done + 1) // 2, BLOCK_M, HEAD_DIM,
                         Q_LAYOUT)
         it += n_tiles
@@ -391,11 +385,8 @@ def _producer(args, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: 
      stride_kh, stride_vb, stride_vt, stride_vh, n_items, n_m, n_heads, group, head_dim, CU_Q, CU_K, NUM_TARGETS,
      COUNTER, seqlen_q, seqlen_k, left, right, contextual, max_attn_len, sigmoid_bias, q_smem, k_smem, v_smem,
      item_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty) = args
-    item = gl.program_id(0)
-    b, h, q_start, lq, m0 = _item_q(gl.minimum(item, n_items - 1), n_m, n_heads, CU_Q, seqlen_q, HAS_RIGHT,
-                                    HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
-    item, b, h, q_start, lq, m0 = _with_rows(item, b, h, q_start, lq, m0, n_items, n_m, n_heads, CU_Q, seqlen_q,
-                                             COUNTER, HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
+    item, b, h, q_start, lq, m0 = _with_rows(gl.program_id(0), n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER,
+                                             HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
     _load_q(args, item, b, h, q_start, lq, m0, 0, 0, BLOCK_M, HEAD_DIM, Q_LAYOUT)
     it = 0  # K/V tiles loaded so far (ring position and phase)
     done = 0  # items loaded so far (Q slot done % 2)
