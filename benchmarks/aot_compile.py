@@ -42,6 +42,9 @@ class Compiling:
     def __getitem__(self, grid):
         return self
 
+    def bind(self, grid, kwargs):  # as FastLaunch.bind (launch plans)
+        return lambda *args: self(*args, **kwargs)
+
     def __call__(self, *args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
         names = self.kernel.arg_names
         values = dict(zip(names, args))

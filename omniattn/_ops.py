@@ -108,14 +108,19 @@ class EagerAttention(torch.autograd.Function):
         _setup_context(ctx, (q, k, v, pos_w, ts_w, others, max_q, max_k, ints, floats), (out, lse))
         if ints[0] != 0:
             ctx.mark_non_differentiable(lse)
+        # an output the loss does not use arrives as None, not as zeros: the lse's gradient is
+        # almost always unused, and checking zeros for it would wait for the GPU (a sync per backward)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, pos_w, ts_w, *others = ctx.saved_tensors
         max_q, max_k, ints, floats = ctx.sizes
-        if dlse is not None and (ints[0] != 0 or dlse.numel() == 0 or not dlse.any()):
+        if dlse is not None and (ints[0] != 0 or dlse.numel() == 0):
             dlse = None
+        if dout is None:  # only the lse was used (softmax: ``out`` is the output)
+            dout = torch.zeros_like(out)
         p = launch.Params.from_lists(ints, floats)
         dq, dk, dv, dpos, dts = launch.backward(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse,
                                                 dlse, _join(pos_w, ts_w, others), max_q, max_k, p)

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ from .helpers import poison  # noqa: E402
 def nan_empty(*shape, **kw):
     """torch.empty that poisons (NaN in floats), so any element a kernel forgets to write fails the test."""
     return poison(torch.empty(*shape, **kw))
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """Every test plans its own kernel launches (backends/triton/launch.py keeps a plan per call
+    signature): tests patch the rules and constants that plans are made from."""
+    launch = sys.modules.get("omniattn.backends.triton.launch")
+    if launch is not None:
+        launch._PLANS.clear()
 
 
 @pytest.fixture

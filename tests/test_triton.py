@@ -91,10 +91,17 @@ def test_lse_and_its_gradient():
     out_r, lse_r = p.run(oa.reference.attention, return_lse=True)
     assert lse.shape == (2, 2, 35) and max_err(lse, lse_r) < 1e-5
     w = rand(lse.shape, torch.float32, gen, DEVICE)
-    grads = torch.autograd.grad((lse * w).sum() + out.sum(), p.leaves())
-    grads_r = torch.autograd.grad((lse_r * w.double()).sum() + out_r.sum(), p.leaves())
+    grads = torch.autograd.grad((lse * w).sum() + out.sum(), p.leaves(), retain_graph=True)
+    grads_r = torch.autograd.grad((lse_r * w.double()).sum() + out_r.sum(), p.leaves(), retain_graph=True)
     for g, gr in zip(grads, grads_r):
         assert max_err(g, gr) < 1e-4
+    # each output alone: the other's gradient arrives as None (no zeros materialised)
+    for pick in (0, 1):
+        loss, loss_r = ((out * 1.5).sum(), (out_r * 1.5).sum()) if pick == 0 else ((lse * w).sum(), (lse_r * w.double()).sum())
+        grads = torch.autograd.grad(loss, p.leaves(), retain_graph=True)
+        grads_r = torch.autograd.grad(loss_r, p.leaves(), retain_graph=True)
+        for g, gr in zip(grads, grads_r):
+            assert max_err(g, gr) < 1e-4
 
 
 @st.composite
@@ -231,3 +238,46 @@ def test_deterministic_reaches_the_backward(monkeypatch, api, deterministic):
         out = oa.hstu_attention(q, k, v, cu, 6, backend="triton", deterministic=deterministic)
     out.sum().backward()
     assert seen == [deterministic]
+
+
+def _plans():
+    from omniattn.backends.triton import launch
+
+    return launch._PLANS
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_a_kept_plan_serves_new_tensors(layout):
+    """A call signature's second call takes the plan the first one made (no new plan) and computes
+    with its own tensors: outputs and gradients of fresh random inputs match the reference."""
+    gen = torch.Generator().manual_seed(21)
+
+    def problem():
+        if layout == "dense":
+            return dense_problem(2, 37, 45, 4, 2, 16, 16, torch.float32, gen, DEVICE, causal=True)
+        return varlen_problem([13, 0, 29], [21, 5, 29], 4, 2, 16, 16, torch.float32, gen, DEVICE, causal=True)
+
+    check_outputs_and_grads(problem(), "triton", gen)
+    kept = dict(_plans())
+    assert {key[0] for key in kept} == {"forward", "backward"}
+    check_outputs_and_grads(problem(), "triton", gen)
+    assert dict(_plans()).keys() == kept.keys() and all(_plans()[key] is kept[key] for key in kept)
+
+
+def test_plans_follow_the_environment_and_alignment(monkeypatch):
+    """A setting a plan was made under (here the forward's tiles), a tensor's 16-byte alignment and
+    a call with dropout each lead to a plan of their own (or none kept); outputs stay right."""
+    gen = torch.Generator().manual_seed(22)
+    q = rand((1, 40, 2, 16), torch.float32, gen, DEVICE)
+    want = oa.reference.attention(q, q, q)
+    assert max_err(oa.attention(q, q, q, backend="triton"), want) < 1e-5
+    assert len(_plans()) == 1
+    monkeypatch.setenv("OMNIATTN_FWD_CONFIG", "32,16,4,1")  # (the interpreter's tiles are 16x16 otherwise)
+    assert max_err(oa.attention(q, q, q, backend="triton"), want) < 1e-5
+    assert len(_plans()) == 2
+    monkeypatch.delenv("OMNIATTN_FWD_CONFIG")
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view(q.shape).copy_(q)  # 4-byte offset
+    assert max_err(oa.attention(shifted, shifted, shifted, backend="triton"), want) < 1e-5
+    assert len(_plans()) == 3
+    oa.attention(q, q, q, backend="triton", dropout_p=0.5)
+    assert len(_plans()) == 3

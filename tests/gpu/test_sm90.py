@@ -28,18 +28,18 @@ class _Calls(list):
 def sm90_calls(monkeypatch):
     """Counts the calls that took the Hopper kernels; every tensor launch.py allocates starts as NaN."""
     calls = _Calls()
-    real_fwd, real_bwd = launch._forward_sm90, launch._backward_sm90
+    real_fwd, real_bwd = launch._sm90_forward_plan, launch._sm90_backward_plan
 
-    def counting_fwd(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real_fwd(*args, **kwargs)
+    def counting_fwd(*args, **kwargs):  # a plan whose every run counts (plans are kept per signature)
+        run = real_fwd(*args, **kwargs)
+        return lambda q, *rest: calls.append(q.shape) or run(q, *rest)
 
     def counting_bwd(*args, **kwargs):
-        calls.bwd.append(args[1].shape)
-        return real_bwd(*args, **kwargs)
+        run = real_bwd(*args, **kwargs)
+        return lambda dout, q, *rest: calls.bwd.append(q.shape) or run(dout, q, *rest)
 
-    monkeypatch.setattr(launch, "_forward_sm90", counting_fwd)
-    monkeypatch.setattr(launch, "_backward_sm90", counting_bwd)
+    monkeypatch.setattr(launch, "_sm90_forward_plan", counting_fwd)
+    monkeypatch.setattr(launch, "_sm90_backward_plan", counting_bwd)
     monkeypatch.setattr(launch, "torch", PoisonedTorch())
     # the kernel on short causal calls too (the rule sends them to the template: faster there)
     monkeypatch.setattr(launch, "SM90_BWD_CAUSAL_MIN_KEYS", 0)

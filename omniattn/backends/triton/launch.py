@@ -167,32 +167,30 @@ def _needs_int64(max_len: int, *tensors) -> bool:
 
 
 class _Launch:
-    """Arguments shared by all kernels of one call."""
+    """What the kernels of one call signature share: shapes, strides, flags and scalars (no tensor
+    of the call: ``pointers`` and ``rab_table`` give those per call)."""
 
     def __init__(self, q, k, v, x: Extras, max_q, max_k, p: Params):
-        dev = q.device
+        dev = self.dev = q.device
         self.varlen = q.dim() == 3
         self.batch = x.cu_q.numel() - 1 if self.varlen else q.shape[0]
         self.hq, self.hkv = q.shape[-2], k.shape[-2]
         self.d, self.dv = q.shape[-1], v.shape[-1]
         self.max_q, self.max_k = max_q, max_k
         self.p = p
-        self.x = x
-        i32, i64, f32 = torch.int32, torch.int64, torch.float32
-        self.cu_q = x.cu_q if self.varlen else _dummy(dev, i32)
-        self.cu_k = x.cu_k if self.varlen else _dummy(dev, i32)
-        self.alibi = _dummy(dev, f32) if x.alibi is None else _last_contiguous(x.alibi)
-        self.stride_ab = 0 if x.alibi is None else self.alibi.stride(0)
-        self.num_targets = _dummy(dev, i32) if x.num_targets is None else x.num_targets.contiguous()
         self.has_rab = x.pos_w is not None
-        self.pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
-        self.ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
-        self.ts = x.timestamps.contiguous() if x.timestamps is not None else _dummy(dev, i64)
-        self.ts_edges = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, f32)
-        self.stride_pos_h = self.pos_w.stride(0) if self.has_rab and self.pos_w.shape[0] > 1 else 0
-        self.stride_ts_h = self.ts_w.stride(0) if self.has_rab and self.ts_w.shape[0] > 1 else 0
-        self.rab_table = (_dummy(dev, f32), 0)  # rab_cache's (table, row stride)
-        self.mask = x.attn_mask if x.attn_mask is not None else _dummy(dev, torch.bool)
+        self.has_alibi, self.has_targets = x.alibi is not None, x.num_targets is not None
+        self.has_ts, self.has_mask = x.timestamps is not None, x.attn_mask is not None
+        self.stride_ab = 0 if x.alibi is None else _last_contiguous(x.alibi).stride(0)
+        self.ts_edges = _bucket_edges(p.num_buckets, bool(p.bucket_log), dev) if self.has_rab else _dummy(dev, torch.float32)
+        if self.has_rab:
+            pos_w, ts_w = _last_contiguous(x.pos_w), _last_contiguous(x.ts_w)
+            self.weight_shapes = (pos_w.shape, ts_w.shape)
+            self.stride_pos_h = pos_w.stride(0) if pos_w.shape[0] > 1 else 0
+            self.stride_ts_h = ts_w.stride(0) if ts_w.shape[0] > 1 else 0
+        else:
+            self.weight_shapes, self.stride_pos_h, self.stride_ts_h = None, 0, 0
+        self.rab_rows = None  # (rows, row stride) of a bias table (plan_rab_table)
         self.mask_strides = _mask_strides(x.attn_mask)
         self.lse_shape, (self.stride_lb, self.stride_lh) = _lse_shape_strides(q, self.batch)
         self.softmax = p.score == 0
@@ -237,44 +235,67 @@ class _Launch:
         self.seqlens = (q.shape[1] if not self.varlen else max_q, k.shape[1] if not self.varlen else max_k)
         self.tune_len = next_pow2(max(max_q, 64))
 
-    def pointers(self):
-        return (self.cu_q, self.cu_k, self.alibi, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges)
+    def pointers(self, x: Extras) -> tuple:
+        """The optional tensors every kernel takes (dummies where absent), from this call's ``x``."""
+        dev, i32, f32 = self.dev, torch.int32, torch.float32
+        cu_q = x.cu_q if self.varlen else _dummy(dev, i32)
+        cu_k = x.cu_k if self.varlen else _dummy(dev, i32)
+        alibi = _last_contiguous(x.alibi) if self.has_alibi else _dummy(dev, f32)
+        num_targets = x.num_targets.contiguous() if self.has_targets else _dummy(dev, i32)
+        pos_w = _last_contiguous(x.pos_w) if self.has_rab else _dummy(dev, f32)
+        ts_w = _last_contiguous(x.ts_w) if self.has_rab else _dummy(dev, f32)
+        ts = x.timestamps.contiguous() if self.has_ts else _dummy(dev, torch.int64)
+        return cu_q, cu_k, alibi, num_targets, pos_w, ts_w, ts, self.ts_edges
 
-    def build_rab_table(self, q) -> None:
-        """With a relative bias shared by the heads and the opt-in budget for it, compute every
-        visible pair's bias once for all heads (rab_cache); the kernels then read it instead of
-        recomputing it."""
+    def mask(self, x: Extras) -> torch.Tensor:
+        return x.attn_mask if self.has_mask else _dummy(self.dev, torch.bool)
+
+    def plan_rab_table(self, q, x: Extras) -> None:
+        """With a relative bias shared by the heads and the opt-in budget for it, plan to compute
+        every visible pair's bias once for all heads (rab_cache; ``rab_table`` builds it per call),
+        so that the kernels read it instead of recomputing it."""
         if not self.has_rab:
             return
         budget = rab_cache.budget_bytes()  # first: a malformed budget is an error on every call with the bias
-        shared = self.pos_w.shape[0] == 1 and self.ts_w.shape[0] == 1
+        shared = self.weight_shapes[0][0] == 1 and self.weight_shapes[1][0] == 1
         if not (budget and shared and self.hq >= 2 and self.batch and self.max_q > 0):
             return  # the default: nothing more on this path
         rows = q.shape[0] if self.varlen else q.shape[0] * q.shape[1]
-        width = int(self.x.lens_host[1].max())  # the longest key sequence (host copy)
+        width = int(x.lens_host[1].max())  # the longest key sequence (host copy)
         if width > 0 and rab_cache.fits(rows, width, budget):
-            stride = rab_cache.table_stride(width)
-            table = rab_cache.new_table(rows, stride, q.device)
-            m, p = self.meta, self.p
-            block_m, block_n = (16, 16) if interpreting() else (rab_cache.CACHE_BLOCK_M, rab_cache.CACHE_BLOCK_N)
-            kwargs = {} if interpreting() else dict(num_warps=rab_cache.CACHE_WARPS, num_stages=1)
-            rab_cache_kernel[(self.batch, cdiv(self.max_q, block_m))](
-                self.cu_q, self.cu_k, self.num_targets, self.pos_w, self.ts_w, self.ts, self.ts_edges, table, stride,
-                *self.seqlens, p.window_left, p.window_right, p.contextual, p.max_attn_len, p.rab_center,
-                p.num_buckets,
-                IS_VARLEN=self.varlen, MASK_KIND=m["MASK_KIND"], HAS_LEFT=m["HAS_LEFT"], HAS_RIGHT=m["HAS_RIGHT"],
-                HSTU_CAUSAL=m["HSTU_CAUSAL"], HAS_TARGETS=m["HAS_TARGETS"], HAS_CONTEXT=m["HAS_CONTEXT"],
-                HAS_MAX_ATTN=m["HAS_MAX_ATTN"], BUCKET_LOG=m["BUCKET_LOG"], GPU_GATHER=m["GPU_GATHER"],
-                BLOCK_M=block_m, BLOCK_N=block_n, **kwargs,
-            )
-            self.rab_table = (table, stride)
+            self.rab_rows = (rows, rab_cache.table_stride(width))
             self.meta["RAB_CACHED"] = True
 
+    def rab_table(self, x: Extras) -> tuple:
+        """rab_cache's (table, row stride) for this call, as plan_rab_table decided (else a dummy)."""
+        if self.rab_rows is None:
+            return _dummy(self.dev, torch.float32), 0
+        rows, stride = self.rab_rows
+        table = rab_cache.new_table(rows, stride, self.dev)
+        m, p = self.meta, self.p
+        cu_q, cu_k, _, num_targets, pos_w, ts_w, ts, edges = self.pointers(x)
+        block_m, block_n = (16, 16) if interpreting() else (rab_cache.CACHE_BLOCK_M, rab_cache.CACHE_BLOCK_N)
+        kwargs = {} if interpreting() else dict(num_warps=rab_cache.CACHE_WARPS, num_stages=1)
+        rab_cache_kernel[(self.batch, cdiv(self.max_q, block_m))](
+            cu_q, cu_k, num_targets, pos_w, ts_w, ts, edges, table, stride,
+            *self.seqlens, p.window_left, p.window_right, p.contextual, p.max_attn_len, p.rab_center,
+            p.num_buckets,
+            IS_VARLEN=self.varlen, MASK_KIND=m["MASK_KIND"], HAS_LEFT=m["HAS_LEFT"], HAS_RIGHT=m["HAS_RIGHT"],
+            HSTU_CAUSAL=m["HSTU_CAUSAL"], HAS_TARGETS=m["HAS_TARGETS"], HAS_CONTEXT=m["HAS_CONTEXT"],
+            HAS_MAX_ATTN=m["HAS_MAX_ATTN"], BUCKET_LOG=m["BUCKET_LOG"], GPU_GATHER=m["GPU_GATHER"],
+            BLOCK_M=block_m, BLOCK_N=block_n, **kwargs,
+        )
+        return table, stride
+
     def query_grid(self, tiles: Optional[torch.Tensor], block: int):
-        """(grid, tile tensor, TILE_LIST) of a kernel over query tiles (forward, dQ)."""
+        """(grid, TILE_LIST) of a kernel over query tiles (forward, dQ); ``tiles``: the call's
+        schedule (Extras.tiles_fwd / tiles_dq) or None."""
         if tiles is not None:
-            return (tiles.shape[0],), tiles, True
-        return (cdiv(self.max_q, block), self.batch * self.hq), _dummy(self.cu_q.device, torch.int32), False
+            return (tiles.shape[0],), True
+        return (cdiv(self.max_q, block), self.batch * self.hq), False
+
+    def tiles(self, tiles: Optional[torch.Tensor]) -> torch.Tensor:
+        return tiles if tiles is not None else _dummy(self.dev, torch.int32)
 
 
 def forward_config(q, k, v, p: Params, max_q: int, quantized: bool = False, bias_table: bool = False):
@@ -407,38 +428,47 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _forward_sm90(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantized] = None):
-    """The forward by fwd_sm90 (sm90_forward_ok): same outputs as the template's. ``quant``: the
-    quantized tensors stand in for q, k, v (the output keeps q's dtype)."""
+def _sm90_forward_plan(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantized] = None):
+    """The forward by fwd_sm90 (sm90_forward_ok), as a plan (see _planned): same outputs as the
+    template's. ``quant``: the quantized tensors stand in for q, k, v (the output keeps q's dtype)."""
     module, kernel = _sm90_kernel()
-    dev = q.device
-    out = torch.empty(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
-    lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
+    dev, dtype, f32 = q.device, q.dtype, torch.float32
+    out_shape, lse_shape, softmax = q.shape[:-1] + (L.dv,), L.lse_shape, L.softmax
     items = cdiv(L.max_q, module.BLOCK_M) * L.batch * L.hq  # query tiles of every (sequence, head)
-    if items == 0:
-        return out, lse
-    m = L.meta
-    f32 = _dummy(dev, torch.float32)
-    v_strides = _strides(v)
     if quant is None:
-        scales, scale_strides, quant_meta = (f32,) * 4, (0,) * 8, dict(QK_MODE=0, PV_FP8=False, HAS_ROW_BIAS=False)
-        cfg = module.config(q.dtype)
+        scale_strides, quant_meta = (0,) * 8, dict(QK_MODE=0, PV_FP8=False, HAS_ROW_BIAS=False)
+        cfg = module.config(dtype)
+        v_strides = _strides(v)
     else:
-        scales, scale_strides = _quant_scales(quant, f32)
+        scale_strides = _quant_scales(quant, _dummy(dev, f32))[1]
         quant_meta = dict(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, HAS_ROW_BIAS=quant.row_bias is not None)
-        cfg = module.config(q.dtype, quant.q.dtype, quant.v.dtype, quant.pv_fp8)
-        q, k, v = quant.q, quant.k, quant.v
-        v_strides = _v_strides(quant)
-    kernel[(sm90_programs(dev, items),)](
-        q, k, v, out, lse if L.softmax else f32, L.cu_q, L.cu_k, L.alibi, L.num_targets,
-        torch.zeros(1, dtype=torch.int32, device=dev),  # the item counter
-        *scales, L.stride_ab, *_strides(q), *_strides(k), *v_strides, *_strides(out), L.stride_lb, L.stride_lh,
-        *scale_strides, *L.seqlens, L.batch, L.hq, L.hq // L.hkv, L.d, p.scale, p.softcap, p.sigmoid_bias,
-        p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len,
-        SCORE=p.score, STORE_LSE=L.softmax, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
-        **{name: m[name] for name in _SM90_FLAGS}, **quant_meta, **cfg,
-    )
-    return out, lse
+        cfg = module.config(dtype, quant.q.dtype, quant.v.dtype, quant.pv_fp8)
+        q, k, v_strides = quant.q, quant.k, _v_strides(quant)
+    m = L.meta
+    launch = kernel.bind((sm90_programs(dev, items),), dict(
+        SCORE=p.score, STORE_LSE=softmax, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
+        **{name: m[name] for name in _SM90_FLAGS}, **quant_meta, **cfg)) if items else None
+    tail = (L.stride_ab, *_strides(q), *_strides(k), *v_strides, *_strides(torch.empty(out_shape, device="meta")),
+            L.stride_lb, L.stride_lh, *scale_strides, *L.seqlens, L.batch, L.hq, L.hq // L.hkv, L.d, p.scale,
+            p.softcap, p.sigmoid_bias, p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len)
+
+    def run(q, k, v, x: Extras, quant: Optional[Quantized]):
+        out = torch.empty(out_shape, dtype=dtype, device=dev)
+        lse = torch.empty(lse_shape, dtype=f32, device=dev) if softmax else q.new_empty(0, dtype=f32)
+        if launch is None:
+            return out, lse
+        none = _dummy(dev, f32)
+        scales = (none,) * 4
+        if quant is not None:
+            scales = _quant_scales(quant, none)[0]
+            q, k, v = quant.q, quant.k, quant.v
+        cu_q, cu_k, alibi, num_targets = L.pointers(x)[:4]
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)  # the kernel's next work item
+        launch(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), out, lse if softmax else none, cu_q,
+               cu_k, alibi, num_targets, counter, *scales, *tail)
+        return out, lse
+
+    return run
 
 
 def _quant_scales(quant: Quantized, f32: torch.Tensor):
@@ -483,162 +513,262 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
     return _tma_ok(dout)
 
 
-def _backward_sm90(dout, q, k, v, lse, delta, L: "_Launch", p: Params):
-    """dQ, dK, dV by bwd_sm90 (sm90_backward_ok); dQ summed in float32, then scaled and cast."""
-    module, kernel = _sm90_bwd_kernel()
-    dev = q.device
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    programs = cdiv(L.max_k, module.BLOCK_N) * L.batch * L.hkv
-    if programs:
-        m = L.meta
-        kernel[(programs,)](
-            q, k, v, dout, lse, delta, dq_acc, dk, dv, L.cu_q, L.cu_k, L.num_targets,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq_acc), *_strides(dk),
-            *_strides(dv), L.stride_lb, L.stride_lh, *L.seqlens, L.batch, L.hkv, L.hq // L.hkv, L.d, p.scale,
-            p.sigmoid_bias, p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len,
-            SCORE=p.score, DEFAULT_SIG_BIAS=bool(p.default_sig_bias), **{name: m[name] for name in _SM90_FLAGS
-                                                                           if name not in ("HAS_SOFTCAP", "HAS_ALIBI")},
-            **module.config(q.dtype),
-        )
-    return dq_acc.mul_(p.scale).to(q.dtype), dk, dv
+# Launch plans. A call's host work (checks, tiles, flags, strides, Triton's argument handling) is
+# a function of its signature: its tensors' shapes, strides, dtypes and 16-byte alignment, its
+# scalars and the settings read from the environment. A plan does that work once per signature and
+# is kept (the PLANS_KEPT latest); a call then allocates its outputs and launches: 16 x 1024 H100
+# forward + backward calls were host-bound without (0.34 ms of host time per forward). Calls whose
+# host work reads their tensors' values (the relative bias' lengths, query windows), draw a seed
+# (dropout) or are quantized get a plan of their own each time.
+_PLANS: dict = {}
+PLANS_KEPT = 256
+_SETTINGS = ("TRITON_INTERPRET", "OMNIATTN_SM90", "OMNIATTN_SM90_BWD", "OMNIATTN_TMA", "OMNIATTN_FAST_LAUNCH",
+             "OMNIATTN_FWD_CONFIG", "OMNIATTN_DKDV_CONFIG", "OMNIATTN_DQ_CONFIG")
+
+
+try:  # the settings as os.environ keeps them (a dict lookup each, not os.environ.get's ~0.7 us)
+    _ENV_DATA, _ENV_KEYS = os.environ._data, tuple(map(os.environ.encodekey, _SETTINGS))
+except AttributeError:  # (not CPython's os.environ)
+    _ENV_DATA = None
+
+
+def _settings() -> tuple:
+    if _ENV_DATA is not None:
+        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    return tuple(map(os.environ.get, _SETTINGS))
+
+
+def _signature(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _plan_key(kind: str, tensors: tuple, x: Extras, max_q: int, max_k: int, p: Params):
+    """What a plan depends on, or None for calls that get a plan of their own."""
+    if x.pos_w is not None or x.q_windows is not None or p.dropout_p > 0:
+        return None
+    return (kind, tensors[0].device, *map(_signature, tensors), *map(_signature, x), max_q, max_k, p,
+            _settings(), torch.are_deterministic_algorithms_enabled())
+
+
+def _planned(key, build):
+    """The kept plan of ``key``, else build() (kept unless key is None)."""
+    if key is None:
+        return build()
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= PLANS_KEPT:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = build()
+    return plan
 
 
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
+    key = None if quant is not None else _plan_key("forward", (q, k, v), x, max_q, max_k, p)
+    return _planned(key, lambda: _forward_plan(q, k, v, x, max_q, max_k, p, quant))(q, k, v, x, quant)
+
+
+def _forward_plan(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized]):
+    """The forward of this call's signature: run(q, k, v, x, quant) -> (out, lse)."""
     given = (q, k, v)
     q, k, v = (_last_contiguous(t) for t in given)
     L = _Launch(q, k, v, x, max_q, max_k, p)
     if sm90_forward_ok(*given, x, p, max_q, quant=quant):
-        return _forward_sm90(q, k, v, L, p, quant)
-    L.build_rab_table(q)
+        return _sm90_forward_plan(q, k, v, L, p, quant)
+    L.plan_rab_table(q, x)
     # the caller's tensors decide TMA, as they did for the varlen schedule (launch_params)
     cfg, tma = forward_config(*given, p, max_q, quantized=quant is not None, bias_table=L.meta["RAB_CACHED"])
-    dev = q.device
-    # with query windows the rows of skipped tiles stay zero
-    out = (torch.empty if x.q_windows is None else torch.zeros)(q.shape[:-1] + (L.dv,), dtype=q.dtype, device=dev)
-    lse = torch.empty(L.lse_shape, dtype=torch.float32, device=dev) if L.softmax else q.new_empty(0, dtype=torch.float32)
-    meta, scales = dict(L.meta), (_dummy(dev, torch.float32),) * 5
-    scale_strides = (0,) * 8
+    dev, dtype, f32 = q.device, q.dtype, torch.float32
+    out_shape, lse_shape, softmax = q.shape[:-1] + (L.dv,), L.lse_shape, L.softmax
+    new_out = torch.empty if x.q_windows is None else torch.zeros  # with query windows skipped rows stay zero
+    meta, scale_strides, v_strides, d = dict(L.meta), (0,) * 8, _strides(v), L.d
     if quant is not None:  # the tiles the quantization groups were aligned to
         cfg = quant_fwd_config(max(L.d, L.dv), quant.pv_fp8)
         tma = _quant_tma_ok(quant, p, max(L.d, L.dv))
-        q, k, v = quant.q, quant.k, quant.v
-        f32 = _dummy(dev, torch.float32)
-        scales, scale_strides = _quant_scales(quant, f32)
-        scales += (quant.q_mean if quant.q_mean is not None else f32,)
+        scale_strides = _quant_scales(quant, _dummy(dev, f32))[1]
         meta.update(QK_MODE=quant.qk_mode, PV_FP8=quant.pv_fp8, PV_TWO_LEVEL=quant.pv_two_level,
                     SMOOTH_Q=quant.q_mean is not None, HAS_ROW_BIAS=quant.row_bias is not None,
-                    EXACT_FP8_ROUNDING=interpreting(), BLOCK_D=block_dim(q.shape[-1]))
+                    EXACT_FP8_ROUNDING=interpreting(), BLOCK_D=block_dim(quant.q.shape[-1]))
+        q, k, v_strides, d = quant.q, quant.k, _v_strides(quant), quant.q.shape[-1]
     else:
         meta.update(_NO_QUANT)
     meta.update(USE_TMA=tma)
-    grid, tiles, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
-    if grid[0] * (grid[1] if len(grid) > 1 else 1) == 0:
+    grid, tile_list = L.query_grid(x.tiles_fwd, cfg.block_m)
+    launch = attn_fwd_kernel.bind(grid, dict(TILE_LIST=tile_list, STORE_LSE=softmax, **meta, **cfg.launch_kwargs())) \
+        if grid[0] * (grid[1] if len(grid) > 1 else 1) else None
+    tail = (*_strides(q), *_strides(k), *v_strides, *_strides(torch.empty(out_shape, device="meta")), L.stride_lb,
+            L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides, *scale_strides, *L.seqlens,
+            L.hq, L.hq // L.hkv, d, L.dv, *L.scalars, L.tune_len)
+
+    def run(q, k, v, x: Extras, quant: Optional[Quantized]):
+        out = new_out(out_shape, dtype=dtype, device=dev)
+        lse = torch.empty(lse_shape, dtype=f32, device=dev) if softmax else q.new_empty(0, dtype=f32)
+        if launch is None:
+            return out, lse
+        none = _dummy(dev, f32)
+        scales = (none,) * 5
+        if quant is not None:
+            scales = _quant_scales(quant, none)[0] + (quant.q_mean if quant.q_mean is not None else none,)
+            q, k, v = quant.q, quant.k, quant.v
+        launch(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), out, lse if softmax else none,
+               *L.pointers(x), *L.rab_table(x), L.tiles(x.tiles_fwd), L.mask(x), *scales, *tail)
         return out, lse
-    v_strides = _strides(v) if quant is None else _v_strides(quant)
-    attn_fwd_kernel[grid](
-        q, k, v, out, lse if L.softmax else _dummy(dev, torch.float32), *L.pointers(), *L.rab_table, tiles, L.mask,
-        *scales,
-        *_strides(q), *_strides(k), *v_strides, *_strides(out), L.stride_lb, L.stride_lh,
-        L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides, *scale_strides,
-        *L.seqlens, L.hq, L.hq // L.hkv, q.shape[-1] if quant is not None else L.d, L.dv, *L.scalars, L.tune_len,
-        TILE_LIST=tile_list, STORE_LSE=L.softmax, **meta, **cfg.launch_kwargs(),
-    )
-    return out, lse
+
+    return run
 
 
 def backward(dout, q, k, v, out, lse, dlse: Optional[torch.Tensor], x: Extras, max_q, max_k, p: Params):
     """(dq, dk, dv, d pos_w, d ts_w); the last two None without a relative bias."""
+    tensors = (dout, q, k, v, out, lse, dlse)
+    key = _plan_key("backward", tensors, x, max_q, max_k, p)
+    return _planned(key, lambda: _backward_plan(*tensors, x, max_q, max_k, p))(*tensors, x)
+
+
+def _backward_plan(dout, q, k, v, out, lse, dlse, x: Extras, max_q, max_k, p: Params):
+    """The backward of this call's signature: run(dout, q, k, v, out, lse, dlse, x) -> backward's result."""
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     L = _Launch(q, k, v, x, max_q, max_k, p)
-    L.build_rab_table(q)
-    dev = q.device
-    delta = lse
-    if L.softmax:
+    L.plan_rab_table(q, x)
+    dev, f32 = q.device, torch.float32
+    grid = (cdiv(L.seqlens[0], PREPROCESS_BLOCK_M) * L.batch * L.hq,)
+    preprocess = attn_bwd_preprocess_kernel.bind(grid, dict(
+        IS_VARLEN=L.varlen, HAS_DLSE=dlse is not None, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=L.meta["BLOCK_DV"],
+    )) if L.softmax and grid[0] else None
+    if preprocess is not None:  # (sigmoid and SiLU keep no output for the backward: ``out`` is empty)
+        pre_tail = (*_strides(out), *_strides(dout), L.stride_lb, L.stride_lh, L.seqlens[0], L.hq, L.dv)
+
+    def row_terms(out, dout, lse, dlse, cu_q):
+        """(lse, delta) as the kernels read them: softmax's delta = rowsum(out * dout) - dlse."""
+        if not L.softmax:
+            return _dummy(dev, f32), _dummy(dev, f32)
         delta = torch.empty_like(lse)
-        grid = (cdiv(L.seqlens[0], PREPROCESS_BLOCK_M) * L.batch * L.hq,)
-        if grid[0]:
-            attn_bwd_preprocess_kernel[grid](
-                out, dout, dlse.contiguous() if dlse is not None else _dummy(dev, torch.float32), delta, L.cu_q,
-                *_strides(out), *_strides(dout), L.stride_lb, L.stride_lh, L.seqlens[0], L.hq, L.dv,
-                IS_VARLEN=L.varlen, HAS_DLSE=dlse is not None, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=L.meta["BLOCK_DV"],
-            )
-    else:
-        lse = delta = _dummy(dev, torch.float32)
+        if preprocess is not None:
+            dlse = dlse.contiguous() if dlse is not None else _dummy(dev, f32)
+            preprocess(out, dout, dlse, delta, cu_q, *pre_tail)
+        return lse, delta
+
     if sm90_backward_ok(q, k, v, dout, x, p, max_q, max_k):
-        return (*_backward_sm90(dout, q, k, v, lse, delta, L, p), None, None)
-    # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
-    new = torch.empty_like if x.q_windows is None else torch.zeros_like
-    dq, dk, dv = new(q), torch.empty_like(k), torch.empty_like(v)
+        return _sm90_backward_plan(q, k, v, dout, L, p, row_terms)
+    return _template_backward_plan(q, k, v, dout, x, L, p, row_terms)
+
+
+def _sm90_backward_plan(q, k, v, dout, L: "_Launch", p: Params, row_terms):
+    """dQ, dK, dV by bwd_sm90 (sm90_backward_ok); dQ summed in float32, then scaled and cast."""
+    module, kernel = _sm90_bwd_kernel()
+    dev, f32 = q.device, torch.float32
+    programs = cdiv(L.max_k, module.BLOCK_N) * L.batch * L.hkv
+    m = L.meta
+    launch = kernel.bind((programs,), dict(
+        SCORE=p.score, DEFAULT_SIG_BIAS=bool(p.default_sig_bias),
+        **{name: m[name] for name in _SM90_FLAGS if name not in ("HAS_SOFTCAP", "HAS_ALIBI")}, **module.config(q.dtype),
+    )) if programs else None
+    like = (torch.empty(q.shape, dtype=f32, device="meta"), torch.empty_like(k, device="meta"),
+            torch.empty_like(v, device="meta"))  # dq_acc, dk, dv
+    tail = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *(s for t in like for s in _strides(t)),
+            L.stride_lb, L.stride_lh, *L.seqlens, L.batch, L.hkv, L.hq // L.hkv, L.d, p.scale, p.sigmoid_bias,
+            p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len)
+
+    def run(dout, q, k, v, out, lse, dlse, x: Extras):
+        q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
+        cu_q, cu_k, _, num_targets = L.pointers(x)[:4]
+        lse, delta = row_terms(out, dout, lse, dlse, cu_q)
+        dq_acc = torch.zeros(q.shape, dtype=f32, device=dev)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        if launch is not None:
+            launch(q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, num_targets, *tail)
+        return dq_acc.mul_(p.scale).to(q.dtype), dk, dv, None, None
+
+    return run
+
+
+def _template_backward_plan(q, k, v, dout, x: Extras, L: "_Launch", p: Params, row_terms):
+    """dK/dV by one kernel over key tiles, dQ by one over query tiles (and the relative bias' weight
+    gradients from per-program sums, _RabStrips)."""
+    dev, f32 = q.device, torch.float32
+    windows = x.q_windows is not None
     cfg = bwd_dkdv_config(max(L.d, L.dv), q.element_size(), p.causal)
     if x.tiles_dkdv is not None:
-        grid, tiles, tile_list = (x.tiles_dkdv.shape[0],), x.tiles_dkdv, True
+        kv_grid, kv_list = (x.tiles_dkdv.shape[0],), True
     else:
-        grid, tiles, tile_list = (cdiv(max_k, cfg.block_n), L.batch * L.hkv), _dummy(dev, torch.int32), False
-    launches = grid[0] * (grid[1] if len(grid) > 1 else 1) > 0
-    if x.q_windows is None:
-        if launches:
-            _dkdv(L, cfg, grid, tiles, tile_list, q, k, v, dout, lse, delta, dk, dv, None, False)
-    else:
-        # query windows: each window's launch adds into float32 dK/dV, a chunk of heads at a time
-        # (window_heads_per_launch; the tile list was built for that many heads)
-        heads = window_heads_per_launch(
-            L.hkv, k, v, whole_heads_only(x.alibi, x.attn_mask, x.pos_w, p.dropout_p, dense=x.tiles_dkdv is None))
-        group = L.hq // L.hkv
-        for h0 in range(0, L.hkv if launches else 0, heads):
-            dk32, dv32 = (torch.empty_like(t.narrow(-2, h0, heads), dtype=torch.float32) for t in (k, v))
-            q_c, dout_c = (t.narrow(-2, h0 * group, heads * group) for t in (q, dout))
-            lse_c, delta_c = (t.narrow(-2, h0 * group, heads * group) if t.dim() > 1 else t for t in (lse, delta))
-            for w in range(x.q_windows.shape[0]):
-                _dkdv(L, cfg, grid, tiles, tile_list, q_c, k.narrow(-2, h0, heads), v.narrow(-2, h0, heads), dout_c,
-                      lse_c, delta_c, dk32, dv32, x.q_windows[w], w > 0, heads)
-            dk.narrow(-2, h0, heads).copy_(dk32)
-            dv.narrow(-2, h0, heads).copy_(dv32)
-    cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
-    grid, tiles, tile_list = L.query_grid(x.tiles_dq, cfg.block_m)
+        kv_grid, kv_list = (cdiv(L.max_k, cfg.block_n), L.batch * L.hkv), False
+    kv_launches = kv_grid[0] * (kv_grid[1] if len(kv_grid) > 1 else 1) > 0
+    dkdv = attn_bwd_dkdv_kernel.bind(kv_grid, _dkdv_kwargs(L, cfg, kv_list, False, False)) \
+        if kv_launches and not windows else None
+    kv_tail = _dkdv_tail(L, q, k, v, dout, torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta"))
+    dq_cfg = bwd_dq_config(max(L.d, L.dv), q.element_size(), L.has_rab)
+    grid, tile_list = L.query_grid(x.tiles_dq, dq_cfg.block_m)
     n_programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-    diagonals = cfg.block_m + cfg.block_n - 1  # a tile's relative positions (bwd._add_diagonal_sums)
     ts_pad = next_pow2(p.num_buckets + 1) if L.has_rab else 16
-    if L.has_rab:
-        strips = _RabStrips(L, cfg, tile_list, n_programs, diagonals)
-        part_pos = torch.zeros(strips.total, dtype=torch.float32, device=dev)
-        part_ts = torch.zeros(n_programs, ts_pad, dtype=torch.float32, device=dev)
-        strip_start = strips.start_of_program
-    else:
-        part_pos = part_ts = _dummy(dev, torch.float32)
-        strip_start = _dummy(dev, torch.int64)
-    if n_programs:
-        meta = dict(L.meta)
-        del meta["RAB_CACHED"]  # the dQ kernel computes the bias per pair (reading the table measured slower)
-        attn_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, *L.pointers(), tiles, L.mask, part_pos, part_ts, strip_start,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+    strips = _RabStrips(L, x, dq_cfg, tile_list, dq_cfg.block_m + dq_cfg.block_n - 1) if L.has_rab else None
+    meta = dict(L.meta)
+    del meta["RAB_CACHED"]  # the dQ kernel computes the bias per pair (reading the table measured slower)
+    dq_launch = attn_bwd_dq_kernel.bind(grid, dict(TILE_LIST=tile_list, TS_PAD=ts_pad, **meta,
+                                                   **dq_cfg.launch_kwargs())) if n_programs else None
+    dq_tail = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(torch.empty_like(q, device="meta")),
+               L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides, *L.seqlens,
+               L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len)
+
+    def run(dout, q, k, v, out, lse, dlse, x: Extras):
+        q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
+        pointers, mask = L.pointers(x), L.mask(x)
+        lse, delta = row_terms(out, dout, lse, dlse, pointers[0])
+        # with query windows the skipped rows' dQ stays zero, and dK/dV sum one launch per window in float32
+        dq = (torch.zeros_like if windows else torch.empty_like)(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        table = L.rab_table(x)
+        if dkdv is not None:
+            dkdv(q, k, v, dout, lse, delta, dk, dv, *pointers, *table, L.tiles(x.tiles_dkdv), mask,
+                 _dummy(dev, torch.int32), *kv_tail)
+        elif windows and kv_launches:
+            _dkdv_by_windows(L, cfg, kv_grid, kv_list, x, pointers, table, mask, q, k, v, dout, lse, delta, dk, dv)
+        if L.has_rab:
+            part_pos = torch.zeros(strips.total, dtype=f32, device=dev)
+            part_ts = torch.zeros(n_programs, ts_pad, dtype=f32, device=dev)
+            strip_start = strips.start_of_program
+        else:
+            part_pos = part_ts = _dummy(dev, f32)
+            strip_start = _dummy(dev, torch.int64)
+        if dq_launch is not None:
+            dq_launch(q, k, v, dout, lse, delta, dq, *pointers, L.tiles(x.tiles_dq), mask, part_pos, part_ts,
+                      strip_start, *dq_tail)
+        if not L.has_rab:
+            return dq, dk, dv, None, None
+        dpos, dts = strips.reduce(part_pos, part_ts, dq_cfg.block_m)
+        return dq, dk, dv, dpos.to(x.pos_w.dtype).view(x.pos_w.shape), dts.to(x.ts_w.dtype).view(x.ts_w.shape)
+
+    return run
+
+
+def _dkdv_kwargs(L: _Launch, cfg, tile_list: bool, window: bool, accumulate: bool) -> dict:
+    return dict(TILE_LIST=tile_list, HAS_Q_WIN=window, ACCUMULATE=accumulate, **L.meta, **cfg.launch_kwargs())
+
+
+def _dkdv_tail(L: _Launch, q, k, v, dout, dk, dv, heads: Optional[int] = None) -> tuple:
+    """The dK/dV kernel's arguments after its tensors, over ``heads`` key/value heads (default all)."""
+    return (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
-            *L.seqlens, L.hq, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-            TILE_LIST=tile_list, TS_PAD=ts_pad, **meta, **cfg.launch_kwargs(),
-        )
-    if not L.has_rab:
-        return dq, dk, dv, None, None
-    dpos, dts = strips.reduce(part_pos, part_ts, cfg.block_m)
-    return dq, dk, dv, dpos.to(x.pos_w.dtype).view(x.pos_w.shape), dts.to(x.ts_w.dtype).view(x.ts_w.shape)
+            *L.seqlens, heads or L.hkv, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len)
 
 
-def _dkdv(L: _Launch, cfg, grid, tiles, tile_list: bool, q, k, v, dout, lse, delta, dk, dv,
-          window: Optional[torch.Tensor], accumulate: bool, heads: Optional[int] = None) -> None:
-    """One launch of the dK/dV kernel over ``heads`` key/value heads (default all: q, k, v, dout,
-    lse, delta, dk, dv may be views of a chunk of heads), visiting only the query rows of
-    ``window`` (one row of Extras.q_windows) if given."""
-    heads = heads or L.hkv
-    attn_bwd_dkdv_kernel[grid](
-        q, k, v, dout, lse, delta, dk, dv, *L.pointers(), *L.rab_table, tiles, L.mask,
-        _dummy(q.device, torch.int32) if window is None else window,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        L.stride_lb, L.stride_lh, L.stride_ab, L.stride_pos_h, L.stride_ts_h, *L.mask_strides,
-        *L.seqlens, heads, L.hq // L.hkv, L.d, L.dv, *L.scalars, L.tune_len,
-        TILE_LIST=tile_list, HAS_Q_WIN=window is not None, ACCUMULATE=accumulate, **L.meta,
-        **cfg.launch_kwargs(),
-    )
+def _dkdv_by_windows(L: _Launch, cfg, grid, tile_list: bool, x: Extras, pointers, table, mask, q, k, v, dout, lse,
+                     delta, dk, dv) -> None:
+    """dK/dV of a call with query windows: one launch per window adding into float32 dK/dV, a chunk
+    of heads at a time (window_heads_per_launch; the tile list was built for that many heads)."""
+    heads = window_heads_per_launch(
+        L.hkv, k, v, whole_heads_only(x.alibi, x.attn_mask, x.pos_w, L.p.dropout_p, dense=x.tiles_dkdv is None))
+    group = L.hq // L.hkv
+    tiles = L.tiles(x.tiles_dkdv)
+    for h0 in range(0, L.hkv, heads):
+        dk32, dv32 = (torch.empty_like(t.narrow(-2, h0, heads), dtype=torch.float32) for t in (k, v))
+        q_c, dout_c = (t.narrow(-2, h0 * group, heads * group) for t in (q, dout))
+        lse_c, delta_c = (t.narrow(-2, h0 * group, heads * group) if t.dim() > 1 else t for t in (lse, delta))
+        k_c, v_c = k.narrow(-2, h0, heads), v.narrow(-2, h0, heads)
+        tail = _dkdv_tail(L, q_c, k_c, v_c, dout_c, dk32, dv32, heads)
+        for w in range(x.q_windows.shape[0]):
+            attn_bwd_dkdv_kernel[grid](q_c, k_c, v_c, dout_c, lse_c, delta_c, dk32, dv32, *pointers, *table, tiles,
+                                       mask, x.q_windows[w], *tail, **_dkdv_kwargs(L, cfg, tile_list, True, w > 0))
+        dk.narrow(-2, h0, heads).copy_(dk32)
+        dv.narrow(-2, h0, heads).copy_(dv32)
 
 
 WINDOW_GRAD_BYTES = 2**31  # at most this much float32 dK + dV per launch where query windows sum
@@ -684,12 +814,12 @@ class _RabStrips:
 
     _CACHE: dict = {}
 
-    def __init__(self, L: _Launch, cfg, tile_list: bool, n_programs: int, diagonals: int):
+    def __init__(self, L: _Launch, x: Extras, cfg, tile_list: bool, diagonals: int):
         self.L = L
-        self.hr = L.pos_w.shape[0]
-        lens_q, lens_k = L.x.lens_host[0], L.x.lens_host[1]  # host copies: no device sync here
+        self.hr = L.weight_shapes[0][0]
+        lens_q, lens_k = x.lens_host[0], x.lens_host[1]  # host copies: no device sync here
         key = (tuple(lens_q.tolist()), tuple(lens_k.tolist()), L.hq, self.hr, cfg.block_m, cfg.block_n, diagonals,
-               tile_list, L.p.causal, bool(L.p.hstu_causal) and L.p.contextual == 0, L.max_q, str(L.cu_q.device))
+               tile_list, L.p.causal, bool(L.p.hstu_causal) and L.p.contextual == 0, L.max_q, str(L.dev))
         if key not in self._CACHE:
             if len(self._CACHE) >= 32:
                 self._CACHE.pop(next(iter(self._CACHE)))
@@ -723,14 +853,14 @@ class _RabStrips:
         ends = torch.cumsum(counts, 0)
         ranges = torch.stack([ends - counts, ends], 1).flatten()
         table = torch.stack([start[order], length[order], m0[order], head_r[order]], 1).flatten()
-        dev = L.cu_q.device
+        dev = L.dev
         by_head = torch.argsort(head_r, stable=True)
         return (max(int(length.sum()), 1), start.to(dev), torch.cat([table, ranges]).to(torch.int64).to(dev),
                 order.numel(), by_head.to(dev))
 
     def reduce(self, part_pos, part_ts, block_m: int):
         L, hr = self.L, self.hr
-        length = L.pos_w.shape[-1]
+        length = L.weight_shapes[0][-1]
         block = 256
         # programs split into chunks so that the grid fills the GPU (one program per block of
         # weights and head walked every strip: 2.9 ms of a 21 ms step at B=32, N=4096 on an H100)
@@ -740,6 +870,6 @@ class _RabStrips:
         rab_grad_reduce_kernel[(cdiv(length, block), hr, n_chunks)](
             part_pos, self.meta, parts, self.n_live, length, L.p.rab_center, chunk, BLOCK_M=block_m, BLOCK=block)
         dpos = parts[0] if n_chunks == 1 else parts.sum(0)
-        nb1 = L.ts_w.shape[-1]
+        nb1 = L.weight_shapes[1][-1]
         dts = part_ts[self.by_head, :nb1].view(hr, -1, nb1).sum(1)
         return dpos, dts
