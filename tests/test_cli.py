@@ -243,6 +243,22 @@ def test_cpu_plot_shows_milliseconds_in_every_panel_and_the_titles_apart(tmp_pat
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+
+def test_plot_keeps_head_dims_apart(tmp_path, monkeypatch):
+    """Rows of one shape at two head dims are two bar groups, each labelled with its dim."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from omniattn.bench import report
+
+    rows = [dict(op="softmax", mode="fwd", impl=impl, batch=4, seqlen=4096, heads=16, head_dim=d, causal=False,
+                 dtype="bf16", ms=1.0, tflops=t, max_err=1e-3)
+            for d, t in ((128, 600.0), (64, 400.0)) for impl in ("omniattn", "sdpa-cudnn")]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    report.plot(rows, str(tmp_path / "p.png"))
+    (ax,) = [ax for ax in figures[0].axes if ax.get_title()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4x4096 d128", "4x4096 d64"]
+    assert len(ax.patches) == 4
+
 NO_TRITON = """
 import sys
 sys.modules["triton"] = None  # as on a machine without triton: import fails, find_spec() is None

@@ -281,3 +281,14 @@ def test_plans_follow_the_environment_and_alignment(monkeypatch):
     assert len(_plans()) == 3
     oa.attention(q, q, q, backend="triton", dropout_p=0.5)
     assert len(_plans()) == 3
+
+
+def test_the_oldest_plan_goes_when_plans_kept_is_reached(monkeypatch):
+    from omniattn.backends.triton import launch
+
+    monkeypatch.setattr(launch, "PLANS_KEPT", 2)
+    gen = torch.Generator().manual_seed(23)
+    for n in (17, 18, 19):
+        q = rand((1, n, 2, 16), torch.float32, gen, DEVICE)
+        assert max_err(oa.attention(q, q, q, backend="triton"), oa.reference.attention(q, q, q)) < 1e-5
+    assert [key[2][0][1] for key in _plans()] == [18, 19]  # q's shape in the two kept keys

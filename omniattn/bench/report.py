@@ -210,12 +210,13 @@ def plot(rows: list[dict], path: str, title: Optional[str] = None, metric: str =
 def _panel(ax, rs: list[dict], key: tuple, metric: str, colours: dict) -> None:
     from matplotlib.ticker import FuncFormatter
 
-    problems = list(dict.fromkeys(_problem_label(r) for r in rs))
+    with_dim = len({r.get("head_dim") for r in rs}) > 1  # (else D=64 and D=128 rows would share a bar group)
+    problems = list(dict.fromkeys(_problem_label(r, with_dim) for r in rs))
     impls = [i for i in colours if any(r["impl"] == i for r in rs)]
     width = 0.8 / max(len(impls), 1)
     values = []
     for j, p in enumerate(problems):
-        hits = [r for i in impls for r in rs if r["impl"] == i and _problem_label(r) == p]
+        hits = [r for i in impls for r in rs if r["impl"] == i and _problem_label(r, with_dim) == p]
         for k, r in enumerate(hits):  # the problem's bars side by side, centred on its tick
             bar = ax.bar(j + (k - (len(hits) - 1) / 2) * width, r[metric], width, color=colours[r["impl"]])
             ax.bar_label(bar, labels=[_short(r[metric])], fontsize=6, padding=1)
@@ -243,6 +244,7 @@ def _short(x: float) -> str:
     return f"{x:.0f}" if x >= 1000 else f"{x:.3g}"
 
 
-def _problem_label(r: dict) -> str:
+def _problem_label(r: dict, with_dim: bool = False) -> str:
     shape = f"{'varlen ' if r.get('varlen') else ''}{r['batch']}x{r['seqlen']}"
+    shape += f" d{r.get('head_dim')}" if with_dim else ""
     return shape + (" causal" if r["causal"] else "") + (" rab" if r.get("rab") else "") + (f" t{r['targets']}" if r.get("targets") else "")

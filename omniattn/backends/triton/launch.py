@@ -557,7 +557,10 @@ def _planned(key, build):
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= PLANS_KEPT:
-            _PLANS.pop(next(iter(_PLANS)))
+            try:  # the oldest goes (another thread may be doing the same)
+                _PLANS.pop(next(iter(_PLANS)), None)
+            except (StopIteration, RuntimeError):
+                pass
         plan = _PLANS[key] = build()
     return plan
 
