@@ -262,6 +262,10 @@ def test_a_kept_plan_serves_new_tensors(layout):
     assert {key[0] for key in kept} == {"forward", "backward"}
     check_outputs_and_grads(problem(), "triton", gen)
     assert dict(_plans()).keys() == kept.keys() and all(_plans()[key] is kept[key] for key in kept)
+    if layout == "varlen":  # other lengths, the same signature (tile counts, total, longest): the call's own schedule
+        p = varlen_problem([29, 0, 13], [29, 5, 21], 4, 2, 16, 16, torch.float32, gen, DEVICE, causal=True)
+        check_outputs_and_grads(p, "triton", gen)
+        assert dict(_plans()).keys() == kept.keys()
 
 
 def test_plans_follow_the_environment_and_alignment(monkeypatch):
