@@ -296,3 +296,31 @@ def test_the_oldest_plan_goes_when_plans_kept_is_reached(monkeypatch):
         q = rand((1, n, 2, 16), torch.float32, gen, DEVICE)
         assert max_err(oa.attention(q, q, q, backend="triton"), oa.reference.attention(q, q, q)) < 1e-5
     assert [key[2][0][1] for key in _plans()] == [18, 19]  # q's shape in the two kept keys
+
+
+def test_descriptor_kernels_set_the_allocator_on_every_call(monkeypatch):
+    """Kernels that make tensor descriptors need Triton's scratch allocator, which Triton keeps per
+    thread: a kept plan sets it on each call, so a call from a new thread (a thread pool, autograd's
+    recomputation under checkpointing) reusing the plan still has one."""
+    import threading
+
+    import triton
+
+    from omniattn.backends.triton import launch
+
+    def ensure():
+        ensured.append(threading.get_ident())
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
+
+    ensured, results = [], []
+    monkeypatch.setattr(launch, "_tma_ok", lambda *tensors: True)  # the TMA rule's GPU checks
+    monkeypatch.setattr(launch, "_ensure_allocator", ensure)
+    gen = torch.Generator().manual_seed(24)
+    q = rand((1, 40, 2, 128), torch.float16, gen, DEVICE)  # non-causal, head dim > 64, 16-bit: K/V by TMA
+    want = oa.reference.attention(q.double(), q.double(), q.double())
+    for _ in range(2):
+        worker = threading.Thread(target=lambda: results.append(oa.attention(q, q, q, backend="triton")))
+        worker.start()
+        worker.join()
+    assert len(results) == 2 and all(max_err(out, want) < 2e-3 for out in results)
+    assert len(_plans()) == 1 and len(ensured) >= 2

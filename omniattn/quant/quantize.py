@@ -221,6 +221,7 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     from ..backends.triton.configs import block_dim, cdiv, interpreting
     from ..backends.triton.launch import _dummy, _strides
 
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels read rows whole
     mode = QK_MODE[precision]
     pv_fp8 = PV_FP8[precision]
     dense = q.dim() == 4

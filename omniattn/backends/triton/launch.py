@@ -340,7 +340,8 @@ def _quant_tma_ok(quant: "Quantized", p: Params, head_dim: int) -> bool:
 
 def _ensure_allocator() -> None:
     """Device-made tensor descriptors need scratch memory from Triton's allocator: ours (PyTorch's
-    caching allocator, so CUDA graphs capture it) unless the caller has set one."""
+    caching allocator, so CUDA graphs capture it) unless the caller has set one. Triton keeps it
+    per thread (a ContextVar): plans call this on every call that launches such a kernel."""
     from triton.runtime import _allocation
 
     current = getattr(_allocation, "_allocator", None)
@@ -464,6 +465,7 @@ def _sm90_forward_plan(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantiz
             q, k, v = quant.q, quant.k, quant.v
         cu_q, cu_k, alibi, num_targets = L.pointers(x)[:4]
         counter = torch.zeros(1, dtype=torch.int32, device=dev)  # the kernel's next work item
+        _ensure_allocator()  # (per call: Triton's allocator is a per-thread setting)
         launch(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), out, lse if softmax else none, cu_q,
                cu_k, alibi, num_targets, counter, *scales, *tail)
         return out, lse
@@ -613,6 +615,8 @@ def _forward_plan(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Q
         if quant is not None:
             scales = _quant_scales(quant, none)[0] + (quant.q_mean if quant.q_mean is not None else none,)
             q, k, v = quant.q, quant.k, quant.v
+        if tma:
+            _ensure_allocator()  # (per call: Triton's allocator is a per-thread setting)
         launch(_last_contiguous(q), _last_contiguous(k), _last_contiguous(v), out, lse if softmax else none,
                *L.pointers(x), *L.rab_table(x), L.tiles(x.tiles_fwd), L.mask(x), *scales, *tail)
         return out, lse
@@ -678,6 +682,7 @@ def _sm90_backward_plan(q, k, v, dout, L: "_Launch", p: Params, row_terms):
         dq_acc = torch.zeros(q.shape, dtype=f32, device=dev)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if launch is not None:
+            _ensure_allocator()  # (per call: Triton's allocator is a per-thread setting)
             launch(q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, num_targets, *tail)
         return dq_acc.mul_(p.scale).to(q.dtype), dk, dv, None, None
 

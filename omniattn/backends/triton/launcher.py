@@ -77,17 +77,18 @@ class Bound:
 
     def __init__(self, fast: FastLaunch, grid, kwargs: dict):
         self.fast, self.grid, self.kwargs = fast, grid, kwargs
-        self.kernel = self.device = None
+        self.bound = None  # (kernel, device, 3-D grid, constexpr values), set in one assignment
 
     def __call__(self, *args) -> None:
-        if self.kernel is not None:
-            device = _driver().get_current_device()
-            if device == self.device:
-                return _run(self.kernel, device, self.grid3, args + self.constexprs)
+        bound = self.bound
+        if bound is not None:
+            kernel, device, grid, constexprs = bound
+            if _driver().get_current_device() == device:
+                return _run(kernel, device, grid, args + constexprs)
         kernel = self.fast.launch(self.grid, args, self.kwargs)
         if not interpreting() and os.environ.get("OMNIATTN_FAST_LAUNCH", "1") != "0":
-            self.kernel, self.device, self.grid3 = kernel, _driver().get_current_device(), _grid3(self.grid)
-            self.constexprs = tuple(self.kwargs[name] for name in self.fast.constexprs)
+            self.bound = (kernel, _driver().get_current_device(), _grid3(self.grid),
+                          tuple(self.kwargs[name] for name in self.fast.constexprs))
 
 
 def _driver():
