@@ -454,8 +454,7 @@ def _sm90_forward_plan(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantiz
             p.softcap, p.sigmoid_bias, p.silu_scale, p.window_left, p.window_right, p.contextual, p.max_attn_len)
 
     def run(q, k, v, x: Extras, quant: Optional[Quantized]):
-        out = torch.empty(out_shape, dtype=dtype, device=dev)
-        lse = torch.empty(lse_shape, dtype=f32, device=dev) if softmax else q.new_empty(0, dtype=f32)
+        out, lse = _forward_outputs(torch.empty, out_shape, dtype, lse_shape, softmax, dev)
         if launch is None:
             return out, lse
         none = _dummy(dev, f32)
@@ -471,6 +470,14 @@ def _sm90_forward_plan(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantiz
         return out, lse
 
     return run
+
+
+def _forward_outputs(new, out_shape, dtype, lse_shape, softmax: bool, dev):
+    """A forward's output (``new``: torch.empty, or torch.zeros where rows may stay unwritten) and
+    its float32 lse (softmax; else an empty tensor)."""
+    out = new(out_shape, dtype=dtype, device=dev)
+    lse = torch.empty(lse_shape if softmax else (0,), dtype=torch.float32, device=dev)
+    return out, lse
 
 
 def _quant_scales(quant: Quantized, f32: torch.Tensor):
@@ -606,8 +613,7 @@ def _forward_plan(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Q
             L.hq, L.hq // L.hkv, d, L.dv, *L.scalars, L.tune_len)
 
     def run(q, k, v, x: Extras, quant: Optional[Quantized]):
-        out = new_out(out_shape, dtype=dtype, device=dev)
-        lse = torch.empty(lse_shape, dtype=f32, device=dev) if softmax else q.new_empty(0, dtype=f32)
+        out, lse = _forward_outputs(new_out, out_shape, dtype, lse_shape, softmax, dev)
         if launch is None:
             return out, lse
         none = _dummy(dev, f32)
