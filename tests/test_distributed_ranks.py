@@ -286,14 +286,17 @@ def case_hstu(group, load_balance, seed):
     settings = [
         dict(num_targets=torch.tensor([3, 1, 0, 4]), rab="shared"),
         dict(causal=False, contextual_seq_len=2, num_targets=torch.tensor([2, 0, 0, 3]), rab="heads"),
-        dict(max_attn_len=5, rab=None),
+        # plain SiLU attention: context_parallel_attention's strategies
+        dict(max_attn_len=5, rab=None, strategy="ring"),
+        dict(causal=False, max_attn_len=3, num_targets=torch.tensor([0, 0, 0, 0]), rab=None, strategy="allgather"),
+        dict(rab=None, silu_norm=7.0),
     ]
     for i, setting in enumerate(settings):
         kw = dict(setting)
         gen = torch.Generator().manual_seed(seed + i)
         q, k, v = (_rand((t, 2, 8), torch.float64, gen) for _ in range(3))
         dout = _rand((t, 2, 8), torch.float64, gen)
-        rab_kind = kw.pop("rab")
+        rab_kind, strategy = kw.pop("rab"), kw.pop("strategy", "auto")
         rab = None
         if rab_kind:
             torch.manual_seed(seed + i)  # the same weights on every rank
@@ -309,7 +312,7 @@ def case_hstu(group, load_balance, seed):
         if rab:
             lkw["timestamps"] = kw["timestamps"].index_select(0, rows)
         got = cp.context_parallel_hstu_attention(*local, cu, 32, group=group, load_balance=load_balance, rab=rab,
-                                                 backend="torch", **lkw)
+                                                 strategy=strategy, backend="torch", **lkw)
         got_grads = torch.autograd.grad(got, local + ([rab.pos_w, rab.ts_w] if rab else []), dout.index_select(0, rows))
         label = f"hstu {setting} {load_balance}"
         scale = magnitude(out, *ref_grads)
@@ -380,6 +383,9 @@ def case_bad_inputs(group):
     h = 2 if rank == 0 else 1
     _expect_error(failures, "hstu", lambda: cp.context_parallel_hstu_attention(
         q[0, :, :h], k[0, :, :h], v[0, :, :h], torch.tensor([0, 8 * size]), 8 * size, group=group), "heads")
+    _expect_error(failures, "hstu ring with targets", lambda: cp.context_parallel_hstu_attention(
+        q[0, :, :2], k[0, :, :2], v[0, :, :2], torch.tensor([0, 8 * size]), 8 * size, group=group,
+        num_targets=torch.tensor([2]), strategy="ring"), "strategy")
     # still in step: a good call works afterwards
     out = call(causal=True, load_balance=None)
     if out.shape != (1, 8, 4, 8):

@@ -1,7 +1,15 @@
 """Context-parallel HSTU attention (jagged user histories split across ranks).
 
-HSTU's ids, targets, contextual prefix and relative bias depend on GLOBAL positions, and the HSTU
-kernels take no position offset, so this uses the all-gather strategy on the whole packed batch:
+Without targets, contextual prefix or relative bias, HSTU attention is SiLU attention, causal or
+not, with max_attn_len as a window (DESIGN.md), and runs as :func:`context_parallel_attention`
+with ``score="silu"``: the ring or all-gather strategy, whose kernel calls are plain query chunks
+against cut key ranges, on the fastest kernels (the Hopper ones included; the path below asks the
+kernels to skip other ranks' rows, which only the generic template can, at 0.89 of one GPU's
+per-GPU speed where this path reached 0.97: NOTES.md, session 17).
+
+Otherwise HSTU's ids, targets, contextual prefix and relative bias depend on GLOBAL positions, and
+the HSTU kernels take no position offset, so this uses the all-gather strategy on the whole packed
+batch:
 gather K, V (one differentiable collective) and the timestamps; place the rank's query rows into
 a zero-filled full-length query buffer (a differentiable scatter); run ``hstu_attention`` over the
 whole batch; read back the rank's rows. Gradients: dQ is read back from the buffer, dK/dV are
@@ -27,10 +35,14 @@ from .. import backends
 from .. import spec as _spec
 from . import layout as _layout
 from .allgather import gather_tokens
-from .api import _check_choice, _dtype_code, _global_lengths, _layout_for, _check_same
+from .api import (STRATEGIES, _check_choice, _check_same, _dtype_code, _global_lengths, _layout_for,
+                  context_parallel_attention)
 from .comm import agree, digest, resolve_group
 
 Tensor = torch.Tensor
+# strategy="auto" without targets, prefix or bias: 2 x H100, one 256K-token sequence, 32 heads,
+# forward + backward scaling efficiency 0.97 all-gather, 0.84 ring (benchmarks/NOTES.md, session 17)
+PLAIN_AUTO = "allgather"
 
 
 class _SumGradsOverGroup(torch.autograd.Function):
@@ -78,6 +90,7 @@ def context_parallel_hstu_attention(
     timestamps: Optional[Tensor] = None,
     silu_norm: Optional[float] = None,
     reduce_rab_grads: bool = True,
+    strategy: str = "auto",
     backend: str = "auto",
 ) -> Tensor:
     """:func:`omniattn.hstu_attention` over a jagged batch whose tokens are split across ranks.
@@ -96,6 +109,10 @@ def context_parallel_hstu_attention(
             parameters are reduced over the context-parallel ranks anyway (FSDP/DDP over a mesh
             that includes them): the weights' gradient is then summed once, like every other
             parameter's.
+        strategy: without targets, contextual prefix or rab (plain causal/windowed SiLU
+            attention): ``"ring"``, ``"allgather"`` or ``"auto"`` (all-gather: measured faster
+            for HSTU's shapes), as :func:`context_parallel_attention`. With any of them only the
+            whole-batch all-gather path exists: ``"auto"`` or ``"allgather"``.
         backend: as :func:`omniattn.hstu_attention`.
 
     Returns:
@@ -109,6 +126,7 @@ def context_parallel_hstu_attention(
     error, lengths = None, ()
     try:
         _check_choice("load_balance", load_balance, _layout.LOAD_BALANCES)
+        _check_choice("strategy", strategy, STRATEGIES)
         for name, t in (("q", q), ("k", k), ("v", v)):
             _spec._require_tensor(name, t, 3, "(total_local, heads, dim)")
         if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
@@ -127,18 +145,31 @@ def context_parallel_hstu_attention(
         error = e
     ok = error is None
     targets = tuple(num_targets.tolist()) if isinstance(num_targets, Tensor) else num_targets
+    plain = ok and rab is None and not contextual_seq_len and not any(targets or ())
+    if ok and not plain and strategy == "ring":
+        error = ValueError("strategy: 'ring' needs an HSTU call without targets, contextual prefix or rab; with them "
+                           "use 'allgather' or 'auto' (the whole-batch all-gather path)")
+        ok = False
     args = digest(max_seq_len, alpha, causal, targets, contextual_seq_len, max_attn_len, rab is not None,
-                  silu_norm, reduce_rab_grads, load_balance, lengths)
+                  silu_norm, reduce_rab_grads, load_balance, strategy, lengths)
     local = [q.shape[0] if ok else 0, *((q.shape[1], k.shape[1], q.shape[2], v.shape[2]) if ok else (0,) * 4),
              _dtype_code(q.dtype) if ok else 0, timestamps.dtype.itemsize if ok and timestamps is not None else 0, args]
     ranks = agree(g, q.device if isinstance(q, Tensor) else torch.device("cpu"), local, error, what)
     _check_same([r[1:] for r in ranks], ("heads", "key/value heads", "head dim", "value head dim", "dtype",
                                          "timestamps dtype", "arguments (seq_offsets, num_targets, max_seq_len, "
-                                         "alpha, causal, contextual_seq_len, max_attn_len, rab, silu_norm, load_balance)"),
+                                         "alpha, causal, contextual_seq_len, max_attn_len, rab, silu_norm, load_balance, "
+                                         "strategy)"),
                 what)
     rows = [r[0] for r in ranks]
     if sum(rows) != sum(lengths):
         raise ValueError(f"{what}: the ranks' shards hold {rows} tokens, {sum(rows)} in all, but seq_offsets describes {sum(lengths)}")
+    if plain:  # SiLU attention (DESIGN.md): keys j <= i (causal), |i - j| <= max_attn_len where given
+        window = (max_attn_len, max_attn_len) if max_attn_len > 0 else (-1, -1)
+        return context_parallel_attention(
+            q, k, v, group=g.pg, score="silu", causal=causal, window=window, scale=alpha,
+            silu_norm=float(max_seq_len) if silu_norm is None else silu_norm,
+            strategy=PLAIN_AUTO if strategy == "auto" else strategy,
+            load_balance=load_balance, cu_seqlens=seq_offsets, max_seqlen=max_seq_len, backend=backend)
     lay = _layout_for(lengths, g, False, load_balance, rows, what)
     d = k.shape[-1]
     kv, row_map = gather_tokens(torch.cat([k, v], -1), g, lay, 0)

@@ -155,8 +155,11 @@ class ParallelAttention(nn.Module):
         tiles: query tiles of tiling-AllReduce (FastAttention section 3.3), on the kernels' block grid (tile_rows).
         overlap: True: the tiles' all-reduces overlap the next tiles' attention and projection;
             False: the plain layer (one attention call, one projection, one all-reduce). Equal results.
-            Measured on H100s (README): overlap pays at TP=2 and loses time at TP=4, where each
-            rank's attention is short and each tile's all-reduce latency-bound.
+            Measured on H100s (README): with the persistent Hopper forward, which holds every SM
+            until it ends, an NCCL all-reduce runs mostly in the tiles' tails, and each extra tile
+            costs a tail of its own: 2 tiles hide the most at TP=2 (a fraction of the all-reduce);
+            at TP=4 the overlap loses time (each rank's attention is short, each tile's
+            all-reduce latency-bound): pass ``overlap=False`` there.
         backend: the kernels' backend.
 
     Weights are this rank's shards: ``qkv_weight`` ((Hq/TP + 2 Hkv/TP) * head_dim, dim), rows
@@ -165,7 +168,7 @@ class ParallelAttention(nn.Module):
 
     Example (torchrun, 2 GPUs)::
 
-        layer = ParallelAttention(4096, 32, 8, causal=True, tiles=4).cuda()
+        layer = ParallelAttention(4096, 32, 8, causal=True, tiles=2).cuda()
         y = layer(x)            # x: (B, N, 4096) on every rank
     """
 
@@ -173,7 +176,7 @@ class ParallelAttention(nn.Module):
                  head_dim: Optional[int] = None, score: str = "softmax", causal: bool = True,
                  window: tuple[int, int] = (-1, -1), scale: Optional[float] = None,
                  sigmoid_bias: Optional[float] = None, silu_norm: Optional[float] = None, softcap: float = 0.0,
-                 bias: bool = False, tiles: int = 4, overlap: bool = True, backend: str = "auto",
+                 bias: bool = False, tiles: int = 2, overlap: bool = True, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
         g = resolve_group(group)

@@ -119,24 +119,25 @@ def case_hstu(group, dev):
     nt = torch.tensor([8, 0, 16], device=dev)
     failures = []
     # with the relative bias every row is computed on every rank; without it the kernels visit
-    # only the rank's rows (query windows)
-    for bias in (rab, None):
+    # only the rank's rows (query windows); without targets too it is SiLU context parallelism
+    for bias, targets in ((rab, nt), (None, nt), (None, None)):
         weights = [rab.pos_w, rab.ts_w] if bias is not None else []
         extra = dict(rab=bias, timestamps=ts) if bias is not None else {}
         refs = {}
         for name, dt in (("64", torch.float64), ("same", DTYPE)):
             leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-            out = oa.reference.hstu_attention(*leaves, cu, n, num_targets=nt, dtype=dt, **extra)
+            out = oa.reference.hstu_attention(*leaves, cu, n, num_targets=targets, dtype=dt, **extra)
             grads = torch.autograd.grad(out, leaves + weights, dout.to(out.dtype))
             refs[name] = (out.detach(), *grads)
         local = [x.index_select(0, rows).requires_grad_() for x in (q, k, v)]
         if bias is not None:
             extra["timestamps"] = ts.index_select(0, rows)
-        out = cp.context_parallel_hstu_attention(*local, cu, n, group=group, num_targets=nt, backend=BACKEND, **extra)
+        out = cp.context_parallel_hstu_attention(*local, cu, n, group=group, num_targets=targets, backend=BACKEND,
+                                                 **extra)
         got = torch.autograd.grad(out, local + weights, dout.index_select(0, rows))
         scale = magnitude(*refs["64"])
         names = ("dq", "dk", "dv", "d_pos_w", "d_ts_w")
-        tag = "hstu rab" if bias is not None else "hstu"
+        tag = "hstu rab" if bias is not None else "hstu" if targets is not None else "hstu plain"
         _check(failures, f"{tag} out", out.detach(), refs["64"][0].index_select(0, rows),
                refs["same"][0].index_select(0, rows), DTYPE)
         for i, name in enumerate(names[: len(got)]):
