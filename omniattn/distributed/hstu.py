@@ -4,8 +4,8 @@ Without targets, contextual prefix or relative bias, HSTU attention is SiLU atte
 not, with max_attn_len as a window (DESIGN.md), and runs as :func:`context_parallel_attention`
 with ``score="silu"``: the ring or all-gather strategy, whose kernel calls are plain query chunks
 against cut key ranges, on the fastest kernels (the Hopper ones included; the path below asks the
-kernels to skip other ranks' rows, which only the generic template can, at 0.89 of one GPU's
-per-GPU speed where this path reached 0.97: NOTES.md, session 17).
+kernels to skip other ranks' rows, which only the generic template can: 0.89 of one GPU's
+per-GPU speed at 256K tokens on 2 H100s where this path reached 0.96: NOTES.md, session 17).
 
 Otherwise HSTU's ids, targets, contextual prefix and relative bias depend on GLOBAL positions, and
 the HSTU kernels take no position offset, so this uses the all-gather strategy on the whole packed
@@ -41,7 +41,7 @@ from .comm import agree, digest, resolve_group
 
 Tensor = torch.Tensor
 # strategy="auto" without targets, prefix or bias: 2 x H100, one 256K-token sequence, 32 heads,
-# forward + backward scaling efficiency 0.97 all-gather, 0.84 ring (benchmarks/NOTES.md, session 17)
+# forward + backward scaling efficiency 0.96-0.97 all-gather, 0.83-0.84 ring in two runs (NOTES.md, session 17)
 PLAIN_AUTO = "allgather"
 
 
