@@ -690,7 +690,9 @@ def _sm90_backward_plan(q, k, v, dout, L: "_Launch", p: Params, row_terms):
         if launch is not None:
             _ensure_allocator()  # (per call: Triton's allocator is a per-thread setting)
             launch(q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_q, cu_k, num_targets, *tail)
-        return dq_acc.mul_(p.scale).to(q.dtype), dk, dv, None, None
+        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        torch.mul(dq_acc, p.scale, out=dq)  # scaled and cast in one pass over the float32 sums
+        return dq, dk, dv, None, None
 
     return run
 
