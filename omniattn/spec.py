@@ -230,7 +230,7 @@ def _cacheable(t: torch.Tensor) -> bool:
     return t.device.type != "cpu"
 
 
-def _remembered(t: torch.Tensor, tag, compute):
+def remembered(t: torch.Tensor, tag, compute):
     """compute(t), remembered per (tensor object, _version, tag) for tensors on accelerators: what
     needs a device-to-host copy (a sync) or a conversion is done once per tensor, not per call."""
     if not _cacheable(t):
@@ -256,7 +256,7 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, device: torch.device)
     if cu.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got {cu.device}")
     # validated once per offsets tensor (and total): a model's layers share one (B=64: ~30 us a call)
-    return _remembered(cu, ("lengths", name, total), lambda t: _checked_lengths(name, t.tolist(), total))
+    return remembered(cu, ("lengths", name, total), lambda t: _checked_lengths(name, t.tolist(), total))
 
 
 def _checked_lengths(name: str, offsets: list, total: int) -> tuple[int, ...]:
@@ -491,7 +491,7 @@ def varlen_call(
 def _device_offsets(cu: torch.Tensor) -> torch.Tensor:
     """Offsets as the kernels read them: int32 and contiguous. The Triton kernels index the
     tensor's storage directly, so a strided view (e.g. ``t[::2]``) would be read as its base."""
-    return _remembered(cu, "int32", lambda t: t.to(torch.int32).contiguous())
+    return remembered(cu, "int32", lambda t: t.to(torch.int32).contiguous())
 
 
 def hstu_call(
@@ -560,8 +560,8 @@ def _check_num_targets(num_targets, lens, contextual: int, device):
         raise ValueError(f"num_targets: expected shape ({len(lens)},) (one count per sequence), got {tuple(num_targets.shape)}")
     if num_targets.device != device:
         raise ValueError(f"num_targets: expected a tensor on {device}, got {num_targets.device}")
-    host = _remembered(num_targets, ("targets", lens, contextual), lambda t: _checked_targets(t.tolist(), lens, contextual))
-    return _remembered(num_targets, "int32", lambda t: t.to(torch.int32).contiguous()), host
+    host = remembered(num_targets, ("targets", lens, contextual), lambda t: _checked_targets(t.tolist(), lens, contextual))
+    return remembered(num_targets, "int32", lambda t: t.to(torch.int32).contiguous()), host
 
 
 def _checked_targets(host: list, lens, contextual: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 import omniattn as oa
-from omniattn.backends.triton import supported
+from omniattn.backends.triton import _kernel_timestamps, supported
 from omniattn.backends.triton.common import time_bucket
 from omniattn.hstu.relative_bias import bucket_edges, bucketize
 
@@ -250,16 +250,34 @@ def test_query_windows_are_whole_tiles_and_never_overlap():
     assert table.tolist() == [[[0, 16]], [[64, 80]]]
 
 
+def test_kernel_timestamps_are_32_bit_offsets_where_the_span_fits():
+    """int64 timestamps spanning less than 2^31 reach the kernels as int32 offsets from their
+    minimum (every gap unchanged); a wider span, other dtypes and an empty tensor as given."""
+    t = torch.tensor([1_700_000_000_123, 1_700_000_000_000, 1_700_000_000_000 + 2**31 - 1])
+    got = _kernel_timestamps(t)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), t - t.min())
+    assert torch.equal(got.long()[:, None] - got.long()[None, :], t[:, None] - t[None, :])
+    wide = t.clone()
+    wide[2] += 1  # span 2^31: a gap no longer fits
+    for same in (wide, t.double(), t.to(torch.int32) * 0, torch.empty(0, dtype=torch.int64)):
+        assert _kernel_timestamps(same) is same
+    assert torch.equal(t, torch.tensor([1_700_000_000_123, 1_700_000_000_000, 1_700_000_000_000 + 2**31 - 1]))
+
+
 @pytest.mark.parametrize("tables", ["per-pair", "cached"])
-@pytest.mark.parametrize("far", [False, True])
+@pytest.mark.parametrize("span", ["near", "shifted", "far"])
 @pytest.mark.parametrize("below", [False, True])
-def test_each_pairs_bias_at_the_bucket_edges(tables, far, below, monkeypatch):
+def test_each_pairs_bias_at_the_bucket_edges(tables, span, below, monkeypatch):
     """Every pair's bias on its own, at the gaps where a bucket starts (``below``: one less, the
     previous bucket's last gap): with q = k = 0, silu_norm 1 and one-hot values, output (i, j) is
     silu(pos_w[C + j - i] + ts_w[bucket]) of pair (i, j) alone, and neighbouring buckets' weights
-    differ by 0.25. ``far``: every token but the first 2^40 later (gaps far past int32)."""
+    differ by 0.25. ``span``: "near", timestamps from 0; "shifted", all of them 1.7e12 later (past
+    int32, while their span fits it: the kernels read 32-bit offsets); "far", every token but the
+    first 2^40 later (gaps far past int32: the kernels read the int64 timestamps)."""
     built = _poisoned_tables(monkeypatch, tables)
     n, nb = 48, 40
+    far = span == "far"
     gen = torch.Generator().manual_seed(3 + 2 * far + below)
     gaps = bucket_edges(nb, "log")[1:nb + 1].double().ceil().long() - int(below)
     t = torch.zeros(n, dtype=torch.long)
@@ -267,6 +285,9 @@ def test_each_pairs_bias_at_the_bucket_edges(tables, far, below, monkeypatch):
     t[2 + nb:] = gaps[-1] + torch.arange(1, n - 1 - nb) * 977
     if far:
         t[1:] += 2**40  # (then pair (i, 1) is the one at the edge)
+    if span == "shifted":
+        t += 1_700_000_000_000
+    assert _kernel_timestamps(t).dtype == (torch.int64 if far else torch.int32)
     rab = oa.hstu.RelativeBias(n, nb).to(DEVICE)
     with torch.no_grad():
         rab.pos_w.copy_(rand(rab.pos_w.shape, torch.float32, gen, DEVICE))

@@ -402,6 +402,10 @@ def load_timestamps(ptrs, ok, GPU_GATHER: tl.constexpr):
         t = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b64 $0, 0; @p ld.global.nc.b64 $0, [$1]; }", "=l,l,r",
             [ptrs, ok.to(tl.int32)], dtype=tl.int64, is_pure=True, pack=1)
+    elif GPU_GATHER and ptrs.dtype.element_ty == tl.int32:  # (launch's 32-bit offsets of int64 timestamps)
+        t = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }", "=r,l,r",
+            [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
     else:
         t = tl.load(ptrs, mask=ok, other=0)
     return t
