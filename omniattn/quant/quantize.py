@@ -216,22 +216,34 @@ STATS_CHUNK = 256  # tokens per program of the K-mean / V-max pass
 
 def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precision: str, cfg: QuantConfig,
                     block_m: int, block_n: int, row_bias: bool) -> Quantized:
-    """The same maths with the Triton quantization kernels (GPU, or the interpreter on CPU)."""
+    """The same maths with the Triton quantization kernels (GPU, or the interpreter on CPU). The host
+    work (grids, strides, the launches' argument handling) is a plan per call signature, kept as the
+    attention's are (launch._planned): a call allocates the quantized tensors and launches."""
+    from ..backends.triton.launch import _planned, _settings, _signature
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels read rows whole
+    key = ("quantize", q.device, *map(_signature, (q, k, v, cu_q, cu_k)), len(lens_q), max_q, max_k, precision, cfg,
+           block_m, block_n, row_bias, _settings())
+    plan = _planned(key, lambda: _quantize_plan(q, k, v, len(lens_q), max_q, max_k, precision, cfg, block_m, block_n,
+                                                row_bias))
+    return plan(q, k, v, cu_q, cu_k)
+
+
+def _quantize_plan(q, k, v, nseq: int, max_q: int, max_k: int, precision: str, cfg: QuantConfig, block_m: int,
+                   block_n: int, row_bias: bool):
+    """run(q, k, v, cu_q, cu_k) -> Quantized for calls of this signature: three passes (K's mean and
+    V's channel maxima, K and V, Q), each a bound launch."""
     from ..backends.triton import launch
     from ..backends.triton.configs import block_dim, cdiv, interpreting
     from ..backends.triton.launch import _dummy, _strides
 
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels read rows whole
     mode = QK_MODE[precision]
     pv_fp8 = PV_FP8[precision]
     dense = q.dim() == 4
-    nseq = len(lens_q)
     hq, hkv, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    dev = q.device
+    dev, f32, i32 = q.device, torch.float32, torch.int32
     bd, bdv = block_dim(d), block_dim(dv)
-    i32 = torch.int32
-    cu_q_arg = cu_q if not dense else _dummy(dev, i32)
-    cu_k_arg = cu_k if not dense else _dummy(dev, i32)
+    none_f32, none_i32 = _dummy(dev, f32), _dummy(dev, i32)
     seqlen_q = max_q if not dense else q.shape[1]
     seqlen_k = max_k if not dense else k.shape[1]
     exact_fp8 = interpreting()
@@ -241,72 +253,84 @@ def quantize_triton(q, k, v, cu_q, cu_k, lens_q, lens_k, max_q, max_k, *, precis
     # pass 1: K's mean and V's per-channel max, in parallel chunks of tokens
     # (the token counts come from cu_k on the device: a host copy would wait for the GPU every call)
     n_chunks = max(cdiv(seqlen_k, STATS_CHUNK), 1)
-    f32 = _dummy(dev, torch.float32)
-    vm = v_scale = f32
-    if (cfg.smooth_k or pv_fp8) and nseq * hkv and seqlen_k:
-        ksum = torch.empty(nseq * hkv * n_chunks, bd, dtype=torch.float32, device=dev)  # every row written
-        vmax = torch.empty(nseq * hkv * n_chunks, bdv, dtype=torch.float32, device=dev) if pv_fp8 else f32
-        launch.kv_stats_kernel[(n_chunks, nseq * hkv)](
-            k, v, ksum, vmax, cu_k_arg, *_strides(k), *_strides(v), seqlen_k, hkv, n_chunks, d, dv,
-            IS_VARLEN=not dense, HAS_V=pv_fp8, CHUNK=STATS_CHUNK, BLOCK_D=bd, BLOCK_DV=bdv)
-        km = torch.empty(nseq, hkv, bd, dtype=torch.float32, device=dev)
-        if pv_fp8:
-            vm = torch.empty(nseq, hkv, bdv, dtype=torch.float32, device=dev)
-            v_scale = torch.empty(nseq, hkv, dv, dtype=torch.float32, device=dev)
-        launch.kv_stats_finish_kernel[(nseq * hkv,)](
-            ksum, vmax, km, vm, v_scale, cu_k_arg, seqlen_k, hkv, n_chunks, dv,
-            IS_VARLEN=not dense, HAS_V=pv_fp8, BLOCK_C=16, BLOCK_D=bd, BLOCK_DV=bdv)
-    else:  # no smoothing, no FP8 V (or nothing to reduce): K's mean is 0, V's scales 1
-        km = torch.zeros(nseq, hkv, bd, dtype=torch.float32, device=dev)
-        if pv_fp8:
-            vm = torch.zeros(nseq, hkv, bdv, dtype=torch.float32, device=dev)
-            v_scale = torch.ones(nseq, hkv, dv, dtype=torch.float32, device=dev)
+    stats = bool((cfg.smooth_k or pv_fp8) and nseq * hkv and seqlen_k)
+    stats_kw = dict(IS_VARLEN=not dense, HAS_V=pv_fp8, BLOCK_D=bd, BLOCK_DV=bdv)
+    stats_launch = launch.kv_stats_kernel.bind((n_chunks, nseq * hkv), dict(CHUNK=STATS_CHUNK, **stats_kw))
+    finish_launch = launch.kv_stats_finish_kernel.bind((nseq * hkv,), dict(BLOCK_C=16, **stats_kw))
+    stats_tail = (*_strides(k), *_strides(v), seqlen_k, hkv, n_chunks, d, dv)
 
     # pass 2: K and V
     packed = d // 2 if mode == 2 else d
-    k_q = torch.empty(k.shape[:-1] + (packed,), dtype=torch.float8_e4m3fn if mode == 3 else torch.int8, device=dev)
-    # head-major (each (sequence, head)'s token scales contiguous: a key tile's scales are read as
-    # vectors), in the (tokens, heads) shape every reader indexes by strides
-    if dense:
-        k_scale = torch.empty(k.shape[0], hkv, k.shape[1], dtype=torch.float32, device=dev).transpose(1, 2)
-    else:
-        k_scale = torch.empty(hkv, k.shape[0], dtype=torch.float32, device=dev).t()
-    if pv_fp8:
-        # packed: sequences on 16-token column boundaries, each padded with zeros to its next one (the
-        # forward reads those whole); the columns between sequences are never written nor read
-        v_t = torch.empty((k.shape[0], hkv, dv, k.shape[1]) if dense else (hkv, dv, vt_width(k.shape[0], nseq)),
-                          dtype=torch.float8_e4m3fn, device=dev)
-        vt_strides = (v_t.stride(0), v_t.stride(1), v_t.stride(2)) if dense else (0, v_t.stride(0), v_t.stride(1))
-    else:
-        v_t, vt_strides = _dummy(dev, torch.float8_e4m3fn), (0, 0, 0)
-    ks_strides = (k_scale.stride(0), k_scale.stride(1), k_scale.stride(2)) if dense else \
-        (0, k_scale.stride(0), k_scale.stride(1))
+    qk_dtype = torch.float8_e4m3fn if mode == 3 else torch.int8
+    k_q_shape, q_q_shape = k.shape[:-1] + (packed,), q.shape[:-1] + (packed,)
+
+    def new_k_scale(device):
+        # head-major (each (sequence, head)'s token scales contiguous: a key tile's scales are read as
+        # vectors), in the (tokens, heads) shape every reader indexes by strides
+        if dense:
+            return torch.empty(k.shape[0], hkv, k.shape[1], dtype=f32, device=device).transpose(1, 2)
+        return torch.empty(hkv, k.shape[0], dtype=f32, device=device).t()
+
+    # packed FP8 V^T: sequences on 16-token column boundaries, each padded with zeros to its next one
+    # (the forward reads those whole); the columns between sequences are never written nor read
+    vt_shape = (k.shape[0], hkv, dv, k.shape[1]) if dense else (hkv, dv, vt_width(k.shape[0], nseq))
+    meta = torch.device("meta")
+    k_q, ks, v_t = (torch.empty(k_q_shape, dtype=qk_dtype, device=meta), new_k_scale(meta),
+                    torch.empty(vt_shape, dtype=torch.float8_e4m3fn, device=meta))
+    vt_strides = ((v_t.stride(0), v_t.stride(1), v_t.stride(2)) if dense else (0, v_t.stride(0), v_t.stride(1))) \
+        if pv_fp8 else (0, 0, 0)
+    ks_strides = (ks.stride(0), ks.stride(1), ks.stride(2)) if dense else (0, ks.stride(0), ks.stride(1))
     rows_k = block_n if g_k > 1 else 16
-    if nseq * hkv and seqlen_k:
-        launch.quant_kv_kernel[(cdiv(seqlen_k, rows_k), nseq * hkv)](
-            k, v, km, vm, k_q, k_scale, v_t, cu_k_arg, *_strides(k), *_strides(v), *_strides(k_q), *ks_strides,
-            *vt_strides, seqlen_k, hkv, d, dv,
-            IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=min(g_k, rows_k), SMOOTH_K=cfg.smooth_k,
-            PV_FP8=pv_fp8, EXACT_FP8_ROUNDING=exact_fp8, ROWS=rows_k, BLOCK_D=bd, BLOCK_DV=bdv)
+    kv_launch = launch.quant_kv_kernel.bind((cdiv(seqlen_k, rows_k), nseq * hkv), dict(
+        IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=min(g_k, rows_k), SMOOTH_K=cfg.smooth_k, PV_FP8=pv_fp8,
+        EXACT_FP8_ROUNDING=exact_fp8, ROWS=rows_k, BLOCK_D=bd, BLOCK_DV=bdv)) if nseq * hkv and seqlen_k else None
+    kv_tail = (*_strides(k), *_strides(v), *_strides(k_q), *ks_strides, *vt_strides, seqlen_k, hkv, d, dv)
 
     # pass 3: Q
-    q_q = torch.empty(q.shape[:-1] + (packed,), dtype=k_q.dtype, device=dev)
-    q_scale = torch.empty(q.shape[:-1], dtype=torch.float32, device=dev)
-    bias = torch.empty_like(q_scale) if row_bias and cfg.smooth_k else None
     n_tiles = max(cdiv(seqlen_q, block_m), 1)
     packed_bd = bd // 2 if mode == 2 else bd
-    q_mean = torch.zeros(nseq * hq * n_tiles, 2 * packed_bd, dtype=torch.float32, device=dev) if cfg.smooth_q \
+    q_q, qs = torch.empty(q_q_shape, dtype=qk_dtype, device=meta), torch.empty(q.shape[:-1], dtype=f32, device=meta)
+    qs_strides = (qs.stride(0), qs.stride(1), qs.stride(2)) if dense else (0, qs.stride(0), qs.stride(1))
+    has_bias = row_bias and cfg.smooth_k
+    q_launch = launch.quant_q_kernel.bind((n_tiles, nseq * hq), dict(
+        IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=g_q, SMOOTH_Q=cfg.smooth_q, ROW_BIAS=has_bias,
+        EXACT_FP8_ROUNDING=exact_fp8, BLOCK_M=block_m, BLOCK_D=bd, PACKED_D=packed_bd)) if nseq * hq and seqlen_q \
         else None
-    qs_strides = (q_scale.stride(0), q_scale.stride(1), q_scale.stride(2)) if dense else \
-        (0, q_scale.stride(0), q_scale.stride(1))
-    if nseq * hq and seqlen_q:
-        launch.quant_q_kernel[(n_tiles, nseq * hq)](
-            q, km, q_q, q_scale, bias if bias is not None else f32, q_mean if q_mean is not None else f32, cu_q_arg,
-            *_strides(q), *_strides(q_q), *qs_strides, seqlen_q, hq, hq // hkv, d, n_tiles,
-            IS_VARLEN=not dense, QK_MODE=mode, LIMIT=limit, GROUP=g_q, SMOOTH_Q=cfg.smooth_q,
-            ROW_BIAS=bias is not None, EXACT_FP8_ROUNDING=exact_fp8, BLOCK_M=block_m, BLOCK_D=bd,
-            PACKED_D=packed_bd)
-    return Quantized(q=q_q, k=k_q, v=v_t if pv_fp8 else v, q_scale=q_scale, k_scale=k_scale,
-                     v_scale=v_scale if pv_fp8 else None,
-                     row_bias=bias, q_mean=q_mean, qk_mode=mode, pv_fp8=pv_fp8,
-                     pv_two_level=cfg.pv_accum == "fp32+fp32", block_m=block_m, block_n=block_n)
+    q_tail = (*_strides(q), *_strides(q_q), *qs_strides, seqlen_q, hq, hq // hkv, d, n_tiles)
+
+    def run(q, k, v, cu_q, cu_k) -> Quantized:
+        cu_q_arg = cu_q if not dense else none_i32
+        cu_k_arg = cu_k if not dense else none_i32
+        vm = v_scale = none_f32
+        if stats:
+            ksum = torch.empty(nseq * hkv * n_chunks, bd, dtype=f32, device=dev)  # every row written
+            vmax = torch.empty(nseq * hkv * n_chunks, bdv, dtype=f32, device=dev) if pv_fp8 else none_f32
+            stats_launch(k, v, ksum, vmax, cu_k_arg, *stats_tail)
+            km = torch.empty(nseq, hkv, bd, dtype=f32, device=dev)
+            if pv_fp8:
+                vm = torch.empty(nseq, hkv, bdv, dtype=f32, device=dev)
+                v_scale = torch.empty(nseq, hkv, dv, dtype=f32, device=dev)
+            finish_launch(ksum, vmax, km, vm, v_scale, cu_k_arg, seqlen_k, hkv, n_chunks, dv)
+        else:  # no smoothing, no FP8 V (or nothing to reduce): K's mean is 0, V's scales 1
+            km = torch.zeros(nseq, hkv, bd, dtype=f32, device=dev)
+            if pv_fp8:
+                vm = torch.zeros(nseq, hkv, bdv, dtype=f32, device=dev)
+                v_scale = torch.ones(nseq, hkv, dv, dtype=f32, device=dev)
+        k_q = torch.empty(k_q_shape, dtype=qk_dtype, device=dev)
+        k_scale = new_k_scale(dev)
+        v_t = torch.empty(vt_shape, dtype=torch.float8_e4m3fn, device=dev) if pv_fp8 else \
+            _dummy(dev, torch.float8_e4m3fn)
+        if kv_launch is not None:
+            kv_launch(k, v, km, vm, k_q, k_scale, v_t, cu_k_arg, *kv_tail)
+        q_q = torch.empty(q_q_shape, dtype=qk_dtype, device=dev)
+        q_scale = torch.empty(q.shape[:-1], dtype=f32, device=dev)
+        bias = torch.empty_like(q_scale) if has_bias else None
+        q_mean = torch.zeros(nseq * hq * n_tiles, 2 * packed_bd, dtype=f32, device=dev) if cfg.smooth_q else None
+        if q_launch is not None:
+            q_launch(q, km, q_q, q_scale, bias if bias is not None else none_f32,
+                     q_mean if q_mean is not None else none_f32, cu_q_arg, *q_tail)
+        return Quantized(q=q_q, k=k_q, v=v_t if pv_fp8 else v, q_scale=q_scale, k_scale=k_scale,
+                         v_scale=v_scale if pv_fp8 else None, row_bias=bias, q_mean=q_mean, qk_mode=mode,
+                         pv_fp8=pv_fp8, pv_two_level=cfg.pv_accum == "fp32+fp32", block_m=block_m, block_n=block_n)
+
+    return run

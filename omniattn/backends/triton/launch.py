@@ -527,8 +527,9 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
 # scalars and the settings read from the environment. A plan does that work once per signature and
 # is kept (the PLANS_KEPT latest); a call then allocates its outputs and launches: 16 x 1024 H100
 # forward + backward calls were host-bound without (0.34 ms of host time per forward). Calls whose
-# host work reads their tensors' values (the relative bias' lengths, query windows), draw a seed
-# (dropout) or are quantized get a plan of their own each time.
+# host work reads their tensors' values (the relative bias' lengths, query windows) or draw a seed
+# (dropout) get a plan of their own each time; a quantized call's forward plan is keyed by its
+# quantized tensors' layouts too, and its quantization has a plan of its own (quant.quantize).
 _PLANS: dict = {}
 PLANS_KEPT = 256
 _SETTINGS = ("TRITON_INTERPRET", "OMNIATTN_SM90", "OMNIATTN_SM90_BWD", "OMNIATTN_TMA", "OMNIATTN_FAST_LAUNCH",
@@ -576,7 +577,9 @@ def _planned(key, build):
 
 def forward(q, k, v, x: Extras, max_q, max_k, p: Params, quant: Optional[Quantized] = None):
     """Output (q's layout, Dv, q's dtype) and float32 lse (softmax; else an empty tensor)."""
-    key = None if quant is not None else _plan_key("forward", (q, k, v), x, max_q, max_k, p)
+    key = _plan_key("forward", (q, k, v), x, max_q, max_k, p)
+    if key is not None and quant is not None:  # the quantized tensors' layouts and modes decide the plan too
+        key += (*quant[8:], *map(_signature, quant[:8]))
     return _planned(key, lambda: _forward_plan(q, k, v, x, max_q, max_k, p, quant))(q, k, v, x, quant)
 
 
