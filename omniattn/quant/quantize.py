@@ -264,12 +264,13 @@ def _quantize_plan(q, k, v, nseq: int, max_q: int, max_k: int, precision: str, c
     qk_dtype = torch.float8_e4m3fn if mode == 3 else torch.int8
     k_q_shape, q_q_shape = k.shape[:-1] + (packed,), q.shape[:-1] + (packed,)
 
+    ks_dims = (k.shape[0], hkv, k.shape[1]) if dense else (hkv, k.shape[0])  # (no tensor kept by the plan)
+
     def new_k_scale(device):
         # head-major (each (sequence, head)'s token scales contiguous: a key tile's scales are read as
         # vectors), in the (tokens, heads) shape every reader indexes by strides
-        if dense:
-            return torch.empty(k.shape[0], hkv, k.shape[1], dtype=f32, device=device).transpose(1, 2)
-        return torch.empty(hkv, k.shape[0], dtype=f32, device=device).t()
+        scales = torch.empty(ks_dims, dtype=f32, device=device)
+        return scales.transpose(1, 2) if dense else scales.t()
 
     # packed FP8 V^T: sequences on 16-token column boundaries, each padded with zeros to its next one
     # (the forward reads those whole); the columns between sequences are never written nor read
