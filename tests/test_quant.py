@@ -138,6 +138,50 @@ def test_triton_quantized_attention_matches_the_emulation(kernel_tiles, precisio
 
 @pytest.mark.skipif(not triton_ok or DEVICE != "cpu", reason="interpreter comparison (GPU: tests/gpu)")
 @pytest.mark.parametrize("precision", ["int8", "int8-fp8"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_a_kept_quantized_plan_serves_new_tensors_and_holds_none(kernel_tiles, precision, varlen):
+    """A quantized call signature's second call takes the plans the first made (its quantization
+    passes' and its forward's) and computes with its own tensors (fresh inputs match the emulation);
+    a kept plan holds none of a call's tensors (they are freed once the caller drops them)."""
+    import gc
+    import weakref
+
+    from omniattn.backends.triton import launch
+
+    gen = torch.Generator().manual_seed(31 + varlen)
+    lens = [29, 3, 40]
+    cu = _cu(lens)
+
+    def call(backend, q, k, v):
+        kw = dict(causal=True, precision=precision, backend=backend)
+        if varlen:
+            return oa.attention_varlen(q, k, v, cu, cu, 40, 40, **kw)
+        return oa.attention(q, k, v, **kw)
+
+    def fresh():
+        return offset_keys((72, 4, 32) if varlen else (2, 36, 4, 32), (72, 2, 32) if varlen else (2, 36, 2, 32),
+                           gen, dtype=torch.float32)
+
+    kept, gone = None, []
+    for _ in range(2):
+        q, k, v = fresh()
+        gone += [weakref.ref(t) for t in (q, k, v)]  # the first call's tensors made the plans
+        got = call("triton", q, k, v)
+        emu = call("torch", q, k, v)
+        exact = (oa.reference.attention_varlen(q, k, v, cu, cu, 40, 40, causal=True) if varlen
+                 else oa.reference.attention(q, k, v, causal=True))
+        assert (got - emu).abs().max() <= 0.01 * (emu.double() - exact).abs().max() + 1e-5
+        plans = dict(launch._PLANS)
+        assert {key[0] for key in plans} == {"quantize", "forward"}
+        assert kept is None or (plans.keys() == kept.keys() and all(plans[key] is kept[key] for key in kept))
+        kept = plans
+    del q, k, v, got, emu
+    gc.collect()
+    assert all(ref() is None for ref in gone)
+
+
+@pytest.mark.skipif(not triton_ok or DEVICE != "cpu", reason="interpreter comparison (GPU: tests/gpu)")
+@pytest.mark.parametrize("precision", ["int8", "int8-fp8"])
 def test_triton_quantized_varlen_and_hstu_match_the_emulation(kernel_tiles, precision):
     gen = torch.Generator().manual_seed(7)
     lens = [37, 5, 21]
