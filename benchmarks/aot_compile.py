@@ -194,7 +194,7 @@ def tma() -> None:
 
 def sm90() -> None:
     """Hopper's Gluon forward (fwd_sm90) and backward (bwd_sm90): softmax, sigmoid and SiLU, causal
-    or not, dense (GQA) and packed, bf16 and fp16 with head dims 128 and 96, softmax with a sliding
+    or not, dense (GQA) and packed, bf16 and fp16 with head dims 128 and 96 (and 256: forward only), softmax with a sliding
     window, softcap and ALiBi (their backward: the template's), and HSTU (causal, with targets;
     non-causal with a contextual prefix and max_attn_len); prints the variant keys."""
     module, _ = launch._sm90_kernel()
@@ -203,7 +203,8 @@ def sm90() -> None:
     launch._GLUON["bwd_sm90"] = (bwd_module, Compiling(bwd_module.attn_bwd_sm90_kernel))
     launch.sm90_forward_ok = lambda *args, quant=None, **kwargs: quant is None or (
         quant.qk_mode in (1, 3) and quant.q_mean is None and not (quant.pv_fp8 and quant.pv_two_level))
-    launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q, max_k: p.softcap == 0 and x.alibi is None
+    launch.sm90_backward_ok = lambda q, k, v, dout, x, p, max_q, max_k: (p.softcap == 0 and x.alibi is None
+                                                                        and q.shape[-1] <= 128)
     launch.sm90_programs = lambda device, items: items  # (no GPU to count SMs on)
 
     def grad(out):
@@ -218,6 +219,11 @@ def sm90() -> None:
             grad(oa.attention(q, kv, kv, score=score, causal=causal, backend="triton"))
             grad(oa.attention_varlen(packed, packed, packed, offsets, offsets, 156, 156, score=score, causal=causal,
                                      backend="triton"))
+    with torch.no_grad():  # head dim 256 (its backward: the template's)
+        q = torch.randn(2, 300, 4, 256).to(torch.bfloat16)
+        for score, causal in itertools.product(("softmax", "sigmoid", "silu"), (False, True)):
+            oa.attention(q, q, q, score=score, causal=causal, backend="triton")
+        oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, causal=True, backend="triton")
     q = torch.randn(2, 300, 4, 128).to(torch.bfloat16).requires_grad_()
     grad(oa.attention(q, q, q, window=(64, 0), backend="triton"))
     grad(oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton"))
@@ -239,7 +245,7 @@ def sm90() -> None:
         oa.hstu_attention(jagged.detach(), jagged.detach(), jagged.detach(), offsets, 160, precision="int8",
                           num_targets=torch.tensor([3, 5]), backend="triton")
     keys = ("SCORE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "IS_VARLEN", "MASK_KIND", "HSTU_CAUSAL",
-            "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN", "QK_MODE", "PV_FP8", "HAS_ROW_BIAS")
+            "HAS_TARGETS", "HAS_CONTEXT", "HAS_MAX_ATTN", "QK_MODE", "PV_FP8", "HAS_ROW_BIAS", "HEAD_DIM")
     for name, consts, _, _ in SEEN:
         c = dict(consts)
         print(f"VARIANT {name} " + " ".join(f"{k}={c.get(k)}" for k in keys))

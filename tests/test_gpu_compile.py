@@ -103,6 +103,12 @@ def test_hopper_gluon_kernels_compile_for_sm90():
                         f"PV_FP8={fp8}") in quant
     assert ("SCORE=0", "HAS_RIGHT=True", "IS_VARLEN=True", "QK_MODE=1", "PV_FP8=True") in quant
     assert any(v[7:9] == ["MASK_KIND=1", "HSTU_CAUSAL=True"] and v[12] == "QK_MODE=1" for v in variants)
+    # head dim 256 (one Q slot, 64-key tiles): every score, causal or not, dense; packed causal
+    wide = [(v[1], v[3], v[6]) for v in variants if v[0] == "attn_fwd_sm90_kernel" and v[15] == "HEAD_DIM=256"]
+    for score in ("0", "1", "2"):
+        for causal in ("False", "True"):
+            assert (f"SCORE={score}", f"HAS_RIGHT={causal}", "IS_VARLEN=False") in wide
+    assert ("SCORE=0", "HAS_RIGHT=True", "IS_VARLEN=True") in wide
     # the backward (bwd_sm90) of every call above but softcap's and ALiBi's (the template's)
     backward = [v[1:12] for v in variants if v[0] == "attn_bwd_sm90_kernel"]
     for score in ("0", "1", "2"):

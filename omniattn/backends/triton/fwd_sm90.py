@@ -7,7 +7,8 @@ overlap has to be written by hand; Gluon exposes the asynchronous wgmma, TMA, mb
 specialization directly.
 
 The kernel is persistent: one program per SM, each taking work items (BLOCK_M = 128 query rows
-of one (sequence, head)) until none is left, in three partitions:
+of one (sequence, head)) until none is left, in three partitions (tiles per head-dim class, TILES:
+head dims 72-128 as below; 136-256 with 64-key tiles and one Q slot that the output leaves from):
 
 - a producer warp takes the items (its program id first, then the next untaken one from a
   counter: the balance the GPU's block scheduler gives a grid of unequal, causal, items), hands
@@ -277,14 +278,17 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
              HAS_CONTEXT: gl.constexpr, HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr,
              DEFAULT_SIG_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr,
-             K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr, SITE: gl.constexpr):
+             K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, QUANT: gl.constexpr, Q_SLOTS: gl.constexpr,
+             SITE: gl.constexpr):
     """Loads the K and V tiles of work item ``item`` (the ``done``-th, with rows; its Q already
     handed over) into the ring from position ``it``, each buffer once both consumer warpgroups
     have released it, and hands over the next item's Q (_load_q) in the other slot, freed when the
     consumers finished the item before this one: after this item's second tile (EARLY), so that
     it lands an item ahead of its use where loading it after the last tile into the one slot
     left the consumers waiting (ncu: 9% of the forward's stall samples at N = 1024), else after
-    its last tile (no wait for this item's consumers, nor for the last tiles' landing).
+    its last tile (no wait for this item's consumers, nor for the last tiles' landing). With one
+    Q slot (Q_SLOTS = 1: head dims past 128) the next item's Q waits for this item's end, so it
+    is handed over after the last tile, whose loads are then all issued.
     Returns the next item, the ring position and the ring position of this item's last tile.
 
     Each call site (SITE) makes its own TMA descriptors (128 bytes of global scratch each) and the
@@ -335,7 +339,7 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
             v_desc = _rows(V + b64 * stride_vb + k_start.to(gl.int64) * stride_vt + hk * stride_vh, k_rows,
                            head_dim, stride_vt, BLOCK_N, HEAD_DIM, V_LAYOUT)
         handover = n_tiles - 1
-        if EARLY:
+        if EARLY and Q_SLOTS == 2:
             handover = gl.minimum(handover, 1)
         for j in range(n_tiles):
             stage = (it + j) % STAGES
@@ -358,8 +362,8 @@ def _load_kv(args, item, it, done, site_last, MASK_KIND: gl.constexpr, HAS_LEFT:
                     nxt = gl.num_programs(0) + gl.atomic_add(COUNTER, 1)
                 nxt, nb, nh, n_start, n_lq, n_m0 = _with_rows(nxt, n_items, n_m, n_heads, CU_Q, seqlen_q, COUNTER,
                                                               HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
-                _load_q(args, nxt, nb, nh, n_start, n_lq, n_m0, (done + 1) % 2, (done + 1) // 2, BLOCK_M, HEAD_DIM,
-                        Q_LAYOUT)
+                _load_q(args, nxt, nb, nh, n_start, n_lq, n_m0, (done + 1) % Q_SLOTS, (done + 1) // Q_SLOTS, BLOCK_M,
+                        HEAD_DIM, Q_LAYOUT)
         it += n_tiles
         site_last = it - 1
     return nxt, it, site_last
@@ -371,10 +375,10 @@ def _producer(args, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: 
               HAS_MAX_ATTN: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               PV_FP8: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr,
-              QUANT: gl.constexpr):
+              QUANT: gl.constexpr, Q_SLOTS: gl.constexpr):
     """One warp, the program's scheduler: takes work items (first its program id, then the next
-    untaken one, from COUNTER), hands each to the consumers with its Q in one of two slots, an item
-    ahead, and loads its K and V tiles into the ring (_load_kv, two items per pass with the two
+    untaken one, from COUNTER), hands each to the consumers with its Q in one of Q_SLOTS slots (two:
+    an item ahead), and loads its K and V tiles into the ring (_load_kv, two items per pass with the two
     sites' descriptors). PV_FP8: V is FP8 V^T (kv head, channel, token) per sequence (dense) or
     packed with each sequence from a 16-token column (quant.vt_columns): its tiles are
     [HEAD_DIM, BLOCK_N]. QUANT: each K tile comes with its keys' scales, stored to ks_smem by this
@@ -389,18 +393,18 @@ def _producer(args, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: 
                                              HAS_RIGHT, HSTU_CAUSAL, IS_VARLEN, BLOCK_M)
     _load_q(args, item, b, h, q_start, lq, m0, 0, 0, BLOCK_M, HEAD_DIM, Q_LAYOUT)
     it = 0  # K/V tiles loaded so far (ring position and phase)
-    done = 0  # items loaded so far (Q slot done % 2)
+    done = 0  # items loaded so far (Q slot done % Q_SLOTS)
     last_a = -STAGES - 1
     last_b = -STAGES - 1
     while item < n_items:
         item, it, last_a = _load_kv(args, item, it, done, last_a, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
                                     HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, 0)
+                                    BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, Q_SLOTS, 0)
         done += 1
         if item < n_items:
             item, it, last_b = _load_kv(args, item, it, done, last_b, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
                                         HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
-                                        BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, 1)
+                                        BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, Q_SLOTS, 1)
             done += 1
 
 
@@ -412,10 +416,12 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
               DEFAULT_SIG_BIAS: gl.constexpr, STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr,
               PV_FP8: gl.constexpr, HAS_ROW_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              O_LAYOUT_SMEM: gl.constexpr):
+              O_LAYOUT_SMEM: gl.constexpr, Q_SLOTS: gl.constexpr, O_IN_Q: gl.constexpr):
     """One warpgroup: per work item the producer hands over, HALF_M query rows against the item's
     key tiles, the softmax of tile j overlapping the product of tile j - 1 with V; the output
-    leaves by TMA while the next item starts. ``args``: the run-time arguments, one tuple for both
+    leaves by TMA while the next item starts (O_IN_Q: from the item's Q slot, released once the
+    output has left it, as 64 KB each for Q and the output would not fit beside K/V at head dim 256).
+    ``args``: the run-time arguments, one tuple for both
     warpgroups (constexprs stay separate: inside a tuple they would become run-time values);
     ``quant_args``: the quantized precisions' scales and row terms with their strides."""
     (O, LSE, ALIBI, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_ab, n_items, n_m, n_heads, group,
@@ -435,7 +441,7 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
                                                        instr_shape=[16, HEAD_DIM, PV_K_STEP])
     P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=4 if PV_FP8 else 2)
     p_dtype: gl.constexpr = gl.float8e4nv if PV_FP8 else v_smem.dtype
-    o_buf = o_smem.index(WG)
+    o_buf = o_smem.index(WG)  # (O_IN_Q: the item's Q slot instead)
     if QK_MODE == QK_INT8:
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.int32, S_LAYOUT)
     else:
@@ -458,7 +464,7 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
             item, n_m, n_heads, CU_Q, CU_K, NUM_TARGETS, seqlen_q, seqlen_k, left, right, contextual, max_attn_len,
             sigmoid_bias, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
             IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N)
-        q = q_smem.index(done % 2 * 2 + WG)  # this item's Q slot
+        q = q_smem.index(done % Q_SLOTS * 2 + WG)  # this item's Q slot
         b64 = b.to(gl.int64)
         slope = 0.0
         if HAS_ALIBI:
@@ -531,7 +537,8 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
             mbarrier.arrive(v_empty.index(prev), count=1)
             if SCORE == SOFTMAX:
                 o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
-        mbarrier.arrive(q_empty.index(done % 2), count=1)  # the last scores are done: the slot may refill
+        if not O_IN_Q:  # the last scores are done: the slot may refill
+            mbarrier.arrive(q_empty.index(done % Q_SLOTS), count=1)
         last = it + n_tiles - 1
         mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
         p_op = gl.convert_layout(p.to(p_dtype), P_LAYOUT)
@@ -572,15 +579,23 @@ def _consumer(args, quant_args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND
                 gl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < lq)
         # the previous item's output has left this buffer (and its descriptor is free)
         tma.store_wait(0)
-        o_buf.store(o.to(o_buf.dtype))
+        if O_IN_Q:  # (this warpgroup's products have read its half of Q: all were waited for)
+            out_buf = q
+        else:
+            out_buf = o_buf
+        out_buf.store(o.to(out_buf.dtype))
         fence_async_shared()
         o_desc = _rows(O + b64 * stride_ob + q_start.to(gl.int64) * stride_ot + h * stride_oh, lq, head_dim,
                        stride_ot, HALF_M, HEAD_DIM, O_LAYOUT_SMEM)
-        _tma_store(o_desc, [mw, 0], o_buf)
+        _tma_store(o_desc, [mw, 0], out_buf)
+        if O_IN_Q:  # the output has left the slot: it may refill
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(done % Q_SLOTS), count=1)
         it += n_tiles
         done += 1
-        mbarrier.wait(q_bar.index(done % 2), (done // 2) & 1)  # the next item's Q (loaded an item ago), or the end
-        item = gl.max(item_smem.index(done % 2).load(ITEM_LAYOUT), 0)
+        # the next item's Q (two slots: loaded an item ago), or the end
+        mbarrier.wait(q_bar.index(done % Q_SLOTS), (done // Q_SLOTS) & 1)
+        item = gl.max(item_smem.index(done % Q_SLOTS).load(ITEM_LAYOUT), 0)
     tma.store_wait(0)
 
 
@@ -598,7 +613,7 @@ def attn_fwd_sm90_kernel(
     HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, IS_VARLEN: gl.constexpr, DEFAULT_SIG_BIAS: gl.constexpr,
     STORE_LSE: gl.constexpr, QK_MODE: gl.constexpr, PV_FP8: gl.constexpr, HAS_ROW_BIAS: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-    Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
+    Q_SLOTS: gl.constexpr, O_IN_Q: gl.constexpr, Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr,
     V_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
 ):
     """Persistent: each program takes work items (query tiles of one (sequence, head), _item) until
@@ -608,16 +623,19 @@ def attn_fwd_sm90_kernel(
     HALF_M: gl.constexpr = BLOCK_M // 2
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     n_items = n_m * n_seqs * n_heads
-    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [4, HALF_M, HEAD_DIM], Q_LAYOUT)  # 2 slots x 2 halves
-    o_smem = gl.allocate_shared_memory(O.dtype.element_ty, [2, HALF_M, HEAD_DIM], O_LAYOUT)
+    q_smem = gl.allocate_shared_memory(Q.dtype.element_ty, [2 * Q_SLOTS, HALF_M, HEAD_DIM], Q_LAYOUT)  # slots x halves
+    if O_IN_Q:
+        o_smem = q_smem  # (unused: each output leaves from its Q slot)
+    else:
+        o_smem = gl.allocate_shared_memory(O.dtype.element_ty, [2, HALF_M, HEAD_DIM], O_LAYOUT)
     k_smem = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     if PV_FP8:  # V^T tiles
         v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
     else:
         v_smem = gl.allocate_shared_memory(V.dtype.element_ty, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
-    item_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    item_smem = gl.allocate_shared_memory(gl.int32, [Q_SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -627,7 +645,7 @@ def attn_fwd_sm90_kernel(
     if QK_MODE != 0:  # the key scales of each K tile
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_N],
                                             gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    for i in gl.static_range(2):
+    for i in gl.static_range(Q_SLOTS):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # released by both consumer warpgroups
     mbarrier.init(turn.index(0), count=1)
@@ -654,37 +672,54 @@ def attn_fwd_sm90_kernel(
     gl.warp_specialize([
         (_consumer, (consumer_args, quant_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
                      HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
-                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT, Q_SLOTS,
+                     O_IN_Q)),
         (_consumer, (consumer_args, quant_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS,
                      HAS_CONTEXT, HAS_MAX_ATTN, HAS_SOFTCAP, HAS_ALIBI, IS_VARLEN, DEFAULT_SIG_BIAS, STORE_LSE, QK_MODE,
-                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT)),
+                     PV_FP8, HAS_ROW_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, O_LAYOUT, Q_SLOTS,
+                     O_IN_Q)),
         (_producer, (producer_args, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN,
                      IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT,
-                     V_LAYOUT, QK_MODE != 0)),
+                     V_LAYOUT, QK_MODE != 0, Q_SLOTS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
-BLOCK_N = 128
-HEAD_DIM = 128  # head dims 72-128 (descriptors zero-fill the channels past the head dim)
-STAGES = 2  # K/V buffers of each: 2 measured 605 TFLOPS at 1x16384 against 581 with 3 (and Q's second slot
-# takes the shared memory a third would need: 2 x 32 KB of Q, 32 KB of output, 2 x 2 x 32 KB of K/V)
-PINGPONG = True  # warpgroups take turns to issue (sigmoid +0-8% measured, softmax within 1%)
+# tiles per head-dim class (descriptors zero-fill the channels past the head dim), H100, bf16, H=16:
+# - 72-128: 128-key tiles, K/V buffers of each STAGES = 2 (605 TFLOPS at 1x16384 against 581 with 3;
+#   Q's second slot takes the shared memory a third would need: 2 x 32 KB of Q, 32 KB of output,
+#   2 x 2 x 32 KB of K/V); PINGPONG: the warpgroups take turns to issue (sigmoid +0-8%, softmax
+#   within 1%);
+# - 136-256: 64-key tiles (a warpgroup's 64 x 256 float32 output is 128 registers a thread), one
+#   Q slot that the output leaves from (64 KB of Q, 2 x 2 x 32 KB of K/V: 192 KB); without turns
+#   (2-4% faster at 4x4096 and 16x1024 causal in two runs). At head dim 64 the kernel measured
+#   within 2% of the template (6% faster causal): the template keeps it (benchmarks/NOTES.md).
+TILES = {128: dict(HEAD_DIM=128, BLOCK_N=128, STAGES=2, Q_SLOTS=2, O_IN_Q=False, PINGPONG=True),
+         256: dict(HEAD_DIM=256, BLOCK_N=64, STAGES=2, Q_SLOTS=1, O_IN_Q=True, PINGPONG=False)}
+MAX_HEAD_DIM = max(TILES)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
               torch.float8_e4m3fn: gl.float8e4nv}
 
 
+def head_dim_class(head_dim: int) -> int:
+    """The TILES entry a head dim runs with."""
+    return min(c for c in TILES if head_dim <= c)
+
+
 @functools.lru_cache(maxsize=None)
-def config(out_dtype, qk_dtype=None, v_dtype=None, pv_fp8: bool = False) -> dict:
+def config(out_dtype, qk_dtype=None, v_dtype=None, pv_fp8: bool = False, head_dim: int = 128) -> dict:
     """The kernel's tiles, shared-memory layouts and launch options (constexprs and kwargs), for
     16-bit calls (the dtype of the output) or quantized ones (Q/K's and V's dtypes; PV_FP8: V^T)."""
     out = _GL_DTYPES[out_dtype]
     qk = _GL_DTYPES[qk_dtype or out_dtype]
     v = _GL_DTYPES[v_dtype or out_dtype]
-    v_tile = [HEAD_DIM, BLOCK_N] if pv_fp8 else [BLOCK_N, HEAD_DIM]
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, STAGES=STAGES, PINGPONG=PINGPONG,
-                Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], qk),
-                K_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], qk),
-                V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_tile, v),
-                O_LAYOUT=gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], out),
-                num_warps=4, maxnreg=MAXNREG)
+    tiles = TILES[head_dim_class(head_dim)]
+    d, n = tiles["HEAD_DIM"], tiles["BLOCK_N"]
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, d], qk)
+    o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, d], out)
+    if tiles["O_IN_Q"] and (qk != out or q_layout != o_layout):
+        raise ValueError("an output that leaves from the Q slot needs Q in the output's dtype and layout")
+    return dict(BLOCK_M=BLOCK_M, **tiles, Q_LAYOUT=q_layout,
+                K_LAYOUT=gl.NVMMASharedLayout.get_default_for([n, d], qk),
+                V_LAYOUT=gl.NVMMASharedLayout.get_default_for([d, n] if pv_fp8 else [n, d], v),
+                O_LAYOUT=o_layout, num_warps=4, maxnreg=MAXNREG)

@@ -355,8 +355,8 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 
 def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Quantized] = None) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
-    65-128 (at 64 it measured no faster than the template), softmax / sigmoid / SiLU with any
-    window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
+    72-256 (at 64 it measured within 2% of the template; past 128 not quantized), softmax / sigmoid /
+    SiLU with any window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
     ALiBi, GQA, dense or packed; not with the relative bias, attention masks or dropout, and only
     for a positive scale (its softmax keeps the running max of the unscaled scores), tensors a
     descriptor can address (the output's heads too: a head dim that is a multiple of 8) and at most
@@ -368,7 +368,11 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
     if not q.is_cuda or interpreting() or os.environ.get("OMNIATTN_SM90", "1") == "0":
         return False
     d = q.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != d or not 64 < d <= 128 or d % 8:
+    if q.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != d or d % 8:
+        return False
+    if not SM90_FWD_MIN_HEAD_DIM <= d <= SM90_FWD_MAX_HEAD_DIM:
+        return False
+    if quant is not None and d > 128:
         return False
     if p.dropout_p > 0 or p.scale <= 0:
         return False
@@ -390,6 +394,7 @@ def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Q
 
 
 SM90_MAX_ITEMS = 2**31 - 2**16
+SM90_FWD_MIN_HEAD_DIM, SM90_FWD_MAX_HEAD_DIM = 72, 256  # fwd_sm90.TILES (the backward's kernel: up to 128)
 
 
 _GLUON: dict = {}
@@ -438,7 +443,7 @@ def _sm90_forward_plan(q, k, v, L: "_Launch", p: Params, quant: Optional[Quantiz
     items = cdiv(L.max_q, module.BLOCK_M) * L.batch * L.hq  # query tiles of every (sequence, head)
     if quant is None:
         scale_strides, quant_meta = (0,) * 8, dict(QK_MODE=0, PV_FP8=False, HAS_ROW_BIAS=False)
-        cfg = module.config(dtype)
+        cfg = module.config(dtype, head_dim=L.d)
         v_strides = _strides(v)
     else:
         scale_strides = _quant_scales(quant, _dummy(dev, f32))[1]
@@ -508,8 +513,8 @@ SM90_BWD_CAUSAL_MIN_KEYS = 2048
 
 def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
-    (sm90_forward_ok) without softcap and ALiBi, with dO addressable by TMA too. Not for
-    ``deterministic`` calls nor under torch.use_deterministic_algorithms(True): its dQ is summed by
+    (sm90_forward_ok) up to head dim 128, without softcap and ALiBi, with dO addressable by TMA too.
+    Not for ``deterministic`` calls nor under torch.use_deterministic_algorithms(True): its dQ is summed by
     float32 TMA reductions, in no fixed order. Not for causal calls of fewer than
     SM90_BWD_CAUSAL_MIN_KEYS keys, where the template measured faster. OMNIATTN_SM90=0 or
     OMNIATTN_SM90_BWD=0 turns it off."""
@@ -517,7 +522,7 @@ def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int
         return False
     if os.environ.get("OMNIATTN_SM90_BWD", "1") == "0" or (p.causal and max_k < SM90_BWD_CAUSAL_MIN_KEYS):
         return False
-    if not sm90_forward_ok(q, k, v, x, p, max_q) or _sm90_bwd_kernel() is None:
+    if q.shape[-1] > 128 or not sm90_forward_ok(q, k, v, x, p, max_q) or _sm90_bwd_kernel() is None:
         return False
     return _tma_ok(dout)
 
