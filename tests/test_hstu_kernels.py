@@ -181,15 +181,15 @@ def test_time_bucket_is_the_reference_bucket(bucketization, num_buckets):
     torch.testing.assert_close(out.cpu().long(), bucketize(dt, num_buckets, bucketization), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dq_tiles", ["32,16,1,1", "16,32,1,1"])
-def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, monkeypatch):
+@pytest.mark.parametrize("dq_tiles, causal", [("32,16,1,1", True), ("32,16,1,1", False), ("16,32,1,1", True)])
+def test_relative_bias_gradients_on_non_square_dq_tiles(dq_tiles, causal, monkeypatch):
     """The dQ kernel sums each tile's diagonals by rotating its rows; with more rows than columns a
     row wraps more than once (the GPU runs 64x32 tiles with the bias). Both shapes, against the
-    reference, targets included."""
+    reference, targets included (non-causal: history rows see the target keys too)."""
     monkeypatch.setenv("OMNIATTN_DQ_CONFIG", dq_tiles)
-    gen = torch.Generator().manual_seed(77)
+    gen = torch.Generator().manual_seed(77 + causal)
     p, rab, ts = _bias_problem([45, 29, 60], 32, "close", gen)
-    _check_hstu(p, rab, gen, num_targets=torch.tensor([2, 0, 5], device=DEVICE), timestamps=ts)
+    _check_hstu(p, rab, gen, causal=causal, num_targets=torch.tensor([2, 0, 5], device=DEVICE), timestamps=ts)
 
 
 @pytest.mark.parametrize("causal, heads_per_launch", [(True, 2), (False, 2), (True, 1)])
