@@ -194,9 +194,10 @@ def tma() -> None:
 
 def sm90() -> None:
     """Hopper's Gluon forward (fwd_sm90) and backward (bwd_sm90): softmax, sigmoid and SiLU, causal
-    or not, dense (GQA) and packed, bf16 and fp16 with head dims 128 and 96 (and 256: forward only), softmax with a sliding
-    window, softcap and ALiBi (their backward: the template's), and HSTU (causal, with targets;
-    non-causal with a contextual prefix and max_attn_len); prints the variant keys."""
+    or not, dense (GQA) and packed, bf16 and fp16 with head dims 128 and 96 (and 256: forward only),
+    softmax with a sliding window, softcap and ALiBi (their backward: the template's), and HSTU
+    (causal, with targets; non-causal with a contextual prefix and max_attn_len); prints the
+    variant keys."""
     module, _ = launch._sm90_kernel()
     launch._GLUON["fwd_sm90"] = (module, Compiling(module.attn_fwd_sm90_kernel))
     bwd_module, _ = launch._sm90_bwd_kernel()
@@ -223,7 +224,8 @@ def sm90() -> None:
         q = torch.randn(2, 300, 4, 256).to(torch.bfloat16)
         for score, causal in itertools.product(("softmax", "sigmoid", "silu"), (False, True)):
             oa.attention(q, q, q, score=score, causal=causal, backend="triton")
-        oa.attention_varlen(q[0, :256], q[0, :256], q[0, :256], offsets, offsets, 156, 156, causal=True, backend="triton")
+        wide = q[0, :256]
+        oa.attention_varlen(wide, wide, wide, offsets, offsets, 156, 156, causal=True, backend="triton")
     q = torch.randn(2, 300, 4, 128).to(torch.bfloat16).requires_grad_()
     grad(oa.attention(q, q, q, window=(64, 0), backend="triton"))
     grad(oa.attention(q, q, q, window=(32, 32), softcap=30.0, backend="triton"))

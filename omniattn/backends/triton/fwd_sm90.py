@@ -399,12 +399,14 @@ def _producer(args, MASK_KIND: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: 
     while item < n_items:
         item, it, last_a = _load_kv(args, item, it, done, last_a, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
                                     HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, Q_SLOTS, 0)
+                                    BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, Q_SLOTS,
+                                    0)
         done += 1
         if item < n_items:
             item, it, last_b = _load_kv(args, item, it, done, last_b, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL,
                                         HAS_TARGETS, HAS_CONTEXT, HAS_MAX_ATTN, IS_VARLEN, DEFAULT_SIG_BIAS, BLOCK_M,
-                                        BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT, Q_SLOTS, 1)
+                                        BLOCK_N, HEAD_DIM, STAGES, PV_FP8, Q_LAYOUT, K_LAYOUT, V_LAYOUT, QUANT,
+                                        Q_SLOTS, 1)
             done += 1
 
 
@@ -696,7 +698,6 @@ BLOCK_M = 128  # two consumer warpgroups of 64 rows
 #   within 2% of the template (6% faster causal): the template keeps it (benchmarks/NOTES.md).
 TILES = {128: dict(HEAD_DIM=128, BLOCK_N=128, STAGES=2, Q_SLOTS=2, O_IN_Q=False, PINGPONG=True),
          256: dict(HEAD_DIM=256, BLOCK_N=64, STAGES=2, Q_SLOTS=1, O_IN_Q=True, PINGPONG=False)}
-MAX_HEAD_DIM = max(TILES)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
               torch.float8_e4m3fn: gl.float8e4nv}
 

@@ -356,8 +356,8 @@ _NO_QUANT = dict(QK_MODE=0, PV_FP8=False, PV_TWO_LEVEL=False, SMOOTH_Q=False, HA
 def sm90_forward_ok(q, k, v, x: Extras, p: Params, max_q: int, quant: Optional[Quantized] = None) -> bool:
     """Whether a forward takes the Hopper kernel (fwd_sm90, Gluon): 16-bit inputs with head dims
     72-256 (at 64 it measured within 2% of the template; past 128 not quantized), softmax / sigmoid /
-    SiLU with any window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len), softcap and
-    ALiBi, GQA, dense or packed; not with the relative bias, attention masks or dropout, and only
+    SiLU with any window (causal included) or HSTU mask (targets, contextual prefix, max_attn_len),
+    softcap and ALiBi, GQA, dense or packed; not with the relative bias, attention masks or dropout, and only
     for a positive scale (its softmax keeps the running max of the unscaled scores), tensors a
     descriptor can address (the output's heads too: a head dim that is a multiple of 8) and at most
     SM90_MAX_ITEMS query tiles. Quantized calls (``quant``) too, with INT8 or FP8 Q.K (not INT4),
@@ -514,8 +514,8 @@ SM90_BWD_CAUSAL_MIN_KEYS = 2048
 def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
     """Whether a backward takes the Hopper kernel (bwd_sm90, Gluon): the forward's rule
     (sm90_forward_ok) up to head dim 128, without softcap and ALiBi, with dO addressable by TMA too.
-    Not for ``deterministic`` calls nor under torch.use_deterministic_algorithms(True): its dQ is summed by
-    float32 TMA reductions, in no fixed order. Not for causal calls of fewer than
+    Not for ``deterministic`` calls nor under torch.use_deterministic_algorithms(True): its dQ is
+    summed by float32 TMA reductions, in no fixed order. Not for causal calls of fewer than
     SM90_BWD_CAUSAL_MIN_KEYS keys, where the template measured faster. OMNIATTN_SM90=0 or
     OMNIATTN_SM90_BWD=0 turns it off."""
     if p.deterministic or p.softcap > 0 or x.alibi is not None or torch.are_deterministic_algorithms_enabled():
