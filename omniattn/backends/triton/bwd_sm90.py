@@ -12,7 +12,9 @@ query head of its group once, FlashAttention-2/3's schedule:
                            buffer the caller scales and casts: the one sum that crosses programs)
 
 in three partitions: a producer warp loads K and V once, then Q and dO tile by tile by TMA into a
-ring of STAGES buffers; two consumer warpgroups own 64 keys each (their S^T, dP^T, dK and dV) and
+ring of STAGES buffers (softmax: with the rows' lse and delta, which the consumers read from shared
+memory after the products they need: ptxas spilled in the loop when each thread held them across
+the wait, 63 local loads and stores per tile); two consumer warpgroups own 64 keys each (their S^T, dP^T, dK and dV) and
 share the dQ product, each taking half of the head dim, after both have written their half of
 dS^T. The reductions make dQ's float32 sums' order vary from run to run: under
 torch.use_deterministic_algorithms(True) the backward takes the template (bwd.py), whose reductions
@@ -36,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .common import _tanh_approx as _tanh
 from .common import allowed, query_range, sequence_bounds, sequence_constants
-from .fwd_sm90 import LOG2E, SIGMOID, SOFTMAX, _rows, _tma_load
+from .fwd_sm90 import LOG2E, SIGMOID, SOFTMAX, _barrier, _rows, _tma_load
 
 if hasattr(tma, "async_atomic_add"):  # Triton 3.7+
     _tma_add = tma.async_atomic_add
@@ -64,14 +66,18 @@ def _query_tiles(part, ctx_end, start, hi):
 
 
 @gluon.jit
-def _producer(Q, DO, K, V, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
-              stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+def _producer(Q, DO, K, V, LSE, DELTA, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
+              stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_lb, stride_lh,
               b, hk, group, q_start, lq, k_start, lk, n0, head_dim, ctx_end, start, hi,
-              q_smem, do_smem, k_smem, v_smem, kv_bar, q_full, q_empty,
+              q_smem, do_smem, k_smem, v_smem, rows_smem, kv_bar, q_full, q_empty, SCORE: gl.constexpr,
               HAS_CONTEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr):
     """One warp: K and V of the program's key tile, then Q and dO of every query tile of every
-    query head of the group, each ring buffer as soon as both warpgroups have released it."""
+    query head of the group, each ring buffer as soon as both warpgroups have released it. Softmax:
+    with each tile its rows' lse (times log2(e)) and delta, stored to rows_smem by this warp before
+    the tile's barrier is armed (its arrive publishes them): loaded by the consumers after their
+    products, they held 32 registers across the products' wait and ptxas spilled in the loop."""
+    ROW_LAYOUT: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
     b64 = b.to(gl.int64)
     k_desc = _rows(K + b64 * stride_kb + k_start.to(gl.int64) * stride_kt + hk * stride_kh, lk, head_dim,
                    stride_kt, BLOCK_N, HEAD_DIM, KV_LAYOUT)
@@ -83,6 +89,7 @@ def _producer(Q, DO, K, V, stride_qb, stride_qt, stride_qh, stride_dob, stride_d
     i = 0  # query tiles loaded so far (ring position and phase)
     for g in range(group):
         h = hk * group + g
+        row_off = b64 * stride_lb + h * stride_lh + q_start  # lse and delta share the layout
         if i > 0:  # the descriptors below overwrite the previous head's: its last loads must have landed
             mbarrier.wait(q_full.index((i - 1) % STAGES), ((i - 1) // STAGES) & 1)
         q_desc = _rows(Q + b64 * stride_qb + q_start.to(gl.int64) * stride_qt + h * stride_qh, lq, head_dim,
@@ -95,6 +102,13 @@ def _producer(Q, DO, K, V, stride_qb, stride_qt, stride_qh, stride_dob, stride_d
                 for m in range(lo_p, hi_p, BLOCK_M):
                     stage = i % STAGES
                     mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
+                    if SCORE == SOFTMAX:  # (every lane's stores ordered before the one lane's arrive below)
+                        q_idx = m + gl.arange(0, BLOCK_M, layout=ROW_LAYOUT)
+                        ok = q_idx < lq
+                        rows_smem.index(2 * stage).store(
+                            gl.load(LSE + row_off + q_idx, mask=ok, other=0.0) * LOG2E)
+                        rows_smem.index(2 * stage + 1).store(gl.load(DELTA + row_off + q_idx, mask=ok, other=0.0))
+                        _barrier()
                     mbarrier.expect(q_full.index(stage), 2 * q_desc.block_type.nbytes)
                     _tma_load(q_desc, [m, 0], q_full.index(stage), q_smem.index(stage))
                     _tma_load(do_desc, [m, 0], q_full.index(stage), do_smem.index(stage))
@@ -108,10 +122,10 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
               STAGES: gl.constexpr):
     """One warpgroup: keys n0 + WG * 64 .. + 64 of the program's tile; their dK and dV in
     registers over every query tile, and half of each tile's dQ (channels WG * HEAD_DIM / 2 ..)."""
-    (LSE, DELTA, DQA, DK, DV, stride_lb, stride_lh, stride_qab, stride_qat, stride_qah, stride_dkb, stride_dkt,
-     stride_dkh, stride_dvb, stride_dvt, stride_dvh, b, hk, group, q_start, lq, k_start, lk, n0, head_dim, ctx_end,
-     start, hi, full_lo, full_hi, shift, left, right, contextual, max_id, max_attn_len, scale, sig_bias,
-     silu_scale, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, q_full, q_empty, ds_ready, ds_free, dq_smem) = args
+    (DQA, DK, DV, stride_qab, stride_qat, stride_qah, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
+     stride_dvh, b, hk, group, q_start, lq, k_start, lk, n0, head_dim, ctx_end, start, hi, full_lo, full_hi, shift,
+     left, right, contextual, max_id, max_attn_len, scale, sig_bias, silu_scale, q_smem, do_smem, k_smem, v_smem,
+     ds_smem, rows_smem, kv_bar, q_full, q_empty, ds_ready, ds_free, dq_smem) = args
     dq_buf = dq_smem.index(WG)
     DQ_LAYOUT: gl.constexpr = dq_smem.layout
     HALF_N: gl.constexpr = BLOCK_N // 2
@@ -144,7 +158,6 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
     i = 0
     for g in range(group):
         h = hk * group + g
-        row_off = b64 * stride_lb + h * stride_lh + q_start  # lse and delta share the layout
         tma.store_wait(0)  # the descriptor below overwrites the previous head's, still in use until then
         dq_desc = _rows(DQA + b64 * stride_qab + h * stride_qah + q_start.to(gl.int64) * stride_qat, lq, head_dim,
                         stride_qat, BLOCK_M, HALF_D, DQ_LAYOUT)
@@ -159,27 +172,30 @@ def _consumer(args, WG: gl.constexpr, SCORE: gl.constexpr, MASK_KIND: gl.constex
                     s = warpgroup_mma(k_w, qs.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                     dp = warpgroup_mma(v_w, dos.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                     q_idx = m + cols
-                    if SCORE == SOFTMAX:
-                        lse = gl.load(LSE + row_off + q_idx, mask=q_idx < lq, other=0.0)
-                        delta = gl.load(DELTA + row_off + q_idx, mask=q_idx < lq, other=0.0)
                     s = warpgroup_mma_wait(1, deps=(s, ))
-                    if SCORE == SOFTMAX:
-                        p = gl.exp2(s * c - gl.expand_dims(lse * LOG2E, 0))
+                    if SCORE == SOFTMAX:  # (lse times log2(e), staged by the producer)
+                        lse = rows_smem.index(2 * stage).load(gl.SliceLayout(0, S_LAYOUT))
+                        p = gl.exp2(s * c - gl.expand_dims(lse, 0))
                     else:
                         hx = s * (0.5 * c)  # sigmoid(x) = (1 + tanh(x / 2)) / 2, as the forward
                         if SCORE == SIGMOID:
                             p = 0.5 * _tanh(hx + 0.5 * sig_bias) + 0.5
-                        else:
-                            sig = 0.5 * _tanh(hx) + 0.5
-                            x = s * c
-                            p = x * sig * silu_scale
+                        else:  # with t = tanh(x / 2), n = silu_scale: P = n x sigmoid(x) = u + u t
+                            # (u = n x / 2) and dP/dx = n sigmoid(x) + P (1 - sigmoid(x)), taken before
+                            # dP^T's wait: four FMAs and two multiplies a score, two tiles live across it
+                            t = _tanh(hx)
+                            u = hx * silu_scale
+                            p = u * t + u
+                            n_sig = t * (0.5 * silu_scale) + 0.5 * silu_scale
+                            dsilu = p * (0.5 - 0.5 * t) + n_sig
                     dp = warpgroup_mma_wait(0, deps=(dp, ))
                     if SCORE == SOFTMAX:
+                        delta = rows_smem.index(2 * stage + 1).load(gl.SliceLayout(0, S_LAYOUT))
                         ds = p * (dp - gl.expand_dims(delta, 0))
                     elif SCORE == SIGMOID:
-                        ds = dp * p * (1.0 - p)
+                        ds = dp * (p - p * p)
                     else:
-                        ds = dp * (sig * (1.0 + x * (1.0 - sig)) * silu_scale)
+                        ds = dp * dsilu
                     if (part == 0) | (m < full_lo) | (m + BLOCK_M > full_hi):  # a tile the mask cuts
                         ok = allowed(gl.expand_dims(q_idx, 0), jj, *mask, MASK_KIND=MASK_KIND, HAS_LEFT=HAS_LEFT,
                                      HAS_RIGHT=HAS_RIGHT, HSTU_CAUSAL=HSTU_CAUSAL, HAS_CONTEXT=HAS_CONTEXT,
@@ -268,6 +284,10 @@ def attn_bwd_sm90_kernel(
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], KV_LAYOUT)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], DS_LAYOUT)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], DQ_LAYOUT)
+        # softmax's lse and delta of each ring buffer's query rows, rows 2 * stage and 2 * stage + 1
+        # (unused otherwise; 8: a shape's dimensions must be powers of two)
+        gl.static_assert(STAGES <= 4)
+        rows_smem = gl.allocate_shared_memory(gl.float32, [8, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -282,27 +302,28 @@ def attn_bwd_sm90_kernel(
             mbarrier.init(ds_free.index(s), count=2)
         fence_async_shared()
 
-        consumer_args = (LSE, DELTA, DQA, DK, DV, stride_lb, stride_lh, stride_qab, stride_qat, stride_qah, stride_dkb,
-                         stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, b, hk, group, q_start, lq, k_start,
-                         lk, n0, head_dim, ctx_end, start, hi, full_lo, full_hi, shift, window_left, window_right,
-                         contextual, max_id, max_attn_len, scale, sig_bias, silu_scale, q_smem, do_smem, k_smem,
-                         v_smem, ds_smem, kv_bar, q_full, q_empty, ds_ready, ds_free, dq_smem)
+        consumer_args = (DQA, DK, DV, stride_qab, stride_qat, stride_qah, stride_dkb, stride_dkt, stride_dkh,
+                         stride_dvb, stride_dvt, stride_dvh, b, hk, group, q_start, lq, k_start, lk, n0, head_dim,
+                         ctx_end, start, hi, full_lo, full_hi, shift, window_left, window_right, contextual, max_id,
+                         max_attn_len, scale, sig_bias, silu_scale, q_smem, do_smem, k_smem, v_smem, ds_smem, rows_smem,
+                         kv_bar, q_full, q_empty, ds_ready, ds_free, dq_smem)
         gl.warp_specialize([
             (_consumer, (consumer_args, 0, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT,
                          HAS_MAX_ATTN, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
             (_consumer, (consumer_args, 1, SCORE, MASK_KIND, HAS_LEFT, HAS_RIGHT, HSTU_CAUSAL, HAS_CONTEXT,
                          HAS_MAX_ATTN, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES)),
-            (_producer, (Q, DO, K, V, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_kb,
-                         stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, group, q_start, lq, k_start, lk,
-                         n0, head_dim, ctx_end, start, hi, q_smem, do_smem, k_smem, v_smem, kv_bar, q_full, q_empty,
-                         HAS_CONTEXT, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_LAYOUT, KV_LAYOUT)),
+            (_producer, (Q, DO, K, V, LSE, DELTA, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
+                         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_lb, stride_lh, b, hk,
+                         group, q_start, lq, k_start, lk, n0, head_dim, ctx_end, start, hi, q_smem, do_smem, k_smem,
+                         v_smem, rows_smem, kv_bar, q_full, q_empty, SCORE, HAS_CONTEXT, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         STAGES, Q_LAYOUT, KV_LAYOUT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 BLOCK_M = 64  # query rows per step: S^T and dP^T of a warpgroup are 64 x 64 (32 registers each)
 BLOCK_N = 128  # keys per program, 64 per consumer warpgroup
 HEAD_DIM = 128
-STAGES = 3  # Q/dO buffers: 3 measured 3-12% faster than 2 (224 KB of shared memory in all)
+STAGES = 3  # Q/dO buffers: 3 measured 3-12% faster than 2 (224 KB of shared memory in all; 226 with softmax's rows)
 
 
 @functools.lru_cache(maxsize=None)

@@ -505,10 +505,11 @@ def _v_strides(quant: Quantized):
     return _strides(v)
 
 
-# H100, bf16, H=16, D=128, forward+backward TFLOPS against the template's backward: causal at 1024
-# keys 154 vs 210 (16 x 1024), 136 vs 181 (packed GQA), 203 vs 256 (HSTU 64 x 1024): a program
-# walks too few query tiles to fill its pipeline; at 4096 keys 328 vs 324, HSTU 452 vs 357
-SM90_BWD_CAUSAL_MIN_KEYS = 2048
+# H100, bf16, D=128, causal forward+backward, the Gluon backward's time against the template's
+# (benchmarks/NOTES.md, session 21): 1.08x faster at 16 x 1024, 1.12x packed GQA 16 x <= 1024,
+# 1.04x HSTU 64 x 1024; 1.02x at 768 keys, HSTU 0.96x; 0.95x / 0.94x at 512, 0.85x / 0.86x at
+# 256: a program there walks too few query tiles to fill its pipeline
+SM90_BWD_CAUSAL_MIN_KEYS = 960
 
 
 def sm90_backward_ok(q, k, v, dout, x: Extras, p: Params, max_q: int, max_k: int) -> bool:
