@@ -714,7 +714,11 @@ def config(out_dtype, qk_dtype=None, v_dtype=None, pv_fp8: bool = False, head_di
     out = _GL_DTYPES[out_dtype]
     qk = _GL_DTYPES[qk_dtype or out_dtype]
     v = _GL_DTYPES[v_dtype or out_dtype]
-    tiles = TILES[head_dim_class(head_dim)]
+    tiles = dict(TILES[head_dim_class(head_dim)])
+    if qk_dtype is not None:  # quantized: without turns (H100, 4x4096, quantization included: INT8
+        # softmax 1.11x faster, causal 1.02x, FP8 1.03x, INT8-FP8, sigmoid and HSTU within 0.5%;
+        # 16-bit softmax 0.98x, so it keeps them)
+        tiles["PINGPONG"] = False
     d, n = tiles["HEAD_DIM"], tiles["BLOCK_N"]
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, d], qk)
     o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, d], out)
