@@ -87,9 +87,10 @@ def resolve(precision: str) -> str:
     """``"auto"``: the fastest precision this device runs that meets omniattn's accuracy bar
     (cosine >= 0.9999 and relative L1 <= 0.01 on outlier-key inputs). Only INT8 Q.K with 16-bit
     P.V meets the bar (FP8 P.V: e4m3's 3 mantissa bits give cosine ~0.9993, relative L1 ~0.037;
-    INT4 less), and on the GPU measured (benchmarks/NOTES.md) INT8 with its quantization is no
-    faster than the exact kernel: H100 0.98x at 4x4096, 1.03x at 1x16384, 0.76x causal (H200:
-    1.00x, 1.02x, 0.82x, 0.64x at 16x1024; the quantization passes cost ~0.1 ms). So "auto" is
+    INT4 less), and on the GPU measured (README, benchmarks/NOTES.md) INT8 with its quantization
+    is mostly slower than the exact kernel: H100 (session 21) 0.94x at 4x4096, 0.73x causal, 1.06x
+    at 1x16384, 0.69x at 16x1024 (H200: 1.00x, 1.02x, 0.82x, 0.64x at 16x1024; the quantization
+    passes cost ~0.1 ms). So "auto" is
     exact, on GPUs as on CPUs (where the quantized precisions are an emulation for studying
     accuracy)."""
     if precision != "auto":
